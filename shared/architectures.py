@@ -1,0 +1,199 @@
+"""Architecture adapters: the one place that knows a model family.
+
+A family is data: which dense ``model_type`` it covers, the stock MoE ``model_type`` the merged checkpoint maps
+to, how a dense MLP's projections are named inside a stock MoE expert, which config fields carry over, and which
+dense settings the MoE class cannot express. Everything else (shared vs. MLP parameters, the router input) is
+common to the decoder-only families we support: a parameter is an MLP parameter if and only if it lives under
+``model.layers.<l>.mlp.``, and the router input is the output of ``post_attention_layernorm``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dume.shared.errors import DumeError
+
+MLP_PARAMETER = re.compile(r"^model\.layers\.(\d+)\.mlp\.(\w+)\.weight$")
+
+# Config fields every supported MoE class takes over unchanged from its dense family.
+COMMON_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "attention_dropout",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "dtype",
+)
+
+# Fields that must agree between experts: they fix every tensor's shape and the computation around the MLPs.
+ARCHITECTURE_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "sliding_window",
+    "use_sliding_window",
+    "attention_bias",
+    "mlp_bias",
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one dense family becomes its stock MoE counterpart."""
+
+    name: str
+    dense_model_types: tuple[str, ...]
+    moe_model_type: str
+    moe_architecture: str
+    moe_block: str  # the decoder layer's attribute that holds the MoE block in the checkpoint's names
+    expert_projections: dict[str, str]  # dense projection name -> name inside a stock expert
+    num_experts_field: str
+    expert_intermediate_field: str
+    extra_fields: tuple[str, ...] = ()  # dense fields carried over in addition to COMMON_FIELDS
+    moe_settings: dict[str, Any] = field(default_factory=dict)  # fixed settings of the MoE config
+    refused: dict[str, Any] = field(default_factory=dict)  # dense field -> the only value the MoE can express
+
+    def expert_key(self, layer: int, expert: int, projection: str) -> str:
+        name = self.expert_projections[projection]
+        return f"model.layers.{layer}.{self.moe_block}.experts.{expert}.{name}.weight"
+
+    def router_key(self, layer: int, kind: str = "weight") -> str:
+        return f"model.layers.{layer}.{self.moe_block}.gate.{kind}"
+
+    def moe_config(self, dense: dict[str, Any], num_experts: int, top_k: int) -> dict[str, Any]:
+        """The stock MoE config for ``num_experts`` experts of the dense config ``dense``."""
+        config = {key: dense[key] for key in COMMON_FIELDS + self.extra_fields if key in dense}
+        config.update(self.moe_settings)
+        config.update(
+            {
+                "model_type": self.moe_model_type,
+                "architectures": [self.moe_architecture],
+                self.num_experts_field: num_experts,
+                self.expert_intermediate_field: dense["intermediate_size"],
+                "num_experts_per_tok": top_k,
+                "output_router_logits": False,
+            }
+        )
+        return config
+
+
+LLAMA_PROJECTIONS = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="llama",
+        dense_model_types=("llama",),
+        moe_model_type="mixtral",
+        moe_architecture="MixtralForCausalLM",
+        moe_block="block_sparse_moe",
+        expert_projections=LLAMA_PROJECTIONS,
+        num_experts_field="num_local_experts",
+        expert_intermediate_field="intermediate_size",
+        moe_settings={"sliding_window": None, "router_jitter_noise": 0.0},
+        refused={"attention_bias": False, "mlp_bias": False},
+    ),
+    Family(
+        name="mistral",
+        dense_model_types=("mistral",),
+        moe_model_type="mixtral",
+        moe_architecture="MixtralForCausalLM",
+        moe_block="block_sparse_moe",
+        expert_projections=LLAMA_PROJECTIONS,
+        num_experts_field="num_local_experts",
+        expert_intermediate_field="intermediate_size",
+        extra_fields=("sliding_window",),
+        moe_settings={"router_jitter_noise": 0.0},
+    ),
+    Family(
+        name="qwen3",
+        dense_model_types=("qwen3",),
+        moe_model_type="qwen3_moe",
+        moe_architecture="Qwen3MoeForCausalLM",
+        moe_block="mlp",
+        expert_projections={"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"},
+        num_experts_field="num_experts",
+        expert_intermediate_field="moe_intermediate_size",
+        extra_fields=("attention_bias",),
+        # norm_topk_prob is set explicitly: Qwen3-MoE's default (False) would scale k=1 outputs by the top prob.
+        moe_settings={"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                      "use_sliding_window": False, "sliding_window": None},
+        refused={"use_sliding_window": False},
+    ),
+)
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a model directory, or a DumeError naming what is missing."""
+    path = Path(model_dir) / "config.json"
+    if not Path(model_dir).is_dir():
+        raise DumeError(f"model directory {model_dir} does not exist: pass a Hugging Face model directory")
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DumeError(f"{model_dir} has no config.json: pass a Hugging Face model directory") from None
+    except (OSError, ValueError) as error:
+        raise DumeError(f"cannot read {path} ({error}): repair or re-save the model") from None
+
+
+def detect_family(config: dict[str, Any], source: str = "the model") -> Family:
+    """The adapter for ``config``, refusing families and settings the MoE classes cannot express."""
+    model_type = config.get("model_type")
+    for family in FAMILIES:
+        if model_type in family.dense_model_types:
+            for key, allowed in family.refused.items():
+                if config.get(key, allowed) != allowed:
+                    raise DumeError(
+                        f"{source} sets {key}={config[key]!r}, which {family.moe_architecture} cannot express: "
+                        f"use an expert with {key}={allowed!r}"
+                    )
+            return family
+    supported = ", ".join(t for f in FAMILIES for t in f.dense_model_types)
+    raise DumeError(f"{source} has model_type {model_type!r}, which DUME does not support: use one of {supported}")
+
+
+def check_same_architecture(configs: dict[str, dict[str, Any]]) -> Family:
+    """The common family of all experts; refuses the first field in which any two experts differ."""
+    names = sorted(configs)
+    first = names[0]
+    family = detect_family(configs[first], f"expert {first!r}")
+    for name in names[1:]:
+        detect_family(configs[name], f"expert {name!r}")
+        for key in ARCHITECTURE_FIELDS:
+            mine, theirs = configs[first].get(key), configs[name].get(key)
+            if mine != theirs:
+                raise DumeError(
+                    f"experts {first!r} and {name!r} differ in {key} ({mine!r} vs {theirs!r}): "
+                    "all experts must be fine-tuned from one base model"
+                )
+    return family
+
+
+def mlp_location(parameter: str) -> tuple[int, str] | None:
+    """``(layer, projection)`` for an MLP parameter name, None for a shared parameter."""
+    match = MLP_PARAMETER.match(parameter)
+    return (int(match.group(1)), match.group(2)) if match else None

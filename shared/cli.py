@@ -1,0 +1,87 @@
+"""``dume``: local tools. ``dume merge`` runs the whole method on one machine for users who hold all experts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dume.shared.errors import DumeError
+from dume.shared.merge import ExpertSpec, MergeSettings, merge
+from dume.shared.ridge import DEFAULT_RHO
+
+
+def parse_expert(value: str) -> ExpertSpec:
+    name, equals, rest = value.partition("=")
+    model_dir, colon, data_path = rest.partition(":")
+    if not (equals and colon and name and model_dir and data_path):
+        raise argparse.ArgumentTypeError(f"{value!r} is not NAME=MODEL_DIR:DATA_PATH")
+    return ExpertSpec(name, Path(model_dir), Path(data_path))
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return number
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dume", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    merge = commands.add_parser("merge", help="merge dense experts into one MoE checkpoint, on this machine")
+    merge.add_argument("--expert", action="append", type=parse_expert, required=True, metavar="NAME=MODEL_DIR:DATA",
+                       help="a member: its name, its model directory and its data (.jsonl, .txt or a directory)")
+    merge.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
+    merge.add_argument("--top-k", type=positive_int, default=1, help="experts per token (default 1)")
+    merge.add_argument("--rho", type=positive_float, default=DEFAULT_RHO,
+                       help=f"ridge strength relative to trace(G)/dim (default {DEFAULT_RHO})")
+    merge.add_argument("--router-bias", action="store_true",
+                       help="fit a router intercept (checkpoint then needs `import dume` to load)")
+    merge.add_argument("--temperature", type=positive_float, default=1.0, help="router temperature (default 1)")
+    merge.add_argument("--no-normalize", action="store_true", help="keep raw ridge columns (no L2 normalisation)")
+    merge.add_argument("--sequence-length", type=positive_int, default=256, help="tokens per packed row")
+    merge.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass")
+    merge.set_defaults(run=run_merge)
+    return parser
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    settings = MergeSettings(
+        top_k=args.top_k,
+        rho=args.rho,
+        router_bias=args.router_bias,
+        normalize=not args.no_normalize,
+        temperature=args.temperature,
+        sequence_length=args.sequence_length,
+        batch_size=args.batch_size,
+    )
+    out = merge(args.expert, args.out, settings)
+    print(f"wrote {out}")
+
+
+def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse and run; a DumeError becomes one line on stderr and exit code 2, never a traceback."""
+    args = parser.parse_args(argv)
+    run: Callable[[argparse.Namespace], None] = args.run
+    try:
+        run(args)
+    except DumeError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_parser(), argv)

@@ -1,0 +1,98 @@
+"""Read-only, lazy access to a dense expert's Hugging Face directory.
+
+Tensors are read one at a time from the safetensors files, so that merging never holds a whole model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from dume.shared.architectures import Family, detect_family, mlp_location, read_config
+from dume.shared.errors import DumeError
+
+
+class ExpertDirectory:
+    """A dense expert on disk: its config, family and tensors (split into shared and MLP parameters)."""
+
+    def __init__(self, path: Path | str, name: str = "the model") -> None:
+        self.path = Path(path)
+        self.name = name
+        self.config: dict[str, Any] = read_config(self.path)
+        self.family: Family = detect_family(self.config, f"expert {name!r}")
+        self._file_of = self._index_tensors()
+
+    def _index_tensors(self) -> dict[str, Path]:
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        try:
+            if index.exists():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                return {key: self.path / file for key, file in weight_map.items()}
+            if single.exists():
+                with safe_open(single, framework="pt") as handle:
+                    return {key: single for key in handle.keys()}
+        except (OSError, ValueError, KeyError) as error:
+            raise DumeError(f"cannot read the weights of {self.path} ({error}): re-save the model") from None
+        raise DumeError(
+            f"{self.path} has no safetensors weights: re-save it with save_pretrained(..., safe_serialization=True)"
+        )
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return sorted(self._file_of)
+
+    @cached_property
+    def shared_names(self) -> list[str]:
+        return [name for name in self.parameter_names if mlp_location(name) is None]
+
+    @cached_property
+    def mlp_names(self) -> list[str]:
+        return [name for name in self.parameter_names if mlp_location(name) is not None]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        try:
+            with safe_open(self._file_of[name], framework="pt") as handle:
+                return handle.get_tensor(name)
+        except KeyError:
+            raise DumeError(f"expert {self.name!r} has no tensor {name}: its weights do not match its config") from None
+        except (OSError, ValueError) as error:
+            raise DumeError(f"cannot read {name} from {self.path} ({error}): re-save the model") from None
+
+    def mlp_tensor(self, layer: int, projection: str) -> torch.Tensor:
+        return self.tensor(f"model.layers.{layer}.mlp.{projection}.weight")
+
+    def tensor_layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Name -> (shape, dtype) of every tensor, read from the headers without loading data."""
+        layout = {}
+        for file in sorted(set(self._file_of.values())):
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():
+                    sliced = handle.get_slice(key)
+                    layout[key] = (tuple(sliced.get_shape()), sliced.get_dtype())
+        return layout
+
+
+def load_dense_model(expert: ExpertDirectory) -> torch.nn.Module:
+    """The expert's dense model, in its own dtype, in evaluation mode."""
+    model = AutoModelForCausalLM.from_pretrained(str(expert.path), dtype="auto", local_files_only=True)
+    return model.eval()
+
+
+def overwrite_parameters(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Replace the named parameters' values (e.g. the shared ones by the basis), keeping all others."""
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            parameter = model.get_parameter(name)
+            parameter.copy_(tensor.to(parameter.dtype))

@@ -1,0 +1,81 @@
+"""The closed-form router: ridge regression from summed statistics, one layer at a time.
+
+With ``G = sum_j G_j`` over the members that have statistics and ``B`` the matrix whose column j is the last
+column of ``G_j`` (member j's feature sum and token count, i.e. X^T Y for its one-hot target):
+
+    W~ = (G + lambda I)^-1 B,        lambda = rho * trace(G) / dim(G)       (Cholesky, float64)
+
+With ``router_bias`` the system is the full (d+1)x(d+1) one and the last row of W~ is the intercept; without it,
+only the d x d block ``X^T X`` and the first d rows of B are used, so the router is a stock bias-free linear map.
+Each expert's column (and its intercept) is then divided by the column's L2 norm, so a logit is a signed
+distance to that expert's hyperplane, and by the temperature. Members without statistics get no column: they
+are masked out of routing rather than given a zero logit that could win.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from dume.shared.errors import DumeError
+
+DEFAULT_RHO = 1e-2
+
+
+@dataclass(frozen=True)
+class LayerRouter:
+    """One layer's router: ``logits = weight @ x + bias`` over ``experts`` (in that order)."""
+
+    experts: tuple[str, ...]
+    weight: torch.Tensor  # (experts, d), float64
+    bias: torch.Tensor | None  # (experts,), float64, or None without an intercept
+    ridge_lambda: float
+
+
+def solve_routers(
+    statistics: Mapping[str, torch.Tensor | None],
+    rho: float = DEFAULT_RHO,
+    router_bias: bool = False,
+    normalize: bool = True,
+    temperature: float = 1.0,
+) -> list[LayerRouter]:
+    """Routers for every layer from members' statistics (name -> (layers, d+1, d+1) float64, or None)."""
+    if rho <= 0:
+        raise DumeError(f"rho must be positive (got {rho}): use e.g. --rho {DEFAULT_RHO}")
+    if temperature <= 0:
+        raise DumeError(f"temperature must be positive (got {temperature})")
+    experts = tuple(name for name in sorted(statistics) if statistics[name] is not None)
+    if not experts:
+        raise DumeError("no member has statistics yet: a router needs at least one")
+    grams = [statistics[name].to(torch.float64) for name in experts]
+    total = grams[0].clone()
+    for gram in grams[1:]:  # sorted member order, so the same member set always gives the same bytes
+        total += gram
+    size = total.shape[-1] if router_bias else total.shape[-1] - 1
+    routers = []
+    for layer in range(total.shape[0]):
+        system = total[layer, :size, :size]
+        targets = torch.stack([gram[layer, :size, -1] for gram in grams], dim=1)
+        ridge_lambda = rho * float(torch.trace(system)) / size
+        solution = _ridge(system, targets, ridge_lambda, layer)
+        weight, bias = solution[: total.shape[-1] - 1].T, (solution[-1] if router_bias else None)
+        if normalize:
+            norms = weight.norm(dim=1)
+            if bool((norms == 0).any()):
+                raise DumeError(f"layer {layer}: an expert's router column is zero; its statistics are empty")
+            weight = weight / norms[:, None]
+            bias = bias / norms if bias is not None else None
+        weight = weight / temperature
+        bias = bias / temperature if bias is not None else None
+        routers.append(LayerRouter(experts, weight.contiguous(), bias, ridge_lambda))
+    return routers
+
+
+def _ridge(system: torch.Tensor, targets: torch.Tensor, ridge_lambda: float, layer: int) -> torch.Tensor:
+    regularized = system + ridge_lambda * torch.eye(system.shape[0], dtype=torch.float64)
+    factor, info = torch.linalg.cholesky_ex(regularized)
+    if int(info) != 0:
+        raise DumeError(f"layer {layer}: the statistics are not positive definite even with ridge: increase rho")
+    return torch.cholesky_solve(targets, factor)

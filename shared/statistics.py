@@ -1,0 +1,64 @@
+"""Router statistics of one member: per layer, ``G = sum over real tokens of [x;1][x;1]^T`` in float64.
+
+``x`` is the router input, the output of the layer's ``post_attention_layernorm`` (what the MLP sees), captured
+in one forward pass of the member's own model with its shared parameters replaced by the federation's basis.
+That model is the merged model under oracle routing to this member, so its hidden states are the ones the
+router will see. ``G`` holds X^T X (top-left block), X^T 1 (last column: the member's X^T Y for its one-hot
+target) and the token count (bottom-right entry); statistics of disjoint data add up.
+"""
+
+from __future__ import annotations
+
+import torch
+from dume.shared.progress import progress
+
+from dume.shared.data import PackedData
+
+
+def collect_statistics(
+    model: torch.nn.Module, data: PackedData, batch_size: int = 8, description: str = "statistics"
+) -> torch.Tensor:
+    """``G`` for every layer, shape (layers, d+1, d+1), float64; padding positions are masked out."""
+    layers = model.model.layers
+    hidden = model.config.hidden_size
+    gram = torch.zeros(len(layers), hidden + 1, hidden + 1, dtype=torch.float64)
+    mask: torch.Tensor | None = None
+
+    def accumulate(index: int):
+        def hook(_module, _inputs, output):
+            x = output.reshape(-1, hidden)[mask].to(torch.float64)
+            augmented = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+            gram[index] += augmented.T @ augmented
+
+        return hook
+
+    handles = [layer.post_attention_layernorm.register_forward_hook(accumulate(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.inference_mode():
+            for input_ids, attention_mask in progress(data.batches(batch_size), description, "batch"):
+                mask = attention_mask.reshape(-1).bool()
+                model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return gram
+
+
+def token_count(gram: torch.Tensor) -> int:
+    """The number of tokens the statistics were collected over (the bottom-right entry of any layer)."""
+    return int(round(float(gram[0, -1, -1])))
+
+
+def upper_triangle(gram: torch.Tensor) -> torch.Tensor:
+    """Each layer's upper triangle (row-major, diagonal included): all that needs to travel or be stored."""
+    rows, cols = torch.triu_indices(gram.shape[-1], gram.shape[-1])
+    return gram[:, rows, cols].contiguous()
+
+
+def from_upper_triangle(packed: torch.Tensor, size: int) -> torch.Tensor:
+    """The symmetric ``G`` back from ``upper_triangle``'s output."""
+    rows, cols = torch.triu_indices(size, size)
+    gram = torch.zeros(packed.shape[0], size, size, dtype=packed.dtype)
+    gram[:, rows, cols] = packed
+    gram[:, cols, rows] = packed
+    return gram

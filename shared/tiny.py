@@ -1,0 +1,72 @@
+"""Tiny models of the real architectures, built locally (never downloaded): for tests, the demo and benchmarks.
+
+The tokenizer is byte-level BPE with no merges: 256 byte tokens plus <pad> and <eos>, so any UTF-8 text
+tokenizes and nothing needs training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+PAD_ID, EOS_ID = 256, 257
+VOCAB_SIZE = 258
+
+TINY_DIMENSIONS = {
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 512,
+    "pad_token_id": PAD_ID,
+    "bos_token_id": EOS_ID,
+    "eos_token_id": EOS_ID,
+}
+
+FAMILY_SETTINGS = {
+    "llama": {"tie_word_embeddings": False},
+    "mistral": {"sliding_window": 256, "tie_word_embeddings": False},
+    "qwen3": {"tie_word_embeddings": True, "use_sliding_window": False},
+}
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer whose 256 byte tokens come first, then <pad> and <eos>."""
+    byte_to_unicode = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: index for index, symbol in enumerate(sorted(byte_to_unicode))}
+    vocab.update({"<pad>": PAD_ID, "<eos>": EOS_ID})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<eos>")
+
+
+def build_tiny_model(family: str, out_dir: Path | str, seed: int = 0, **overrides) -> Path:
+    """Write a randomly initialised tiny model of ``family`` with its tokenizer to ``out_dir``."""
+    settings = {**TINY_DIMENSIONS, **FAMILY_SETTINGS[family], **overrides}
+    config = AutoConfig.for_model(family, **settings)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    byte_tokenizer().save_pretrained(out_dir)
+    return out_dir
+
+
+def perturb_mlps(model_dir: Path | str, out_dir: Path | str, seed: int, scale: float = 0.05) -> Path:
+    """A copy of a model whose MLPs and shared weights are nudged: a stand-in for a fine-tuned expert."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(scale * torch.randn_like(parameter) * parameter.std().clamp_min(1e-3))
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    byte_tokenizer().save_pretrained(out_dir)
+    return out_dir

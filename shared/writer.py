@@ -1,0 +1,106 @@
+"""The checkpoint writer: a Hugging Face MoE directory that stock transformers loads with no custom code.
+
+Tensors use the stock classes' on-disk names (per-expert ``w1/w2/w3`` for Mixtral, ``gate/up/down_proj`` for
+Qwen3-MoE), which every transformers release and serving stack reads. The model is written one decoder layer per
+shard, reading each tensor lazily from the experts' files, so peak memory stays near one layer of all experts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from dume.shared.progress import progress
+
+from dume.shared.averaging import canonical_mean
+from dume.shared.expert import ExpertDirectory
+from dume.shared.registration import BIASED_MODEL_TYPES
+from dume.shared.ridge import LayerRouter
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[2]) if name.startswith("model.layers.") else None
+
+
+def write_moe_checkpoint(
+    out_dir: Path,
+    experts: Mapping[str, ExpertDirectory],
+    routers: Sequence[LayerRouter],
+    top_k: int,
+    dume_block: Mapping[str, Any],
+) -> None:
+    """Write the merged model: shared parameters averaged over all ``experts``, one expert per routed member.
+
+    ``routers[l].experts`` (sorted member names with statistics) fixes the experts and their order.
+    """
+    members = sorted(experts)
+    first = experts[members[0]]
+    family = first.family
+    routed = list(routers[0].experts)
+    router_bias = routers[0].bias is not None
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    shared_by_layer: dict[int | None, list[str]] = {}
+    for name in first.shared_names:
+        shared_by_layer.setdefault(_layer_of(name), []).append(name)
+    shard_count = first.num_layers + 1
+    weight_map: dict[str, str] = {}
+    total_bytes = 0
+
+    def shard_name(index: int) -> str:
+        return f"model-{index + 1:05d}-of-{shard_count:05d}.safetensors"
+
+    def average(name: str) -> torch.Tensor:
+        return canonical_mean(members, lambda member: experts[member].tensor(name))
+
+    for layer in progress(range(first.num_layers), "writing layers", "layer"):
+        tensors = {name: average(name) for name in shared_by_layer.get(layer, [])}
+        dtype = tensors[f"model.layers.{layer}.post_attention_layernorm.weight"].dtype
+        for position, member in enumerate(routed):
+            for projection in family.expert_projections:
+                tensor = experts[member].mlp_tensor(layer, projection).to(dtype)
+                tensors[family.expert_key(layer, position, projection)] = tensor.contiguous()
+        tensors[family.router_key(layer)] = routers[layer].weight.to(dtype).contiguous()
+        if router_bias:
+            tensors[family.router_key(layer, "bias")] = routers[layer].bias.to(dtype).contiguous()
+        total_bytes += _save_shard(out_dir / shard_name(layer), tensors, weight_map)
+    outside_layers = {name: average(name) for name in shared_by_layer.get(None, [])}
+    total_bytes += _save_shard(out_dir / shard_name(first.num_layers), outside_layers, weight_map)
+
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    config = family.moe_config(first.config, num_experts=len(routed), top_k=top_k)
+    if router_bias:
+        config["model_type"] = BIASED_MODEL_TYPES[family.moe_model_type]
+        config["architectures"] = ["Dume" + family.moe_architecture]
+    config["dume"] = dict(dume_block)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for file in TOKENIZER_FILES:
+        if (first.path / file).exists():
+            shutil.copyfile(first.path / file, out_dir / file)
+
+
+def _save_shard(path: Path, tensors: dict[str, torch.Tensor], weight_map: dict[str, str]) -> int:
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    for name in tensors:
+        weight_map[name] = path.name
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
