@@ -41,7 +41,8 @@ def collect_statistics(
     finally:
         for handle in handles:
             handle.remove()
-    return gram
+    # Mirror the upper triangle: only it travels, so the local and federated paths see the same exact matrix.
+    return from_upper_triangle(upper_triangle(gram), hidden + 1)
 
 
 def token_count(gram: torch.Tensor) -> int:

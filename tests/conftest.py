@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny experts of the real architectures, built locally once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded from a model hub
+
+import dume  # noqa: E402,F401  (registers the router-bias classes)
+from dume.shared.merge import ExpertSpec  # noqa: E402
+from dume.shared.tiny import build_tiny_model, perturb_mlps  # noqa: E402
+
+FAMILIES = ("llama", "mistral", "qwen3")
+DOMAINS = {
+    "code": "def f{i}(x):\n    return x * {i} + {j}  # loop {j}",
+    "math": "Compute {i} + {j}: the sum is {s}. Then {i} * {j} = {p}.",
+    "prose": "The river {i} ran quietly past the old mill where {j} swallows nested every summer.",
+}
+
+
+def write_domain_text(path: Path, domain: str, documents: int = 30, offset: int = 0) -> Path:
+    template = DOMAINS[domain]
+    lines = [
+        template.format(i=i, j=(7 * i) % 13, s=i + (7 * i) % 13, p=i * ((7 * i) % 13))
+        for i in range(offset, offset + documents)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def expert_factory(tmp_path_factory):
+    """``make(family)`` -> {name: ExpertSpec} for three distinct experts fine-tuned (perturbed) from one base."""
+    cache: dict[str, dict[str, ExpertSpec]] = {}
+
+    def make(family: str) -> dict[str, ExpertSpec]:
+        if family not in cache:
+            root = tmp_path_factory.mktemp(f"experts-{family}")
+            base = build_tiny_model(family, root / "base")
+            specs = {}
+            for seed, name in enumerate(sorted(DOMAINS), start=1):
+                model = perturb_mlps(base, root / name, seed=seed, scale=0.5)
+                data = write_domain_text(root / f"{name}.txt", name)
+                specs[name] = ExpertSpec(name, model, data)
+            cache[family] = specs
+        return cache[family]
+
+    return make

@@ -1,0 +1,147 @@
+"""The method's guarantees: oracle equivalence, identical copies, order invariance, the checkpoint's fidelity."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dume.shared.averaging import compute_basis
+from dume.shared.data import load_tokenizer, pack_documents, read_documents
+from dume.shared.expert import load_dense_model, overwrite_parameters
+from dume.shared.merge import ExpertSpec, MergeSettings, member_statistics, merge, open_experts
+from dume.shared.ridge import solve_routers
+from dume.shared.routing import build_routed_model, build_weight_averaged_model
+
+from conftest import FAMILIES
+
+SETTINGS = MergeSettings(sequence_length=64)
+TOKENS = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+
+
+def routers_for(specs: dict[str, ExpertSpec], settings: MergeSettings = SETTINGS):
+    experts = open_experts(list(specs.values()))
+    basis = compute_basis(experts)
+    statistics = {}
+    for name, spec in specs.items():
+        data = pack_documents(read_documents(spec.data_path), load_tokenizer(spec.model_dir), settings.sequence_length)
+        statistics[name] = member_statistics(experts[name], basis, data, settings.batch_size)
+    routers = solve_routers(statistics, settings.rho, settings.router_bias, settings.normalize, settings.temperature)
+    return experts, basis, statistics, routers
+
+
+def logits(model: torch.nn.Module, tokens: torch.Tensor = TOKENS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def directory_bytes(path: Path) -> dict[str, bytes]:
+    return {file.name: file.read_bytes() for file in sorted(path.iterdir())}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_oracle_routing_equals_member_dense_model_under_basis(expert_factory, family):
+    specs = expert_factory(family)
+    experts = open_experts(list(specs.values()))
+    basis = compute_basis(experts)
+    for name in specs:
+        merged = build_routed_model(experts, basis, mode="oracle", oracle_expert=name)
+        dense = load_dense_model(experts[name])
+        overwrite_parameters(dense, basis)
+        assert torch.equal(logits(merged), logits(dense))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("router_bias", [False, True])
+def test_checkpoint_loaded_by_transformers_matches_library_forward(expert_factory, tmp_path, family, router_bias):
+    specs = expert_factory(family)
+    settings = MergeSettings(sequence_length=64, router_bias=router_bias, top_k=2)
+    out = merge(list(specs.values()), tmp_path / "merged", settings)
+    stock = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    experts, basis, _, routers = routers_for(specs, settings)
+    library = build_routed_model(experts, basis, routers, top_k=2)
+    torch.testing.assert_close(logits(stock), logits(library), rtol=1e-5, atol=1e-5)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_experts_per_tok"] == 2
+    assert config["dume"]["members"] == sorted(specs)
+    assert config["dume"]["router_bias"] is router_bias
+    assert config["model_type"].startswith("dume_") is router_bias
+
+
+def test_bias_free_checkpoint_loads_without_dume(expert_factory, tmp_path):
+    """A stock checkpoint: a process that never imports dume loads it and gets the library's logits."""
+    specs = expert_factory("qwen3")
+    out = merge(list(specs.values()), tmp_path / "merged", SETTINGS)
+    torch.save(TOKENS, tmp_path / "tokens.pt")
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], local_files_only=True).eval()\n"
+        "assert 'dume' not in sys.modules\n"
+        "with torch.no_grad(): torch.save(model(torch.load(sys.argv[2])).logits, sys.argv[3])\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "tokens.pt"), str(tmp_path / "out.pt")],
+                   check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    experts, basis, _, routers = routers_for(specs)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), logits(build_routed_model(experts, basis, routers)))
+
+
+def test_identical_copies_merge_to_the_same_model(expert_factory, tmp_path):
+    source = expert_factory("llama")["code"]
+    copies = [ExpertSpec(f"copy{i}", source.model_dir, source.data_path) for i in range(3)]
+    out = merge(copies, tmp_path / "merged", SETTINGS)
+    merged = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    dense = AutoModelForCausalLM.from_pretrained(str(source.model_dir), local_files_only=True).eval()
+    torch.testing.assert_close(logits(merged), logits(dense), rtol=1e-6, atol=1e-6)
+
+
+def test_member_order_changes_no_output_byte(expert_factory, tmp_path):
+    specs = list(expert_factory("mistral").values())
+    first = merge(specs, tmp_path / "a", SETTINGS)
+    second = merge(list(reversed(specs)), tmp_path / "b", SETTINGS)
+    assert directory_bytes(first) == directory_bytes(second)
+
+
+def test_router_sends_each_domain_to_its_own_expert(expert_factory):
+    """On distinct domains the router picks the domain's own expert far above chance (1/3), even in tiny random
+    models whose hidden states barely separate the domains (trained experts do much better: see benchmarks)."""
+    specs = expert_factory("llama")
+    experts, basis, _, routers = routers_for(specs)
+    model = build_routed_model(experts, basis, routers)
+    chosen: list[torch.Tensor] = []
+    model.model.layers[-1].mlp.register_forward_hook(
+        lambda module, inputs, _: chosen.append(module.route(inputs[0].reshape(-1, inputs[0].shape[-1]))[1][:, 0])
+    )
+    for position, name in enumerate(routers[0].experts):
+        spec = specs[name]
+        data = pack_documents(read_documents(spec.data_path), load_tokenizer(spec.model_dir), 64)
+        chosen.clear()
+        with torch.no_grad():
+            model(input_ids=data.input_ids, attention_mask=data.attention_mask)
+        routed = chosen[0][data.attention_mask.reshape(-1).bool()]
+        assert (routed == position).float().mean() > 0.5, name
+
+
+def test_random_routing_is_seeded_and_spreads_tokens(expert_factory):
+    specs = expert_factory("llama")
+    experts = open_experts(list(specs.values()))
+    basis = compute_basis(experts)
+    first = logits(build_routed_model(experts, basis, mode="random", seed=3))
+    again = logits(build_routed_model(experts, basis, mode="random", seed=3))
+    other = logits(build_routed_model(experts, basis, mode="random", seed=4))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_weight_averaging_baseline_averages_every_parameter(expert_factory):
+    specs = expert_factory("llama")
+    experts = open_experts(list(specs.values()))
+    averaged = build_weight_averaged_model(experts)
+    name = "model.layers.0.mlp.up_proj.weight"
+    expected = torch.stack([experts[member].tensor(name) for member in sorted(experts)]).double().mean(0).float()
+    torch.testing.assert_close(averaged.get_parameter(name).detach(), expected)
