@@ -1,1 +1,1 @@
-"""Generated stubs of the wire contract (dume/v1/*.proto). Regenerate with `python -m dume.shared.protogen`."""
+"""Generated stubs of the wire contract (dume/v1/*.proto). Regenerate with `python proto/generate.py`."""
