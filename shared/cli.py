@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from dume.shared.demo import format_table, run_demo
 from dume.shared.errors import DumeError
 from dume.shared.merge import ExpertSpec, MergeSettings, merge
 from dume.shared.ridge import DEFAULT_RHO
@@ -51,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--sequence-length", type=positive_int, default=256, help="tokens per packed row")
     merge.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass")
     merge.set_defaults(run=run_merge)
+    demo = commands.add_parser("demo", help="train three tiny experts, merge them and compare perplexities")
+    demo.add_argument("--workdir", type=Path, default=Path("dume-demo"), help="where to build (default ./dume-demo)")
+    demo.add_argument("--steps", type=positive_int, default=150, help="training steps for the base and each expert")
+    demo.set_defaults(run=run_demo_command)
     return parser
 
 
@@ -66,6 +71,12 @@ def run_merge(args: argparse.Namespace) -> None:
     )
     out = merge(args.expert, args.out, settings)
     print(f"wrote {out}")
+
+
+def run_demo_command(args: argparse.Namespace) -> None:
+    table = run_demo(args.workdir, base_steps=args.steps, expert_steps=args.steps)
+    print(format_table(table))
+    print(f"models, data and results.json are in {args.workdir}")
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:

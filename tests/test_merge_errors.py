@@ -36,7 +36,7 @@ def run_merge(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
-def assert_one_error_line(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
+def assert_one_error_line(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
     """Exit code 2, nothing written to stdout, and stderr is one ``dume: error:`` line naming every fragment."""
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 2, result.stderr
@@ -47,7 +47,6 @@ def assert_one_error_line(result: subprocess.CompletedProcess[str], *fragments: 
     assert line.startswith("dume: error: "), line
     for fragment in fragments:
         assert fragment in line, f"{fragment!r} not in {line!r}"
-    return line
 
 
 def assert_nothing_written(out: Path) -> None:

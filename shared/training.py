@@ -1,0 +1,56 @@
+"""Fine-tuning a causal LM on a member's data: how a node makes its domain expert from the shared base.
+
+Plain next-token training with AdamW on packed rows (see dume.shared.data), seeded so that the same base, data
+and settings give the same expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from dume.shared.data import load_tokenizer, pack_documents, read_documents
+from dume.shared.errors import DumeError
+from dume.shared.progress import progress
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 200
+    learning_rate: float = 3e-3
+    batch_size: int = 16
+    sequence_length: int = 128
+    seed: int = 0
+
+
+def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over real tokens (padding positions are not predicted)."""
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
+
+def train(base_dir: Path, data_path: Path, out_dir: Path, settings: TrainSettings = TrainSettings()) -> Path:
+    """Fine-tune the model in ``base_dir`` on ``data_path`` and save it with its tokenizer to ``out_dir``."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise DumeError(f"output {out_dir} already exists: remove it or choose another --out")
+    tokenizer = load_tokenizer(base_dir)
+    data = pack_documents(read_documents(data_path), tokenizer, settings.sequence_length)
+    torch.manual_seed(settings.seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(settings.seed)
+    for _ in progress(range(settings.steps), f"training {out_dir.name}", "step"):
+        rows = torch.randint(0, len(data.input_ids), (settings.batch_size,), generator=generator)
+        loss = causal_lm_loss(model, data.input_ids[rows], data.attention_mask[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    model.eval()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
