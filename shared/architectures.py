@@ -150,14 +150,19 @@ FAMILIES: tuple[Family, ...] = (
 def read_config(model_dir: Path) -> dict[str, Any]:
     """The parsed ``config.json`` of a model directory, or a DumeError naming what is missing."""
     path = Path(model_dir) / "config.json"
-    if not Path(model_dir).is_dir():
+    if not Path(model_dir).exists():
         raise DumeError(f"model directory {model_dir} does not exist: pass a Hugging Face model directory")
+    if not Path(model_dir).is_dir():
+        raise DumeError(f"model path {model_dir} is not a directory: pass a Hugging Face model directory")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except FileNotFoundError:
         raise DumeError(f"{model_dir} has no config.json: pass a Hugging Face model directory") from None
     except (OSError, ValueError) as error:
         raise DumeError(f"cannot read {path} ({error}): repair or re-save the model") from None
+    if not isinstance(config, dict):
+        raise DumeError(f"{path} is not a JSON object: repair or re-save the model")
+    return config
 
 
 def detect_family(config: dict[str, Any], source: str = "the model") -> Family:

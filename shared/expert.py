@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM
 
 from dume.shared.architectures import Family, detect_family, mlp_location, read_config
@@ -39,7 +39,7 @@ class ExpertDirectory:
             if single.exists():
                 with safe_open(single, framework="pt") as handle:
                     return {key: single for key in handle.keys()}
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError, KeyError, SafetensorError) as error:
             raise DumeError(f"cannot read the weights of {self.path} ({error}): re-save the model") from None
         raise DumeError(
             f"{self.path} has no safetensors weights: re-save it with save_pretrained(..., safe_serialization=True)"
@@ -67,7 +67,7 @@ class ExpertDirectory:
                 return handle.get_tensor(name)
         except KeyError:
             raise DumeError(f"expert {self.name!r} has no tensor {name}: its weights do not match its config") from None
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, SafetensorError) as error:
             raise DumeError(f"cannot read {name} from {self.path} ({error}): re-save the model") from None
 
     def mlp_tensor(self, layer: int, projection: str) -> torch.Tensor:
@@ -77,10 +77,13 @@ class ExpertDirectory:
         """Name -> (shape, dtype) of every tensor, read from the headers without loading data."""
         layout = {}
         for file in sorted(set(self._file_of.values())):
-            with safe_open(file, framework="pt") as handle:
-                for key in handle.keys():
-                    sliced = handle.get_slice(key)
-                    layout[key] = (tuple(sliced.get_shape()), sliced.get_dtype())
+            try:
+                with safe_open(file, framework="pt") as handle:
+                    for key in handle.keys():
+                        sliced = handle.get_slice(key)
+                        layout[key] = (tuple(sliced.get_shape()), sliced.get_dtype())
+            except (OSError, ValueError, SafetensorError) as error:
+                raise DumeError(f"cannot read the weights file {file} ({error}): re-save the model") from None
         return layout
 
 

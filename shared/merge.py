@@ -95,6 +95,30 @@ def merge(specs: list[ExpertSpec], out_dir: Path, settings: MergeSettings = Merg
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise DumeError(f"output {out_dir} already exists: remove it or choose another --out")
     experts = open_experts(specs)
+    staging = _staging_directory(out_dir)
+    try:
+        _build(specs, experts, staging, settings)
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _staging_directory(out_dir: Path) -> Path:
+    """A fresh folder beside ``out_dir``, made before any heavy work so that an unwritable --out fails at once."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+        staging.chmod(0o755)  # mkdtemp makes it owner-only; the checkpoint is an ordinary output directory
+        return staging
+    except OSError as error:
+        raise DumeError(f"cannot create {out_dir} ({error.strerror}): choose a writable --out") from None
+
+
+def _build(specs: list[ExpertSpec], experts: dict[str, ExpertDirectory], out_dir: Path, settings: MergeSettings):
     packed = {}
     for spec in sorted(specs, key=lambda spec: spec.name):
         tokenizer = load_tokenizer(spec.model_dir)
@@ -117,15 +141,4 @@ def merge(specs: list[ExpertSpec], out_dir: Path, settings: MergeSettings = Merg
         "column_normalization": "l2" if settings.normalize else "none",
         **asdict(settings),
     }
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        write_moe_checkpoint(staging, experts, routers, settings.top_k, dume_block)
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+    write_moe_checkpoint(out_dir, experts, routers, settings.top_k, dume_block)

@@ -236,7 +236,7 @@ def test_malformed_expert_argument_is_a_usage_error(experts, out):
     assert_nothing_written(out)
 
 
-# --- known gaps: inputs that still end in a traceback (library bugs, reported; not fixed here) -----------
+# --- model files that exist but cannot be read, and an --out that cannot be created -----------------------
 
 
 def config_not_an_object(spec: ExpertSpec, folder: Path) -> tuple[list[str], list[str]]:
@@ -251,17 +251,15 @@ def corrupt_weights(spec: ExpertSpec, folder: Path) -> tuple[list[str], list[str
     return expert_arg("code", path, spec.data_path), [str(path)]
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: these inputs raise a traceback instead of a DumeError")
 @pytest.mark.parametrize("break_input", [config_not_an_object, corrupt_weights])
-def test_known_gaps_in_model_checks(experts, tmp_path, out, break_input: Callable):
+def test_unreadable_model_files_are_refused(experts, tmp_path, out, break_input: Callable):
     args, fragments = break_input(experts["code"], tmp_path)
     result = run_merge(out, *args, *spec_args(experts["math"]))
     assert_one_error_line(result, *fragments)
     assert_nothing_written(out)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: --out below a regular file fails with FileExistsError late")
-def test_known_gap_output_below_a_file(experts, tmp_path):
+def test_output_below_a_file_is_refused(experts, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     result = run_merge(blocker / "merged", *spec_args(experts["code"], experts["math"]))
