@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(run=run_merge)
     demo = commands.add_parser("demo", help="train three tiny experts, merge them and compare perplexities")
     demo.add_argument("--workdir", type=Path, default=Path("dume-demo"), help="where to build (default ./dume-demo)")
-    demo.add_argument("--steps", type=positive_int, default=150, help="training steps for the base and each expert")
+    demo.add_argument("--base-steps", type=positive_int, default=300, help="pretraining steps of the base")
+    demo.add_argument("--expert-steps", type=positive_int, default=150, help="fine-tuning steps of each expert")
     demo.set_defaults(run=run_demo_command)
     return parser
 
@@ -77,7 +78,7 @@ def run_merge(args: argparse.Namespace) -> None:
 
 
 def run_demo_command(args: argparse.Namespace) -> None:
-    table = run_demo(args.workdir, base_steps=args.steps, expert_steps=args.steps)
+    table = run_demo(args.workdir, args.base_steps, args.expert_steps)
     print(format_table(table))
     print(f"models, data and results.json are in {args.workdir}")
 

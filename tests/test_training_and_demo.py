@@ -33,7 +33,7 @@ def test_node_train_lowers_perplexity_on_its_domain(expert_factory, tmp_path):
 
 def test_demo_prints_a_perplexity_table(tmp_path):
     result = subprocess.run([sys.executable, "-c", DUME, "demo", "--workdir", str(tmp_path / "demo"),
-                             "--steps", "4"], capture_output=True, text=True, timeout=600)
+                             "--base-steps", "4", "--expert-steps", "4"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "dume retention" in result.stdout
     table = json.loads((tmp_path / "demo" / "results.json").read_text())
