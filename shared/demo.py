@@ -47,7 +47,8 @@ def run_demo(workdir: Path, base_steps: int = 300, expert_steps: int = 150) -> d
     specs = []
     for seed, name in enumerate(domains, start=1):
         print(f"fine-tuning the {name} expert ({expert_steps} steps)")
-        model = train(base, splits[name][0], workdir / "experts" / name, TrainSettings(expert_steps, EXPERT_LEARNING_RATE, seed=seed))
+        settings = TrainSettings(expert_steps, EXPERT_LEARNING_RATE, seed=seed)
+        model = train(base, splits[name][0], workdir / "experts" / name, settings)
         specs.append(ExpertSpec(name, model, splits[name][0]))
 
     print("merging the experts with DUME (top-1 routing, routers solved in closed form)")

@@ -1,0 +1,98 @@
+"""Routing accuracy on held-out tokens as a function of rho, with and without a router intercept.
+
+Three tiny Llama experts (perturbed copies of one base) on three synthetic domains; statistics come from the first
+half of each domain's documents, accuracy (share of domain-d tokens routed to expert d, per layer) from the second.
+This is the measurement behind dume.shared.ridge.DEFAULT_RHO; the quality benchmark re-tunes it on trained experts.
+
+    python benchmarks/rho_sweep.py [--out benchmarks/results/rho_sweep.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dume.shared.averaging import compute_basis
+from dume.shared.data import load_tokenizer, pack_documents
+from dume.shared.expert import load_dense_model, overwrite_parameters
+from dume.shared.merge import ExpertSpec, open_experts
+from dume.shared.ridge import solve_routers
+from dume.shared.statistics import collect_statistics
+from dume.shared.tiny import build_tiny_model, perturb_mlps
+
+TEMPLATES = {
+    "code": "def f{i}(x):\n    return x * {i} + {j}  # loop {j}",
+    "math": "Compute {i} + {j}: the sum is {s}. Then {i} * {j} = {p}.",
+    "prose": "The river {i} ran quietly past the old mill where {j} swallows nested every summer.",
+}
+RHOS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def documents(domain: str, count: int = 60) -> list[str]:
+    return [TEMPLATES[domain].format(i=i, j=(7 * i) % 13, s=i + (7 * i) % 13, p=i * ((7 * i) % 13))
+            for i in range(count)]
+
+
+def router_inputs(model: torch.nn.Module, data) -> list[torch.Tensor]:
+    """Each layer's router input for the real tokens of ``data``."""
+    captured: list[torch.Tensor] = []
+    mask = data.attention_mask.reshape(-1).bool()
+    handles = [layer.post_attention_layernorm.register_forward_hook(
+        lambda _m, _i, output: captured.append(output.reshape(-1, output.shape[-1])[mask].double()))
+        for layer in model.model.layers]
+    with torch.no_grad():
+        model.model(input_ids=data.input_ids, attention_mask=data.attention_mask)
+    for handle in handles:
+        handle.remove()
+    return captured
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/rho_sweep.json"))
+    out = parser.parse_args().out
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        base = build_tiny_model("llama", root / "base")
+        specs = [ExpertSpec(name, perturb_mlps(base, root / name, seed=seed, scale=0.5), root / f"{name}.txt")
+                 for seed, name in enumerate(sorted(TEMPLATES), start=1)]
+        experts = open_experts(specs)
+        basis = compute_basis(experts)
+        tokenizer = load_tokenizer(base)
+        statistics, held_out = {}, {}
+        for name in sorted(experts):
+            model = load_dense_model(experts[name])
+            overwrite_parameters(model, basis)
+            docs = documents(name)
+            statistics[name] = collect_statistics(model, pack_documents(docs[:30], tokenizer, 64))
+            held_out[name] = router_inputs(model, pack_documents(docs[30:], tokenizer, 64))
+    results = []
+    names = sorted(statistics)
+    for router_bias in (False, True):
+        for rho in RHOS:
+            routers = solve_routers(statistics, rho=rho, router_bias=router_bias)
+            accuracy = []
+            for layer, router in enumerate(routers):
+                correct = total = 0
+                for index, name in enumerate(names):
+                    logits = held_out[name][layer] @ router.weight.T
+                    if router.bias is not None:
+                        logits = logits + router.bias
+                    correct += int((logits.argmax(dim=1) == index).sum())
+                    total += len(logits)
+                accuracy.append(correct / total)
+            results.append({"router_bias": router_bias, "rho": rho, "accuracy_per_layer": accuracy})
+            print(f"router_bias={router_bias!s:<5} rho={rho:<8g} accuracy per layer: "
+                  + " ".join(f"{value:.3f}" for value in accuracy))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
