@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,33 +102,24 @@ class Family:
         return config
 
 
-LLAMA_PROJECTIONS = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+LLAMA = Family(
+    name="llama",
+    dense_model_types=("llama",),
+    moe_model_type="mixtral",
+    moe_architecture="MixtralForCausalLM",
+    moe_block="block_sparse_moe",
+    expert_projections={"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"},
+    num_experts_field="num_local_experts",
+    expert_intermediate_field="intermediate_size",
+    moe_settings={"sliding_window": None, "router_jitter_noise": 0.0},
+    refused={"attention_bias": False, "mlp_bias": False},
+)
 
 FAMILIES: tuple[Family, ...] = (
-    Family(
-        name="llama",
-        dense_model_types=("llama",),
-        moe_model_type="mixtral",
-        moe_architecture="MixtralForCausalLM",
-        moe_block="block_sparse_moe",
-        expert_projections=LLAMA_PROJECTIONS,
-        num_experts_field="num_local_experts",
-        expert_intermediate_field="intermediate_size",
-        moe_settings={"sliding_window": None, "router_jitter_noise": 0.0},
-        refused={"attention_bias": False, "mlp_bias": False},
-    ),
-    Family(
-        name="mistral",
-        dense_model_types=("mistral",),
-        moe_model_type="mixtral",
-        moe_architecture="MixtralForCausalLM",
-        moe_block="block_sparse_moe",
-        expert_projections=LLAMA_PROJECTIONS,
-        num_experts_field="num_local_experts",
-        expert_intermediate_field="intermediate_size",
-        extra_fields=("sliding_window",),
-        moe_settings={"router_jitter_noise": 0.0},
-    ),
+    LLAMA,
+    # Mistral is Llama's layout with a sliding window, which Mixtral also has.
+    replace(LLAMA, name="mistral", dense_model_types=("mistral",), extra_fields=("sliding_window",),
+            moe_settings={"router_jitter_noise": 0.0}, refused={}),
     Family(
         name="qwen3",
         dense_model_types=("qwen3",),
