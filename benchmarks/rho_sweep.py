@@ -23,19 +23,9 @@ from dume.shared.expert import load_dense_model, overwrite_parameters
 from dume.shared.merge import ExpertSpec, open_experts
 from dume.shared.ridge import solve_routers
 from dume.shared.statistics import collect_statistics
-from dume.shared.tiny import build_tiny_model, perturb_mlps
+from dume.shared.tiny import SYNTHETIC_TEMPLATES, build_tiny_model, perturb_mlps, synthetic_documents
 
-TEMPLATES = {
-    "code": "def f{i}(x):\n    return x * {i} + {j}  # loop {j}",
-    "math": "Compute {i} + {j}: the sum is {s}. Then {i} * {j} = {p}.",
-    "prose": "The river {i} ran quietly past the old mill where {j} swallows nested every summer.",
-}
 RHOS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-
-
-def documents(domain: str, count: int = 60) -> list[str]:
-    return [TEMPLATES[domain].format(i=i, j=(7 * i) % 13, s=i + (7 * i) % 13, p=i * ((7 * i) % 13))
-            for i in range(count)]
 
 
 def router_inputs(model: torch.nn.Module, data) -> list[torch.Tensor]:
@@ -60,7 +50,7 @@ def main() -> None:
         root = Path(folder)
         base = build_tiny_model("llama", root / "base")
         specs = [ExpertSpec(name, perturb_mlps(base, root / name, seed=seed, scale=0.5), root / f"{name}.txt")
-                 for seed, name in enumerate(sorted(TEMPLATES), start=1)]
+                 for seed, name in enumerate(sorted(SYNTHETIC_TEMPLATES), start=1)]
         experts = open_experts(specs)
         basis = compute_basis(experts)
         tokenizer = load_tokenizer(base)
@@ -68,7 +58,7 @@ def main() -> None:
         for name in sorted(experts):
             model = load_dense_model(experts[name])
             overwrite_parameters(model, basis)
-            docs = documents(name)
+            docs = synthetic_documents(name, 60)
             statistics[name] = collect_statistics(model, pack_documents(docs[:30], tokenizer, 64))
             held_out[name] = router_inputs(model, pack_documents(docs[30:], tokenizer, 64))
     results = []

@@ -20,7 +20,7 @@ from dume.shared.averaging import compute_basis, tensors_hash
 from dume.shared.data import PackedData, load_tokenizer, pack_documents, read_documents
 from dume.shared.errors import DumeError
 from dume.shared.expert import ExpertDirectory, load_dense_model, overwrite_parameters
-from dume.shared.ridge import DEFAULT_RHO, solve_routers
+from dume.shared.ridge import DEFAULT_RHO, LayerRouter, solve_routers
 from dume.shared.statistics import collect_statistics, token_count
 from dume.shared.writer import write_moe_checkpoint
 
@@ -118,19 +118,26 @@ def _staging_directory(out_dir: Path) -> Path:
         raise DumeError(f"cannot create {out_dir} ({error.strerror}): choose a writable --out") from None
 
 
-def _build(specs: list[ExpertSpec], experts: dict[str, ExpertDirectory], out_dir: Path, settings: MergeSettings):
+def solve_member_routers(
+    specs: list[ExpertSpec], experts: dict[str, ExpertDirectory], basis: dict[str, torch.Tensor],
+    settings: MergeSettings,
+) -> tuple[dict[str, torch.Tensor], list[LayerRouter]]:
+    """Every member's statistics under ``basis`` (data read and packed first, so bad data fails early), and the
+    routers solved from them."""
     packed = {}
     for spec in sorted(specs, key=lambda spec: spec.name):
         tokenizer = load_tokenizer(spec.model_dir)
         packed[spec.name] = pack_documents(read_documents(spec.data_path), tokenizer, settings.sequence_length)
-
-    basis = compute_basis(experts)
     statistics = {
         name: member_statistics(experts[name], basis, packed[name], settings.batch_size) for name in sorted(experts)
     }
-    routers = solve_routers(
-        statistics, settings.rho, settings.router_bias, settings.normalize, settings.temperature
-    )
+    routers = solve_routers(statistics, settings.rho, settings.router_bias, settings.normalize, settings.temperature)
+    return statistics, routers
+
+
+def _build(specs: list[ExpertSpec], experts: dict[str, ExpertDirectory], out_dir: Path, settings: MergeSettings):
+    basis = compute_basis(experts)
+    statistics, routers = solve_member_routers(specs, experts, basis, settings)
     dume_block = {
         "members": list(routers[0].experts),
         "members_without_statistics": [],

@@ -36,6 +36,21 @@ FAMILY_SETTINGS = {
 }
 
 
+# Three small synthetic domains for tests and micro-benchmarks (the demo uses shared.domains instead).
+SYNTHETIC_TEMPLATES = {
+    "code": "def f{i}(x):\n    return x * {i} + {j}  # loop {j}",
+    "math": "Compute {i} + {j}: the sum is {s}. Then {i} * {j} = {p}.",
+    "prose": "The river {i} ran quietly past the old mill where {j} swallows nested every summer.",
+}
+
+
+def synthetic_documents(domain: str, count: int, offset: int = 0) -> list[str]:
+    """Documents ``offset .. offset+count-1`` of a synthetic domain (deterministic)."""
+    template = SYNTHETIC_TEMPLATES[domain]
+    return [template.format(i=i, j=(7 * i) % 13, s=i + (7 * i) % 13, p=i * ((7 * i) % 13))
+            for i in range(offset, offset + count)]
+
+
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer whose 256 byte tokens come first, then <pad> and <eos>."""
     byte_to_unicode = pre_tokenizers.ByteLevel.alphabet()

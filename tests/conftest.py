@@ -11,23 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded from a
 
 import dume  # noqa: E402,F401  (registers the router-bias classes)
 from dume.shared.merge import ExpertSpec  # noqa: E402
-from dume.shared.tiny import build_tiny_model, perturb_mlps  # noqa: E402
+from dume.shared.tiny import SYNTHETIC_TEMPLATES, build_tiny_model, perturb_mlps, synthetic_documents  # noqa: E402
 
 FAMILIES = ("llama", "mistral", "qwen3")
-DOMAINS = {
-    "code": "def f{i}(x):\n    return x * {i} + {j}  # loop {j}",
-    "math": "Compute {i} + {j}: the sum is {s}. Then {i} * {j} = {p}.",
-    "prose": "The river {i} ran quietly past the old mill where {j} swallows nested every summer.",
-}
+DOMAINS = SYNTHETIC_TEMPLATES
 
 
 def write_domain_text(path: Path, domain: str, documents: int = 30, offset: int = 0) -> Path:
-    template = DOMAINS[domain]
-    lines = [
-        template.format(i=i, j=(7 * i) % 13, s=i + (7 * i) % 13, p=i * ((7 * i) % 13))
-        for i in range(offset, offset + documents)
-    ]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(synthetic_documents(domain, documents, offset)) + "\n")
     return path
 
 

@@ -14,8 +14,7 @@ from transformers import AutoModelForCausalLM
 from dume.shared.averaging import compute_basis
 from dume.shared.data import load_tokenizer, pack_documents, read_documents
 from dume.shared.expert import load_dense_model, overwrite_parameters
-from dume.shared.merge import ExpertSpec, MergeSettings, member_statistics, merge, open_experts
-from dume.shared.ridge import solve_routers
+from dume.shared.merge import ExpertSpec, MergeSettings, merge, open_experts, solve_member_routers
 from dume.shared.routing import build_routed_model, build_weight_averaged_model
 
 from conftest import FAMILIES
@@ -27,11 +26,7 @@ TOKENS = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(
 def routers_for(specs: dict[str, ExpertSpec], settings: MergeSettings = SETTINGS):
     experts = open_experts(list(specs.values()))
     basis = compute_basis(experts)
-    statistics = {}
-    for name, spec in specs.items():
-        data = pack_documents(read_documents(spec.data_path), load_tokenizer(spec.model_dir), settings.sequence_length)
-        statistics[name] = member_statistics(experts[name], basis, data, settings.batch_size)
-    routers = solve_routers(statistics, settings.rho, settings.router_bias, settings.normalize, settings.temperature)
+    statistics, routers = solve_member_routers(list(specs.values()), experts, basis, settings)
     return experts, basis, statistics, routers
 
 
