@@ -1,4 +1,8 @@
-"""``dume-node``: what runs on a member's host. ``train`` fine-tunes the member's expert from the shared base."""
+"""``dume-node``: what runs on a member's host.
+
+``join`` enrols with a join token and contributes the member's expert, then keeps its statistics current;
+``fetch`` downloads a published version; ``leave`` takes the member out; ``train`` fine-tunes the expert.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,72 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from dume.node.agent import DEFAULT_CHUNK_BYTES, Agent, enrol, say
+from dume.node.workdir import Workdir
 from dume.shared.cli import positive_float, positive_int, run_cli
+from dume.shared.download import fetch_version
+from dume.shared.errors import DumeError
+from dume.shared.join_token import JoinToken
 from dume.shared.training import TrainSettings, train
+from dume.v1 import federation_pb2_grpc as rpc
+
+
+def run_join(args: argparse.Namespace) -> None:
+    workdir = Workdir(args.workdir)
+    for path, what in ((args.model, "--model"), (args.data, "--data")):
+        if not path.exists():
+            raise DumeError(f"{what} {path} does not exist: give the expert's model directory and its data")
+    if args.token:
+        token = JoinToken.decode(args.token)
+        if workdir.enrolled() and workdir.state().get("name") not in (token.node, None):
+            raise DumeError(f"{args.workdir} belongs to node {workdir.state()['name']!r}, the token is for "
+                            f"{token.node!r}: use another --workdir")
+        enrol(token, workdir, args.model, args.data)
+    elif not workdir.enrolled():
+        raise DumeError(f"{args.workdir} holds no enrolled node: pass --token (from `dume-coordinator token`)")
+    else:
+        workdir.update(model=str(args.model.resolve()), data=str(args.data.resolve()))
+    agent = Agent(workdir, args.chunk_kib * 1024, args.max_rate_kib * 1024 if args.max_rate_kib else 0.0)
+    agent.run(once=args.once)
+    if args.once:
+        say("contribution complete; statistics are current")
+
+
+def run_fetch(args: argparse.Namespace) -> None:
+    workdir = Workdir(args.workdir)
+    stub = rpc.FederationStub(workdir.channel())
+    version, count, total = fetch_version(stub, args.version, workdir.blobs(), args.out, workdir.own_blob)
+    print(f"wrote version {version.version} ({'exact' if version.exact else 'provisional'}) to {args.out}; "
+          f"downloaded {count} blobs ({total / 1e6:.2f} MB), the rest was already here")
+
+
+def run_leave(args: argparse.Namespace) -> None:
+    version = Agent(Workdir(args.workdir)).leave()
+    print(f"left the federation; version {version} is published without this node" if version
+          else "left the federation; no member with statistics remains")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dume-node", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    join = commands.add_parser("join", help="enrol and contribute this node's expert, then follow the federation")
+    join.add_argument("--token", help="the join token from `dume-coordinator token` (not needed once enrolled)")
+    join.add_argument("--model", type=Path, required=True, help="the expert's Hugging Face directory")
+    join.add_argument("--data", type=Path, required=True, help="its domain data (.jsonl, .txt or a directory)")
+    join.add_argument("--workdir", type=Path, required=True, help="the node's working directory")
+    join.add_argument("--once", action="store_true", help="exit once statistics are current instead of following")
+    join.add_argument("--chunk-kib", type=positive_int, default=DEFAULT_CHUNK_BYTES // 1024,
+                      help="upload chunk size in KiB (default 1024, the most the coordinator takes)")
+    join.add_argument("--max-rate-kib", type=positive_int, help="upload bandwidth limit in KiB/s")
+    join.set_defaults(run=run_join)
+    fetch = commands.add_parser("fetch", help="download a published version as a Hugging Face directory")
+    fetch.add_argument("--workdir", type=Path, required=True, help="the node's working directory")
+    fetch.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
+    fetch.add_argument("--version", type=positive_int, default=0, help="version number (default: the latest)")
+    fetch.set_defaults(run=run_fetch)
+    leave = commands.add_parser("leave", help="take this node's contribution out of the federation")
+    leave.add_argument("--workdir", type=Path, required=True, help="the node's working directory")
+    leave.set_defaults(run=run_leave)
     training = commands.add_parser("train", help="fine-tune a domain expert from the shared base model")
     training.add_argument("--base", type=Path, required=True, help="the shared base model directory")
     training.add_argument("--data", type=Path, required=True, help="the domain data (.jsonl, .txt or a directory)")

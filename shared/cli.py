@@ -38,6 +38,25 @@ def positive_int(value: str) -> int:
     return int(value)
 
 
+def add_merge_settings(parser: argparse.ArgumentParser) -> None:
+    """The flags that fix a merge's output besides its members (shared by `dume merge` and the coordinator)."""
+    parser.add_argument("--top-k", type=positive_int, default=1, help="experts per token (default 1)")
+    parser.add_argument("--rho", type=positive_float, default=DEFAULT_RHO,
+                        help=f"ridge strength relative to trace(G)/dim (default {DEFAULT_RHO})")
+    parser.add_argument("--router-bias", action="store_true",
+                        help="fit a router intercept (checkpoint then needs `import dume` to load)")
+    parser.add_argument("--temperature", type=positive_float, default=1.0, help="router temperature (default 1)")
+    parser.add_argument("--no-normalize", action="store_true", help="keep raw ridge columns (no L2 normalisation)")
+    parser.add_argument("--sequence-length", type=positive_int, default=256, help="tokens per packed row")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass")
+
+
+def merge_settings(args: argparse.Namespace) -> MergeSettings:
+    return MergeSettings(top_k=args.top_k, rho=args.rho, router_bias=args.router_bias,
+                         normalize=not args.no_normalize, temperature=args.temperature,
+                         sequence_length=args.sequence_length, batch_size=args.batch_size)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dume", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -45,15 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--expert", action="append", type=parse_expert, required=True, metavar="NAME=MODEL_DIR:DATA",
                        help="a member: its name, its model directory and its data (.jsonl, .txt or a directory)")
     merge.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
-    merge.add_argument("--top-k", type=positive_int, default=1, help="experts per token (default 1)")
-    merge.add_argument("--rho", type=positive_float, default=DEFAULT_RHO,
-                       help=f"ridge strength relative to trace(G)/dim (default {DEFAULT_RHO})")
-    merge.add_argument("--router-bias", action="store_true",
-                       help="fit a router intercept (checkpoint then needs `import dume` to load)")
-    merge.add_argument("--temperature", type=positive_float, default=1.0, help="router temperature (default 1)")
-    merge.add_argument("--no-normalize", action="store_true", help="keep raw ridge columns (no L2 normalisation)")
-    merge.add_argument("--sequence-length", type=positive_int, default=256, help="tokens per packed row")
-    merge.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass")
+    add_merge_settings(merge)
     merge.set_defaults(run=run_merge)
     demo = commands.add_parser("demo", help="train three tiny experts, merge them and compare perplexities")
     demo.add_argument("--workdir", type=Path, default=Path("dume-demo"), help="where to build (default ./dume-demo)")
@@ -64,16 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_merge(args: argparse.Namespace) -> None:
-    settings = MergeSettings(
-        top_k=args.top_k,
-        rho=args.rho,
-        router_bias=args.router_bias,
-        normalize=not args.no_normalize,
-        temperature=args.temperature,
-        sequence_length=args.sequence_length,
-        batch_size=args.batch_size,
-    )
-    out = merge(args.expert, args.out, settings)
+    out = merge(args.expert, args.out, merge_settings(args))
     print(f"wrote {out}")
 
 
@@ -86,16 +88,16 @@ def run_demo_command(args: argparse.Namespace) -> None:
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse and run; a DumeError becomes one line on stderr and exit code 2, never a traceback."""
     args = parser.parse_args(argv)
-    run: Callable[[argparse.Namespace], None] = args.run
+    run: Callable[[argparse.Namespace], int | None] = args.run
     try:
-        run(args)
+        code = run(args)
     except DumeError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,6 +46,10 @@ class ExpertDirectory:
         )
 
     @property
+    def weight_files(self) -> list[Path]:
+        return sorted(set(self._file_of.values()))
+
+    @property
     def parameter_names(self) -> list[str]:
         return sorted(self._file_of)
 
@@ -72,6 +76,11 @@ class ExpertDirectory:
 
     def mlp_tensor(self, layer: int, projection: str) -> torch.Tensor:
         return self.tensor(f"model.layers.{layer}.mlp.{projection}.weight")
+
+    def read_file(self, name: str) -> bytes | None:
+        """A non-tensor file of the directory (tokenizer, config), or None if it has none."""
+        path = self.path / name
+        return path.read_bytes() if path.is_file() else None
 
     def tensor_layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Name -> (shape, dtype) of every tensor, read from the headers without loading data."""

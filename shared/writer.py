@@ -8,17 +8,16 @@ shard, reading each tensor lazily from the experts' files, so peak memory stays 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import save_file
 from dume.shared.progress import progress
 
+from dume.shared.architectures import Family
 from dume.shared.averaging import canonical_mean
-from dume.shared.expert import ExpertDirectory
 from dume.shared.registration import BIASED_MODEL_TYPES
 from dume.shared.ridge import LayerRouter
 
@@ -35,14 +34,56 @@ TOKENIZER_FILES = (
 )
 
 
+class MemberWeights(Protocol):
+    """A member's dense model as the writer reads it: an ``ExpertDirectory`` locally, the ledger's blobs in the
+    coordinator."""
+
+    config: dict[str, Any]
+    family: Family
+
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def shared_names(self) -> list[str]: ...
+    def tensor(self, name: str) -> torch.Tensor: ...
+    def mlp_tensor(self, layer: int, projection: str) -> torch.Tensor: ...
+    def read_file(self, name: str) -> bytes | None: ...
+
+
+class CheckpointSink(Protocol):
+    """Where a checkpoint's files go: a directory, or the coordinator's content-addressed store."""
+
+    def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None: ...
+    def write_file(self, name: str, data: bytes) -> None: ...
+
+
+class DirectorySink:
+    """Writes the checkpoint's files into a directory."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        save_shard(self.out_dir / name, tensors)
+
+    def write_file(self, name: str, data: bytes) -> None:
+        (self.out_dir / name).write_bytes(data)
+
+
+def save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors shard; the same tensors always give the same bytes (safetensors orders them itself)."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
 def _layer_of(name: str) -> int | None:
     parts = name.split(".")
     return int(parts[2]) if name.startswith("model.layers.") else None
 
 
 def write_moe_checkpoint(
-    out_dir: Path,
-    experts: Mapping[str, ExpertDirectory],
+    out: Path | CheckpointSink,
+    experts: Mapping[str, MemberWeights],
     routers: Sequence[LayerRouter],
     top_k: int,
     dume_block: Mapping[str, Any],
@@ -56,7 +97,7 @@ def write_moe_checkpoint(
     family = first.family
     routed = list(routers[0].experts)
     router_bias = routers[0].bias is not None
-    out_dir.mkdir(parents=True, exist_ok=True)
+    sink = DirectorySink(out) if isinstance(out, Path) else out
 
     shared_by_layer: dict[int | None, list[str]] = {}
     for name in first.shared_names:
@@ -81,26 +122,27 @@ def write_moe_checkpoint(
         tensors[family.router_key(layer)] = routers[layer].weight.to(dtype).contiguous()
         if router_bias:
             tensors[family.router_key(layer, "bias")] = routers[layer].bias.to(dtype).contiguous()
-        total_bytes += _save_shard(out_dir / shard_name(layer), tensors, weight_map)
+        total_bytes += _write_shard(sink, shard_name(layer), tensors, weight_map)
     outside_layers = {name: average(name) for name in shared_by_layer.get(None, [])}
-    total_bytes += _save_shard(out_dir / shard_name(first.num_layers), outside_layers, weight_map)
+    total_bytes += _write_shard(sink, shard_name(first.num_layers), outside_layers, weight_map)
 
     index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    sink.write_file("model.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode())
 
     config = family.moe_config(first.config, num_experts=len(routed), top_k=top_k)
     if router_bias:
         config["model_type"] = BIASED_MODEL_TYPES[family.moe_model_type]
         config["architectures"] = ["Dume" + family.moe_architecture]
     config["dume"] = dict(dume_block)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    sink.write_file("config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     for file in TOKENIZER_FILES:
-        if (first.path / file).exists():
-            shutil.copyfile(first.path / file, out_dir / file)
+        data = first.read_file(file)
+        if data is not None:
+            sink.write_file(file, data)
 
 
-def _save_shard(path: Path, tensors: dict[str, torch.Tensor], weight_map: dict[str, str]) -> int:
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    for name in tensors:
-        weight_map[name] = path.name
+def _write_shard(sink: CheckpointSink, name: str, tensors: dict[str, torch.Tensor], weight_map: dict[str, str]) -> int:
+    sink.write_shard(name, tensors)
+    for tensor_name in tensors:
+        weight_map[tensor_name] = name
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())

@@ -1,0 +1,185 @@
+"""``dume-coordinator``: create a federation, run its daemon, and administer it.
+
+``token``, ``status``, ``revoke``, ``export`` and ``audit`` talk to the running daemon with the admin identity
+that ``init`` wrote into the state directory; they never open its database behind its back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from dume.coordinator.daemon import serve
+from dume.coordinator.state_dir import StateDir, initialise
+from dume.coordinator.validation import architecture_of
+from dume.shared import pki
+from dume.shared.audit import AuditEntry, verify_chain
+from dume.shared.blobs import BlobStore
+from dume.shared.channels import mutual_tls_channel, refusal
+from dume.shared.cli import add_merge_settings, merge_settings, positive_int, run_cli
+from dume.shared.download import fetch_version
+from dume.shared.errors import DumeError
+from dume.shared.expert import ExpertDirectory
+from dume.v1 import federation_pb2 as pb
+from dume.v1 import federation_pb2_grpc as rpc
+from dume.v1 import tensors_pb2
+
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(value: str) -> float:
+    match = DURATION.match(value.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a duration such as 90s, 30m, 12h or 7d")
+    return float(match.group(1)) * UNIT_SECONDS[match.group(2)]
+
+
+def admin_stubs(state: StateDir) -> tuple[rpc.AdminStub, rpc.FederationStub]:
+    address = state.daemon_addresses()["listen"]
+    channel = mutual_tls_channel(address, pki.read_bytes(state.ca_cert, "the CA certificate"),
+                                 pki.read_bytes(state.admin_key, "the admin key"),
+                                 pki.read_bytes(state.admin_cert, "the admin certificate"))
+    return rpc.AdminStub(channel), rpc.FederationStub(channel)
+
+
+def run_init(args: argparse.Namespace) -> None:
+    architecture = None
+    if args.architecture:
+        expert = ExpertDirectory(args.architecture, "the architecture model")
+        layout = tensors_pb2.TensorManifest(tensors=[
+            tensors_pb2.TensorEntry(name=name, dtype=dtype, shape=list(shape))
+            for name, (shape, dtype) in sorted(expert.tensor_layout().items())])
+        architecture = architecture_of(expert.config, layout)
+    state = initialise(args.state, args.listen, args.enrolment_listen, args.advertise, args.enrolment_advertise,
+                       merge_settings(args), architecture)
+    print(f"initialised {state.root}; start it with `dume-coordinator serve --state {state.root}`")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return serve(StateDir(args.state))
+
+
+def run_token(args: argparse.Namespace) -> None:
+    admin, _ = admin_stubs(StateDir(args.state))
+    try:
+        print(admin.CreateToken(pb.TokenRequest(node=args.node, ttl_seconds=args.expires)).token)
+    except grpc.RpcError as error:
+        raise refusal(error, f"cannot create a token for {args.node!r}") from None
+
+
+def status_object(state: StateDir) -> dict:
+    admin, _ = admin_stubs(state)
+    try:
+        status = admin.Status(pb.StatusRequest())
+    except grpc.RpcError as error:
+        raise refusal(error, "cannot read the status") from None
+    return {
+        "version": status.version or None,
+        "exact": status.exact,
+        "basis_hash": status.basis_hash or None,
+        "members": [{"name": m.name, "state": m.state, "online": m.online, "stats_current": m.stats_current,
+                     "token_count": m.token_count, **({"reason": m.reason} if m.reason else {})}
+                    for m in status.members],
+        "audit_entries": status.audit_entries,
+        "settings": json.loads(status.settings_json),
+    }
+
+
+def run_status(args: argparse.Namespace) -> None:
+    status = status_object(StateDir(args.state))
+    if args.json:
+        print(json.dumps(status, sort_keys=True))
+        return
+    version = status["version"]
+    print(f"version {version} ({'exact' if status['exact'] else 'provisional'})" if version else "no version yet")
+    print(f"basis {status['basis_hash'] or '-'}; audit log: {status['audit_entries']} entries")
+    for member in status["members"]:
+        flags = ["online" if member["online"] else "offline",
+                 "statistics current" if member["stats_current"] else "statistics stale or missing"]
+        reason = f" ({member['reason']})" if member.get("reason") else ""
+        print(f"  {member['name']:<20} {member['state']:<9}{reason} {', '.join(flags)}")
+
+
+def run_revoke(args: argparse.Namespace) -> None:
+    admin, _ = admin_stubs(StateDir(args.state))
+    try:
+        version = admin.Revoke(pb.RevokeRequest(node=args.name, reason=args.reason)).version
+    except grpc.RpcError as error:
+        raise refusal(error, f"cannot revoke {args.name!r}") from None
+    print(f"revoked {args.name}; version {version} published without it" if version
+          else f"revoked {args.name}; no member with statistics remains, so no version was published")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    state = StateDir(args.state)
+    _, federation = admin_stubs(state)
+    version, _, _ = fetch_version(federation, args.version, BlobStore(state.root / "export-cache"), args.out)
+    print(f"wrote version {version.version} ({'exact' if version.exact else 'provisional'}) to {args.out}")
+
+
+def run_audit(args: argparse.Namespace) -> None:
+    admin, _ = admin_stubs(StateDir(args.state))
+    try:
+        entries = [AuditEntry(e.sequence, e.at, e.kind, e.subject, e.detail_json, e.previous_hash, e.entry_hash)
+                   for e in admin.Audit(pb.AuditRequest()).entries]
+    except grpc.RpcError as error:
+        raise refusal(error, "cannot read the audit log") from None
+    if args.verify:
+        try:
+            count = verify_chain(entries)
+        except ValueError as error:
+            raise DumeError(f"the audit log is broken: {error}") from None
+        print(f"audit log intact: {count} entries, last hash {entries[-1].entry_hash if entries else '-'}")
+        return
+    for entry in entries:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry.at))
+        print(f"{entry.sequence:>5} {stamp} {entry.kind:<10} {entry.subject:<20} {entry.detail_json} "
+              f"{entry.entry_hash[:16]}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dume-coordinator", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str, run) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        sub.add_argument("--state", type=Path, required=True, help="the coordinator's state directory")
+        sub.set_defaults(run=run)
+        return sub
+
+    init = command("init", "create a federation: CA, admin identity and settings", run_init)
+    init.add_argument("--listen", default="127.0.0.1:7600", help="HOST:PORT for members and admins (mutual TLS)")
+    init.add_argument("--enrolment-listen", default="127.0.0.1:7601", help="HOST:PORT for enrolment (server TLS)")
+    init.add_argument("--advertise", help="HOST:PORT nodes should dial for --listen (default: the bound address)")
+    init.add_argument("--enrolment-advertise", help="HOST:PORT nodes should dial for enrolment")
+    init.add_argument("--architecture", type=Path, help="a model directory fixing the federation's architecture "
+                      "(default: the first member's)")
+    add_merge_settings(init)
+    command("serve", "run the coordinator daemon in the foreground (SIGTERM drains and exits 0)", run_serve)
+    token = command("token", "print a one-time join token for a node", run_token)
+    token.add_argument("--node", required=True, help="the node's name in the federation")
+    token.add_argument("--expires", type=duration, default=86400.0, help="lifetime, e.g. 30m, 12h, 7d (default 1d)")
+    status = command("status", "show the published version and the members", run_status)
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    revoke = command("revoke", "remove a member's contribution exactly and refuse its certificate", run_revoke)
+    revoke.add_argument("name", help="the member to revoke")
+    revoke.add_argument("--reason", default="", help="recorded in the ledger and the audit log")
+    export = command("export", "write a published version as a Hugging Face directory", run_export)
+    export.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
+    export.add_argument("--version", type=positive_int, default=0, help="version number (default: the latest)")
+    audit = command("audit", "show the hash-chained audit log, or verify it", run_audit)
+    audit.add_argument("--verify", action="store_true", help="check every entry's hash chain")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_parser(), argv)

@@ -1,0 +1,249 @@
+"""The coordinator's ledger: SQLite in WAL mode for tokens, members, statistics, bases, versions and the audit log.
+
+Tensors are not in the database: rows hold manifests (serialized ``TensorManifest``) naming content-addressed
+blobs in ``state/blobs``. A blob is adopted into the store before the row that refers to it is committed, so a
+kill at any instant leaves at worst an unreferenced blob, never a row naming a missing or partial one. One
+connection is shared by the daemon's threads behind a lock; every change is one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dume.shared.audit import GENESIS, AuditEntry, canonical_json, entry_hash
+from dume.v1 import tensors_pb2
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (
+    digest TEXT PRIMARY KEY, node TEXT NOT NULL, expires_at REAL NOT NULL, used_at REAL);
+CREATE TABLE IF NOT EXISTS members (
+    name TEXT PRIMARY KEY, state TEXT NOT NULL, role TEXT NOT NULL DEFAULT 'node', cert_serial TEXT,
+    reason TEXT NOT NULL DEFAULT '', model BLOB, files TEXT, joined_at REAL);
+CREATE TABLE IF NOT EXISTS statistics (
+    member TEXT PRIMARY KEY, basis_hash TEXT NOT NULL, token_count INTEGER NOT NULL, manifest BLOB NOT NULL,
+    at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS bases (
+    hash TEXT PRIMARY KEY, members TEXT NOT NULL, manifest BLOB NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (
+    number INTEGER PRIMARY KEY, exact INTEGER NOT NULL, basis_hash TEXT NOT NULL, members TEXT NOT NULL,
+    files TEXT NOT NULL, fingerprint TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS published_blobs (sha256 TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS audit (
+    sequence INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, subject TEXT NOT NULL,
+    detail_json TEXT NOT NULL, previous_hash TEXT NOT NULL, entry_hash TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    state: str  # enrolled, active, left, revoked
+    cert_serial: str | None
+    reason: str
+    model: tensors_pb2.TensorManifest | None
+    files: dict[str, str]  # file name -> blob sha256
+
+
+@dataclass(frozen=True)
+class Statistics:
+    member: str
+    basis_hash: str
+    token_count: int
+    manifest: tensors_pb2.TensorManifest
+
+
+@dataclass(frozen=True)
+class BasisRecord:
+    hash: str
+    members: list[str]
+    manifest: tensors_pb2.TensorManifest
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    number: int
+    exact: bool
+    basis_hash: str
+    members: list[str]
+    files: list[dict[str, Any]]  # {"name", "sha256"} or {"name", "shard": [entry dicts]}
+    fingerprint: str
+    at: float
+
+
+def _manifest(data: bytes | None) -> tensors_pb2.TensorManifest | None:
+    return None if data is None else tensors_pb2.TensorManifest.FromString(data)
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All changes inside commit together or not at all (nested uses join the outer transaction)."""
+        with self._lock:
+            if self._db.in_transaction:
+                yield
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _rows(self, sql: str, *args: Any) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _run(self, sql: str, *args: Any) -> None:
+        with self.transaction():
+            self._db.execute(sql, args)
+
+    # -- settings -------------------------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> Any:
+        rows = self._rows("SELECT value FROM meta WHERE key = ?", key)
+        return json.loads(rows[0][0]) if rows else None
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self._run("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", key, json.dumps(value, sort_keys=True))
+
+    # -- tokens ---------------------------------------------------------------------------------------------------
+    def add_token(self, digest: str, node: str, expires_at: float) -> None:
+        self._run("INSERT INTO tokens (digest, node, expires_at) VALUES (?, ?, ?)", digest, node, expires_at)
+
+    def token(self, digest: str) -> tuple[str, float, float | None] | None:
+        rows = self._rows("SELECT node, expires_at, used_at FROM tokens WHERE digest = ?", digest)
+        return rows[0] if rows else None
+
+    def use_token(self, digest: str, at: float) -> None:
+        self._run("UPDATE tokens SET used_at = ? WHERE digest = ?", at, digest)
+
+    # -- members --------------------------------------------------------------------------------------------------
+    def member(self, name: str) -> Member | None:
+        rows = self._rows("SELECT name, state, cert_serial, reason, model, files FROM members WHERE name = ?", name)
+        return self._member(rows[0]) if rows else None
+
+    def members(self) -> list[Member]:
+        rows = self._rows("SELECT name, state, cert_serial, reason, model, files FROM members ORDER BY name")
+        return [self._member(row) for row in rows]
+
+    @staticmethod
+    def _member(row: tuple) -> Member:
+        name, state, serial, reason, model, files = row
+        return Member(name, state, serial, reason, _manifest(model), json.loads(files) if files else {})
+
+    def active_members(self) -> list[Member]:
+        return [member for member in self.members() if member.state == "active"]
+
+    def enrol(self, name: str, cert_serial: str) -> None:
+        """A (re-)enrolled member starts over: a left member's old contribution is not reused."""
+        self._run(
+            "INSERT INTO members (name, state, cert_serial, joined_at) VALUES (?, 'enrolled', ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET state = 'enrolled', cert_serial = excluded.cert_serial, "
+            "reason = '', model = NULL, files = NULL, joined_at = excluded.joined_at",
+            name, cert_serial, time.time(),
+        )
+        self._run("DELETE FROM statistics WHERE member = ?", name)
+
+    def enrol_again(self, name: str, cert_serial: str) -> None:
+        """A member that lost its key gets a new certificate and keeps its contribution; the old one is refused."""
+        self._run("UPDATE members SET cert_serial = ? WHERE name = ?", cert_serial, name)
+
+    def set_model(self, name: str, manifest: tensors_pb2.TensorManifest, files: dict[str, str]) -> None:
+        self._run(
+            "UPDATE members SET state = 'active', model = ?, files = ? WHERE name = ?",
+            manifest.SerializeToString(deterministic=True), json.dumps(files, sort_keys=True), name,
+        )
+
+    def set_state(self, name: str, state: str, reason: str = "") -> None:
+        self._run("UPDATE members SET state = ?, reason = ? WHERE name = ?", state, reason, name)
+        if state in ("left", "revoked"):
+            self._run("DELETE FROM statistics WHERE member = ?", name)
+
+    # -- statistics -----------------------------------------------------------------------------------------------
+    def set_statistics(self, statistics: Statistics) -> None:
+        self._run(
+            "INSERT OR REPLACE INTO statistics (member, basis_hash, token_count, manifest, at) VALUES (?, ?, ?, ?, ?)",
+            statistics.member, statistics.basis_hash, statistics.token_count,
+            statistics.manifest.SerializeToString(deterministic=True), time.time(),
+        )
+
+    def statistics(self) -> dict[str, Statistics]:
+        rows = self._rows("SELECT member, basis_hash, token_count, manifest FROM statistics ORDER BY member")
+        return {row[0]: Statistics(row[0], row[1], row[2], _manifest(row[3])) for row in rows}
+
+    # -- bases and versions ---------------------------------------------------------------------------------------
+    def add_basis(self, record: BasisRecord) -> None:
+        with self.transaction():
+            self._db.execute(
+                "INSERT OR IGNORE INTO bases (hash, members, manifest, at) VALUES (?, ?, ?, ?)",
+                (record.hash, json.dumps(record.members), record.manifest.SerializeToString(deterministic=True),
+                 time.time()),
+            )
+            self._publish_blobs(entry.sha256 for entry in record.manifest.tensors)
+
+    def _publish_blobs(self, hashes: Iterable[str]) -> None:
+        self._db.executemany("INSERT OR IGNORE INTO published_blobs VALUES (?)", [(sha,) for sha in hashes])
+
+    def blob_is_published(self, sha256: str) -> bool:
+        """Whether a blob is part of some basis or version (the only blobs nodes and admins may read)."""
+        return bool(self._rows("SELECT 1 FROM published_blobs WHERE sha256 = ?", sha256))
+
+    def basis(self, basis_hash: str) -> BasisRecord | None:
+        rows = self._rows("SELECT hash, members, manifest FROM bases WHERE hash = ?", basis_hash)
+        return BasisRecord(rows[0][0], json.loads(rows[0][1]), _manifest(rows[0][2])) if rows else None
+
+    def add_version(self, exact: bool, basis_hash: str, members: list[str], files: list[dict], fingerprint: str) -> int:
+        with self.transaction():
+            number = (self._rows("SELECT COALESCE(MAX(number), 0) FROM versions")[0][0]) + 1
+            self._db.execute(
+                "INSERT INTO versions (number, exact, basis_hash, members, files, fingerprint, at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (number, int(exact), basis_hash, json.dumps(members), json.dumps(files), fingerprint, time.time()),
+            )
+            self._publish_blobs([file["sha256"] for file in files if "sha256" in file]
+                                + [entry["sha256"] for file in files for entry in file.get("shard", [])])
+        return number
+
+    def version(self, number: int = 0) -> VersionRecord | None:
+        """Version ``number``, or the latest with 0."""
+        sql = "SELECT number, exact, basis_hash, members, files, fingerprint, at FROM versions"
+        rows = self._rows(sql + " WHERE number = ?", number) if number else self._rows(sql + " ORDER BY number DESC")
+        if not rows:
+            return None
+        number, exact, basis_hash, members, files, fingerprint, at = rows[0]
+        return VersionRecord(number, bool(exact), basis_hash, json.loads(members), json.loads(files), fingerprint, at)
+
+    # -- audit log ------------------------------------------------------------------------------------------------
+    def audit(self, kind: str, subject: str, **detail: Any) -> None:
+        with self.transaction():
+            last = self._rows("SELECT sequence, entry_hash FROM audit ORDER BY sequence DESC LIMIT 1")
+            sequence, previous = (last[0][0] + 1, last[0][1]) if last else (1, GENESIS)
+            at, detail_json = time.time(), canonical_json(detail)
+            digest = entry_hash(previous, sequence, at, kind, subject, detail_json)
+            self._db.execute(
+                "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (sequence, at, kind, subject, detail_json, previous, digest),
+            )
+
+    def audit_entries(self) -> list[AuditEntry]:
+        return [AuditEntry(*row) for row in self._rows("SELECT * FROM audit ORDER BY sequence")]

@@ -1,0 +1,122 @@
+"""Checks on every upload before anything reaches the ledger; each failure is a message a person can act on.
+
+A model must match the federation's architecture (fixed at ``init --architecture`` or by the first member) in
+config, tensor names, shapes and dtypes, and hold only finite values. Statistics must be one upper triangle per
+layer in float64 under a basis this coordinator issued, with a non-negative diagonal, the declared token count
+in every layer's count entry, and |G_ij| <= sqrt(G_ii G_jj) (Cauchy-Schwarz: a Gram matrix satisfies it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dume.shared.architectures import check_same_architecture, detect_family, mlp_location
+from dume.shared.blobs import read_range
+from dume.shared.errors import DumeError
+from dume.shared.statistics import from_upper_triangle
+from dume.shared.wire import DTYPES, tensor_from_bytes
+from dume.v1 import federation_pb2, tensors_pb2
+
+CHECK_BYTES = 1 << 22
+CAUCHY_SCHWARZ_TOLERANCE = 1e-6
+
+
+def architecture_of(config: dict[str, Any], manifest: tensors_pb2.TensorManifest) -> dict[str, Any]:
+    """What every member must match: the config and each tensor's shape and dtype."""
+    return {"config": config,
+            "layout": {entry.name: [list(entry.shape), entry.dtype] for entry in manifest.tensors}}
+
+
+def check_model(config: dict[str, Any], manifest: tensors_pb2.TensorManifest, reference: dict[str, Any] | None,
+                blob_path: Callable[[str], Path]) -> None:
+    family = detect_family(config, "the uploaded model")
+    if reference is not None:
+        check_same_architecture({"federation": reference["config"], "uploaded": config})
+        layout = reference["layout"]
+        names = {entry.name for entry in manifest.tensors}
+        missing, extra = sorted(set(layout) - names), sorted(names - set(layout))
+        if missing or extra:
+            name = (missing or extra)[0]
+            raise DumeError(f"tensor {name} is {'missing from' if missing else 'not in'} the federation's "
+                            "architecture: upload a model fine-tuned from the federation's base")
+        for entry in manifest.tensors:
+            shape, dtype = layout[entry.name]
+            if list(entry.shape) != shape or entry.dtype != dtype:
+                raise DumeError(f"tensor {entry.name} is {entry.dtype}{list(entry.shape)}, the federation's is "
+                                f"{dtype}{shape}: upload a model fine-tuned from the federation's base")
+    layers = int(config["num_hidden_layers"])
+    mlp = {(mlp_location(entry.name)) for entry in manifest.tensors} - {None}
+    wanted = {(layer, projection) for layer in range(layers) for projection in family.expert_projections}
+    if not wanted <= mlp:
+        raise DumeError(f"the upload lacks MLP weights {sorted(wanted - mlp)[0]}: upload the whole model")
+    for entry in manifest.tensors:
+        check_finite(entry, blob_path(entry.sha256))
+
+
+def check_finite(entry: tensors_pb2.TensorEntry, path: Path) -> None:
+    """Every value of a tensor blob is finite, read a few MiB at a time."""
+    dtype = DTYPES[entry.dtype]
+    for chunk in read_range(path, chunk_bytes=CHECK_BYTES - CHECK_BYTES % dtype.itemsize):
+        if not bool(torch.isfinite(torch.frombuffer(bytearray(chunk), dtype=dtype)).all()):
+            raise DumeError(f"tensor {entry.name} holds NaN or infinite values: fix the model before uploading")
+
+
+def statistics_name(layer: int) -> str:
+    return f"layers.{layer}"
+
+
+def check_statistics(header: tensors_pb2.StatisticsHeader, manifest: tensors_pb2.TensorManifest,
+                     config: dict[str, Any], known_basis: bool, blob_path: Callable[[str], Path]) -> None:
+    if not known_basis:
+        raise DumeError(f"statistics were computed under basis {header.basis_hash[:12]}, which this coordinator "
+                        "never issued: recompute them under the basis it names")
+    hidden, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+    if header.hidden_size != hidden or header.num_layers != layers:
+        raise DumeError(f"statistics are for hidden size {header.hidden_size} and {header.num_layers} layers, the "
+                        f"federation's model has {hidden} and {layers}")
+    if header.token_count < 1:
+        raise DumeError("statistics cover no tokens: give the node some data")
+    triangle = (hidden + 1) * (hidden + 2) // 2
+    expected = {statistics_name(layer) for layer in range(layers)}
+    if {entry.name for entry in manifest.tensors} != expected or len(manifest.tensors) != layers:
+        raise DumeError(f"statistics must be exactly the tensors {sorted(expected)}")
+    for entry in manifest.tensors:
+        if entry.dtype != "F64" or list(entry.shape) != [triangle]:
+            raise DumeError(f"statistics tensor {entry.name} is {entry.dtype}{list(entry.shape)}: each layer's "
+                            f"upper triangle is F64[{triangle}]")
+        check_finite(entry, blob_path(entry.sha256))
+        gram = from_upper_triangle(tensor_from_bytes(entry, blob_path(entry.sha256).read_bytes())[None], hidden + 1)[0]
+        _check_gram(gram, entry.name, header.token_count)
+
+
+def _check_gram(gram: torch.Tensor, name: str, token_count: int) -> None:
+    diagonal = gram.diagonal()
+    if bool((diagonal < 0).any()):
+        raise DumeError(f"statistics {name} have a negative diagonal entry: they are not sums of squares")
+    if float(gram[-1, -1]) != float(token_count):
+        raise DumeError(f"statistics {name} count {float(gram[-1, -1]):.0f} tokens, the header declares "
+                        f"{token_count}")
+    bound = torch.sqrt(torch.outer(diagonal, diagonal))
+    if bool((gram.abs() > bound * (1 + CAUCHY_SCHWARZ_TOLERANCE) + 1e-9).any()):
+        raise DumeError(f"statistics {name} break Cauchy-Schwarz (|G_ij| > sqrt(G_ii G_jj)): they are not a "
+                        "Gram matrix of hidden states")
+
+
+def read_config(files: dict[str, Path]) -> dict[str, Any]:
+    if "config.json" not in files:
+        raise DumeError("the upload has no config.json: upload the whole model directory")
+    try:
+        config = json.loads(files["config.json"].read_bytes())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DumeError(f"the uploaded config.json is not JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise DumeError("the uploaded config.json is not a JSON object")
+    return config
+
+
+UPLOAD_KINDS = {federation_pb2.UPLOAD_KIND_MODEL: "model", federation_pb2.UPLOAD_KIND_STATISTICS: "statistics"}

@@ -1,0 +1,249 @@
+"""The node agent: enrol with a join token, contribute the model, keep statistics current, and leave.
+
+Only the model's weights (shared parameters and MLPs, with config and tokenizer files) and the summed statistics
+of its hidden states ever leave the node; its data never does. Uploads are resumable: after any failure the agent
+asks the coordinator what it holds and sends only the rest, so a dropped connection or a restart of either side
+costs at most the chunk in flight.
+"""
+
+from __future__ import annotations
+
+import ssl
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from dume.shared import pki
+from dume.shared.averaging import tensors_hash
+from dume.shared.blobs import sha256_file
+from dume.shared.channels import TRANSIENT, refusal, server_tls_channel
+from dume.shared.data import load_tokenizer, pack_documents, read_documents
+from dume.shared.download import fetch_missing
+from dume.shared.errors import DumeError
+from dume.shared.expert import ExpertDirectory
+from dume.shared.join_token import JoinToken
+from dume.shared.merge import member_statistics
+from dume.shared.statistics import token_count, upper_triangle
+from dume.shared.wire import FileRange, safetensors_ranges, tensor_from_bytes
+from dume.shared.writer import TOKENIZER_FILES
+from dume.node.workdir import Workdir
+from dume.v1 import federation_pb2 as pb
+from dume.v1 import federation_pb2_grpc as rpc
+from dume.v1 import tensors_pb2
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+RETRY_SECONDS = 600.0
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def enrol(token: JoinToken, workdir: Workdir, model: Path, data: Path) -> None:
+    """Checks the coordinator against the token's CA fingerprint, then trades the token and a CSR for a cert."""
+    host, _, port = token.enrolment.rpartition(":")
+    try:
+        ca_pem = ssl.get_server_certificate((host, int(port)), timeout=15).encode()
+    except (OSError, ValueError) as error:
+        raise DumeError(f"cannot reach the coordinator's enrolment service at {token.enrolment} ({error}): check "
+                        "that the coordinator runs and the address is reachable") from None
+    if pki.fingerprint(ca_pem) != token.ca_fingerprint:
+        raise DumeError(f"the coordinator at {token.enrolment} presents CA {pki.fingerprint(ca_pem)[:16]}..., the "
+                        f"token expects {token.ca_fingerprint[:16]}...: this token is for another coordinator")
+    key_pem = pki.create_private_key()
+    stub = rpc.EnrolmentStub(server_tls_channel(token.enrolment, ca_pem))
+    try:
+        response = stub.Enrol(pb.EnrolRequest(secret=token.secret, csr_pem=pki.create_csr(key_pem, token.node)),
+                              timeout=60)
+    except grpc.RpcError as error:
+        raise refusal(error, "enrolment refused") from None
+    workdir.save_identity(key_pem, response.certificate_pem, ca_pem)
+    workdir.update(name=response.node, coordinator=token.coordinator, model=str(model.resolve()),
+                   data=str(data.resolve()), model_upload=None, statistics_basis=None, left=False)
+    say(f"enrolled as {response.node} with the coordinator at {token.coordinator}")
+
+
+@dataclass
+class Upload:
+    """What one upload sends: the plan, and where each blob's bytes lie on this node."""
+
+    plan: pb.UploadPlan
+    sources: dict[str, FileRange]
+    what: str
+
+
+def model_upload(model_dir: Path, name: str) -> Upload:
+    """The model's tensors straight from its safetensors files (hashed a chunk at a time), plus its small files."""
+    expert = ExpertDirectory(model_dir, name)
+    ranges: dict[str, FileRange] = {}
+    for file in expert.weight_files:
+        ranges.update(safetensors_ranges(file))
+    entries, sources = [], {}
+    for tensor in sorted(ranges):
+        where = ranges[tensor]
+        sha256 = sha256_file(where.path, where.start, where.size)
+        entries.append(tensors_pb2.TensorEntry(name=tensor, dtype=where.dtype, shape=list(where.shape),
+                                               sha256=sha256, size_bytes=where.size))
+        sources[sha256] = where
+    files = []
+    for file in ("config.json", *TOKENIZER_FILES):
+        path = model_dir / file
+        if path.is_file():
+            sha256 = sha256_file(path)
+            size = path.stat().st_size
+            files.append(pb.FileEntry(name=file, sha256=sha256, size_bytes=size))
+            sources[sha256] = FileRange(path, 0, size, "", ())
+    plan = pb.UploadPlan(kind=pb.UPLOAD_KIND_MODEL, manifest=tensors_pb2.TensorManifest(tensors=entries), files=files)
+    return Upload(plan, sources, "model")
+
+
+class Agent:
+    def __init__(self, workdir: Workdir, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_rate: float = 0.0) -> None:
+        self.workdir = workdir
+        self.state = workdir.state()
+        self.stub = rpc.FederationStub(workdir.channel())
+        self.chunk_bytes = chunk_bytes
+        self.max_rate = max_rate
+        self.transfers: list[dict] = []
+
+    # -- uploads --------------------------------------------------------------------------------------------------
+    def upload(self, upload: Upload) -> pb.CommitResponse:
+        """Sends what the coordinator lacks and commits, resuming after transient failures."""
+        started, sent, deadline, pause = time.monotonic(), 0, time.monotonic() + RETRY_SECONDS, 1.0
+        total = sum(entry.size_bytes for entry in upload.plan.manifest.tensors) + sum(
+            file.size_bytes for file in upload.plan.files)
+        while True:
+            try:
+                state = self.stub.BeginUpload(upload.plan, timeout=60)
+                held = {blob.sha256: blob.offset for blob in state.blobs}
+                missing = sum(upload.sources[sha].size - offset for sha, offset in held.items())
+                with tqdm(total=missing, desc=f"upload {upload.what}", unit="B", unit_scale=True,
+                          disable=None) as bar:
+                    counter = [0]
+                    self.stub.SendChunks(self._chunks(state.upload_id, upload, held, bar, counter))
+                    sent += counter[0]
+                response = self.stub.CommitUpload(pb.CommitRequest(upload_id=state.upload_id), timeout=600)
+                break
+            except grpc.RpcError as error:
+                if error.code() not in TRANSIENT or time.monotonic() > deadline:
+                    raise refusal(error, f"the coordinator refused the {upload.what} upload") from None
+                say(f"{upload.what} upload interrupted ({error.code().name}: {error.details()}); "
+                    f"resuming in {pause:.0f}s")
+                time.sleep(pause)
+                pause = min(pause * 2, 10.0)
+        seconds = time.monotonic() - started
+        self.transfers.append({"what": upload.what, "bytes": total, "sent_bytes": sent, "seconds": round(seconds, 3)})
+        say(f"uploaded {upload.what}: {total / 1e6:.2f} MB ({sent / 1e6:.2f} MB sent) in {seconds:.2f} s")
+        return response
+
+    def _chunks(self, upload_id: str, upload: Upload, held: dict[str, int], bar: tqdm,
+                counter: list[int]) -> Iterator[pb.Chunk]:
+        started = time.monotonic()
+        for sha256 in sorted(held):
+            where, offset = upload.sources[sha256], held[sha256]
+            with open(where.path, "rb") as handle:
+                handle.seek(where.start + offset)
+                while offset < where.size:
+                    data = handle.read(min(self.chunk_bytes, where.size - offset))
+                    yield pb.Chunk(upload_id=upload_id, sha256=sha256, offset=offset, data=data)
+                    offset += len(data)
+                    counter[0] += len(data)
+                    bar.update(len(data))
+                    if self.max_rate:  # keep the average rate under the limit
+                        ahead = counter[0] / self.max_rate - (time.monotonic() - started)
+                        if ahead > 0:
+                            time.sleep(ahead)
+
+    def contribute_model(self) -> None:
+        upload = model_upload(Path(self.state["model"]), self.state["name"])
+        self.workdir.record_own_blobs({sha: (str(where.path), where.start, where.size)
+                                       for sha, where in upload.sources.items()})
+        self.upload(upload)
+        self.state = self.workdir.update(model_upload=True)
+
+    # -- statistics -----------------------------------------------------------------------------------------------
+    def contribute_statistics(self, basis_hash: str) -> None:
+        """Statistics of the node's data under the named basis: downloaded, verified, collected, uploaded.
+
+        A basis that does not yet include this node's model is skipped: the one that does follows at once.
+        """
+        try:
+            basis = self.stub.GetBasis(pb.BasisRequest(basis_hash=basis_hash), timeout=60)
+            if self.state["name"] not in basis.members:
+                return
+            cache = self.workdir.blobs()
+            fetch_missing(self.stub, {e.sha256: e.size_bytes for e in basis.manifest.tensors}, cache,
+                          self.workdir.own_blob)
+        except grpc.RpcError as error:
+            raise refusal(error, "cannot download the basis") from None
+        tensors = {e.name: tensor_from_bytes(e, cache.read_bytes(e.sha256)) for e in basis.manifest.tensors}
+        if tensors_hash(tensors) != basis.basis_hash:
+            raise DumeError(f"the basis received does not hash to {basis.basis_hash[:12]}: fetch it again")
+        model_dir = Path(self.state["model"])
+        expert = ExpertDirectory(model_dir, self.state["name"])
+        data = pack_documents(read_documents(Path(self.state["data"])), load_tokenizer(model_dir),
+                              int(basis.sequence_length))
+        started = time.monotonic()
+        gram = member_statistics(expert, tensors, data, int(basis.batch_size))
+        say(f"statistics under basis {basis.basis_hash[:12]}: {token_count(gram)} tokens in "
+            f"{time.monotonic() - started:.2f} s")
+        packed = upper_triangle(gram)
+        self.workdir.statistics.mkdir(parents=True, exist_ok=True)
+        path = self.workdir.statistics / f"{basis.basis_hash}.safetensors"
+        save_file({f"layers.{layer}": packed[layer] for layer in range(len(packed))}, str(path))
+        ranges = safetensors_ranges(path)
+        entries, sources = [], {}
+        for name in sorted(ranges):
+            where = ranges[name]
+            sha256 = sha256_file(where.path, where.start, where.size)
+            entries.append(tensors_pb2.TensorEntry(name=name, dtype=where.dtype, shape=list(where.shape),
+                                                   sha256=sha256, size_bytes=where.size))
+            sources[sha256] = where
+        header = tensors_pb2.StatisticsHeader(
+            basis_hash=basis.basis_hash, hidden_size=int(expert.config["hidden_size"]), num_layers=expert.num_layers,
+            token_count=token_count(gram), sequence_length=int(basis.sequence_length))
+        plan = pb.UploadPlan(kind=pb.UPLOAD_KIND_STATISTICS, manifest=tensors_pb2.TensorManifest(tensors=entries),
+                             statistics=header)
+        self.upload(Upload(plan, sources, "statistics"))
+        self.state = self.workdir.update(statistics_basis=basis.basis_hash)
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def run(self, once: bool = False) -> None:
+        """Contributes, then follows the coordinator: recomputes statistics whenever the basis moves.
+
+        With ``once``, returns as soon as the node's statistics are current for the basis of that moment.
+        """
+        if not self.state.get("model_upload"):
+            self.contribute_model()
+        pause, seen_version = 1.0, None
+        while True:
+            try:
+                for event in self.stub.Watch(pb.WatchRequest()):
+                    pause = 1.0
+                    if event.version and event.version != seen_version:
+                        seen_version = event.version
+                        say(f"version {event.version} published ({'exact' if event.exact else 'provisional'})")
+                    if event.basis_hash and event.basis_hash != self.state.get("statistics_basis"):
+                        self.contribute_statistics(event.basis_hash)
+                    if once and event.basis_hash and event.basis_hash == self.state.get("statistics_basis"):
+                        return
+            except grpc.RpcError as error:
+                if error.code() not in TRANSIENT:
+                    raise refusal(error, "the coordinator ended this node's session") from None
+                say(f"lost the coordinator ({error.code().name}); reconnecting in {pause:.0f}s")
+                time.sleep(pause)
+                pause = min(pause * 2, 10.0)
+
+    def leave(self) -> int:
+        try:
+            version = self.stub.Leave(pb.LeaveRequest(), timeout=600).version
+        except grpc.RpcError as error:
+            raise refusal(error, "cannot leave") from None
+        self.workdir.update(left=True)
+        return version

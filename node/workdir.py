@@ -1,0 +1,96 @@
+"""A node's working directory: its identity, what it has contributed, and its blob cache.
+
+    identity/key.pem, cert.pem, ca.pem   owner-only; the key is made here and never leaves
+    node.json                            name, coordinator address, model and data paths, what is uploaded
+    blobs/                               downloaded bases and model versions (content-addressed)
+    own-blobs.json                       sha256 -> where that blob lies in the node's own model files
+    statistics/                          the statistics files uploaded, one per basis
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from dume.shared import pki
+from dume.shared.blobs import BlobStore
+from dume.shared.channels import mutual_tls_channel
+from dume.shared.errors import DumeError
+
+
+@dataclass(frozen=True)
+class Workdir:
+    root: Path
+
+    @property
+    def identity(self) -> Path:
+        return self.root / "identity"
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "node.json"
+
+    @property
+    def statistics(self) -> Path:
+        return self.root / "statistics"
+
+    def blobs(self) -> BlobStore:
+        return BlobStore(self.root / "blobs")
+
+    def enrolled(self) -> bool:
+        return (self.identity / "cert.pem").is_file() and self.state_path.is_file()
+
+    def state(self) -> dict[str, Any]:
+        if not self.enrolled():
+            raise DumeError(f"{self.root} holds no enrolled node: run `dume-node join --token TOKEN ... --workdir "
+                            f"{self.root}` first")
+        return json.loads(self.state_path.read_text())
+
+    def update(self, **changes: Any) -> dict[str, Any]:
+        """Merges ``changes`` into node.json atomically (fetch may read it while the agent runs)."""
+        state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        state.update(changes)
+        self.root.mkdir(parents=True, exist_ok=True)
+        descriptor, name = tempfile.mkstemp(dir=self.root, prefix=".node.json.")
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(state, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(name, self.state_path)
+        return state
+
+    def save_identity(self, key_pem: bytes, cert_pem: bytes, ca_pem: bytes) -> None:
+        pki.write_private(self.identity / "key.pem", key_pem)
+        pki.write_private(self.identity / "cert.pem", cert_pem)
+        pki.write_private(self.identity / "ca.pem", ca_pem)
+
+    def channel(self) -> grpc.Channel:
+        state = self.state()
+        return mutual_tls_channel(state["coordinator"], pki.read_bytes(self.identity / "ca.pem", "the CA"),
+                                  pki.read_bytes(self.identity / "key.pem", "the node key"),
+                                  pki.read_bytes(self.identity / "cert.pem", "the node certificate"))
+
+    def own_blob(self, sha256: str) -> bytes | None:
+        """A blob of the node's own model, read from its model files (so fetch never downloads it)."""
+        index_path = self.root / "own-blobs.json"
+        if not index_path.is_file():
+            return None
+        where = json.loads(index_path.read_text()).get(sha256)
+        if where is None:
+            return None
+        path, start, size = where
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(start)
+                return handle.read(size)
+        except OSError:
+            return None
+
+    def record_own_blobs(self, index: dict[str, tuple[str, int, int]]) -> None:
+        (self.root / "own-blobs.json").write_text(json.dumps(index, sort_keys=True))

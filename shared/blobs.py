@@ -1,0 +1,100 @@
+"""A content-addressed blob directory: each blob is a file named by the SHA-256 of its bytes.
+
+Used by the coordinator for every tensor it holds and by nodes as their download cache. A blob appears under its
+final name only complete and verified: it is written to a temporary file, fsynced and renamed, so a crash at any
+instant leaves either no blob or the whole blob, never a half-written one under a name anything refers to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+READ_BYTES = 1 << 20
+
+
+def sha256_file(path: Path, start: int = 0, size: int | None = None) -> str:
+    """SHA-256 of ``size`` bytes of ``path`` from ``start`` (all of it by default), read a chunk at a time."""
+    digest = hashlib.sha256()
+    for chunk in read_range(path, start, size):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_range(path: Path, start: int = 0, size: int | None = None, chunk_bytes: int = READ_BYTES) -> Iterator[bytes]:
+    """The bytes of ``path`` from ``start``, ``chunk_bytes`` at a time, so memory never holds more than a chunk."""
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        left = size if size is not None else os.fstat(handle.fileno()).st_size - start
+        while left > 0:
+            chunk = handle.read(min(chunk_bytes, left))
+            if not chunk:
+                raise OSError(f"{path} ended {left} bytes early")
+            left -= len(chunk)
+            yield chunk
+
+
+def fsync_directory(path: Path) -> None:
+    """Makes a rename inside ``path`` durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class BlobStore:
+    """Blobs under ``root/ab/abcdef...``; temporary files under ``root/tmp`` (on the same filesystem)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.temporary = root / "tmp"
+        self.temporary.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def size(self, sha256: str) -> int:
+        return self.path(sha256).stat().st_size
+
+    def read_bytes(self, sha256: str) -> bytes:
+        return self.path(sha256).read_bytes()
+
+    def put_bytes(self, data: bytes) -> str:
+        """Stores ``data`` (if not already held) and returns its SHA-256."""
+        sha256 = hashlib.sha256(data).hexdigest()
+        if not self.has(sha256):
+            descriptor, name = tempfile.mkstemp(dir=self.temporary)
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            self.adopt(Path(name), sha256)
+        return sha256
+
+    def adopt(self, file: Path, sha256: str) -> None:
+        """Moves a complete, fsynced file whose SHA-256 was checked into the store under its name."""
+        target = self.path(sha256)
+        target.parent.mkdir(exist_ok=True)
+        os.replace(file, target)
+        fsync_directory(target.parent)
+
+    def new_temporary(self, prefix: str = "") -> Path:
+        """A fresh temporary file name inside the store's filesystem (for downloads that are then adopted)."""
+        descriptor, name = tempfile.mkstemp(dir=self.temporary, prefix=prefix)
+        os.close(descriptor)
+        return Path(name)
+
+    def remove(self, sha256: str) -> None:
+        self.path(sha256).unlink(missing_ok=True)
+
+    def all(self) -> Iterator[str]:
+        for directory in sorted(self.root.iterdir()):
+            if directory.is_dir() and len(directory.name) == 2:
+                yield from sorted(path.name for path in directory.iterdir())

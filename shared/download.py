@@ -1,0 +1,106 @@
+"""Downloading a published version: fetch only the blobs not held locally, then write the Hugging Face directory.
+
+The directory is assembled from blobs exactly as ``dume merge`` writes it (the same shard files, index, config
+and tokenizer files), into a staging folder that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from dume.shared.blobs import BlobStore
+from dume.shared.channels import refusal
+from dume.shared.errors import DumeError
+from dume.shared.wire import tensor_from_bytes
+from dume.shared.writer import save_shard
+from dume.v1 import federation_pb2 as pb
+from dume.v1 import federation_pb2_grpc as rpc
+
+LocalLookup = Callable[[str], bytes | None]
+
+
+def version_blobs(version: pb.Version) -> dict[str, int]:
+    """Every blob a version names, with its size."""
+    blobs = {file.sha256: file.size_bytes for file in version.files if file.sha256}
+    for file in version.files:
+        blobs.update({entry.sha256: entry.size_bytes for entry in file.shard.tensors})
+    return blobs
+
+
+def download_blob(stub: rpc.FederationStub, sha256: str, cache: BlobStore) -> int:
+    """Streams one blob into the cache (verified before it is adopted); returns the bytes received."""
+    temporary = cache.new_temporary("download-")
+    digest, received = hashlib.sha256(), 0
+    try:
+        with open(temporary, "wb") as handle:
+            for chunk in stub.ReadBlob(pb.BlobRequest(sha256=sha256)):
+                handle.write(chunk.data)
+                digest.update(chunk.data)
+                received += len(chunk.data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if digest.hexdigest() != sha256:
+            raise DumeError(f"blob {sha256[:12]} arrived corrupted: fetch again")
+        cache.adopt(temporary, sha256)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return received
+
+
+def fetch_missing(stub: rpc.FederationStub, wanted: dict[str, int], cache: BlobStore,
+                  local: LocalLookup | None = None) -> tuple[int, int]:
+    """Downloads the wanted blobs neither in the cache nor available locally; returns (blobs, bytes) fetched."""
+    count = total = 0
+    for sha256 in sorted(wanted):
+        if cache.has(sha256):
+            continue
+        data = local(sha256) if local else None
+        if data is not None and hashlib.sha256(data).hexdigest() == sha256:
+            cache.put_bytes(data)
+            continue
+        total += download_blob(stub, sha256, cache)
+        count += 1
+    return count, total
+
+
+def write_version(version: pb.Version, cache: BlobStore, out_dir: Path) -> Path:
+    """Writes the version's checkpoint directory from cached blobs; ``out_dir`` must not exist or be empty."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise DumeError(f"output {out_dir} already exists: remove it or choose another --out")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        staging.chmod(0o755)
+        for file in version.files:
+            if file.sha256:
+                shutil.copyfile(cache.path(file.sha256), staging / file.name)
+            else:
+                tensors = {entry.name: tensor_from_bytes(entry, cache.read_bytes(entry.sha256))
+                           for entry in file.shard.tensors}
+                save_shard(staging / file.name, tensors)
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def fetch_version(stub: rpc.FederationStub, number: int, cache: BlobStore, out_dir: Path,
+                  local: LocalLookup | None = None) -> tuple[pb.Version, int, int]:
+    """Fetches version ``number`` (0: the latest) into ``out_dir``; returns it and the (blobs, bytes) downloaded."""
+    try:
+        version = stub.GetVersion(pb.VersionRequest(version=number))
+        count, total = fetch_missing(stub, version_blobs(version), cache, local)
+    except grpc.RpcError as error:
+        raise refusal(error, "cannot fetch the model") from None
+    write_version(version, cache, out_dir)
+    return version, count, total
