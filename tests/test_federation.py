@@ -5,9 +5,30 @@ The reference for every exact version is `dume merge` over the same experts and 
 
 from __future__ import annotations
 
-import pytest
+import re
+import shutil
+import signal
+import time
+from dataclasses import replace
 
+import grpc
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dume.node.agent import Agent, Upload, model_upload
+from dume.node.workdir import Workdir
+from dume.shared import pki
+from dume.shared.blobs import sha256_file
+from dume.shared.errors import DumeError
+from dume.shared.join_token import JoinToken, new_secret
 from dume.shared.merge import MergeSettings, merge
+from dume.shared.statistics import upper_triangle
+from dume.shared.tiny import build_tiny_model
+from dume.shared.wire import safetensors_ranges
+from dume.v1 import federation_pb2 as pb
+from dume.v1 import federation_pb2_grpc as rpc
+from dume.v1 import tensors_pb2
 
 from federation_harness import NODE, Federation, run, same_files, terminate, wait_until
 
@@ -98,3 +119,113 @@ def test_a_member_joining_later_gets_a_provisional_version_then_an_exact_one_wit
     assert after_join[-1]["exact"] is True
     assert not same_files(export(fed, tmp_path / "all"), reference(("code", "math", "prose")))
     fed.close()
+
+
+def test_an_upload_resumes_after_the_coordinator_is_killed_and_restarted(experts, reference, federation, tmp_path):
+    fed = federation()
+    fed.start()
+    spec = experts["math"]
+    node = fed.join("math", spec.model_dir, spec.data_path, fed.token("math"), "--once",
+                    "--chunk-kib", "8", "--max-rate-kib", "48")  # ~0.15 MB model: about 3 s of upload
+    uploads = fed.state / "uploads"
+    wait_until(lambda: any(part.stat().st_size > 16384 for part in uploads.glob("*/*.part")), 60,
+               "the upload to be under way")
+    assert fed.stop(signal.SIGKILL) == -signal.SIGKILL
+    fed.start()
+    assert node.wait(timeout=180) == 0
+    log = node.stderr.read()
+    assert "model upload interrupted" in log
+    total, sent = (float(x) for x in re.search(r"uploaded model: ([\d.]+) MB \(([\d.]+) MB sent\)", log).groups())
+    assert sent < 1.5 * total  # resumed from the durable offset, not from zero
+    fed.wait_exact(["math"])
+    assert not same_files(export(fed, tmp_path / "out"), reference(("math",)))
+    assert "intact" in fed.admin("audit", "--verify").stdout
+
+
+def _refused_join(fed: Federation, name: str, model, data, token: str) -> str:
+    process = fed.join(name, model, data, token, "--once")
+    assert process.wait(timeout=120) == 2
+    error = process.stderr.read().strip().splitlines()[-1]
+    assert error.startswith("dume-node: error: ")
+    return error
+
+
+def _stable(status: dict) -> dict:
+    return {**status, "members": [{**m, "online": None} for m in status["members"]]}
+
+
+def test_bad_tokens_foreign_uploads_bad_models_and_bad_statistics_are_refused_and_change_nothing(
+        experts, federation, tmp_path):
+    fed = federation()
+    fed.start()
+    code, math = experts["code"], experts["math"]
+    token = fed.token("code")
+    assert fed.join("code", code.model_dir, code.data_path, token, "--once").wait(timeout=120) == 0
+    fed.wait_exact(["code"])
+    before = _stable(fed.status())
+
+    assert "already used" in _refused_join(fed, "again", code.model_dir, code.data_path, token)
+    expiring = fed.admin("token", "--node", "late", "--expires", "1s").stdout.strip()
+    time.sleep(1.5)
+    assert "expired" in _refused_join(fed, "late", code.model_dir, code.data_path, expiring)
+    decoded = JoinToken.decode(fed.token("stranger"))
+    unknown = replace(decoded, secret=new_secret()).encode()
+    assert "not issued by this coordinator" in _refused_join(fed, "stranger", code.model_dir, code.data_path, unknown)
+    foreign_ca = pki.fingerprint(pki.create_authority()[1])
+    foreign = replace(decoded, ca_fingerprint=foreign_ca).encode()
+    assert "another coordinator" in _refused_join(fed, "stranger", code.model_dir, code.data_path, foreign)
+
+    wide = build_tiny_model("llama", tmp_path / "wide", intermediate_size=96)
+    assert "intermediate_size" in _refused_join(fed, "wide", wide, math.data_path, fed.token("wide"))
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(math.model_dir, poisoned)
+    weights = load_file(poisoned / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
+    assert "NaN" in _refused_join(fed, "poisoned", poisoned, math.data_path, fed.token("poisoned"))
+    assert _stable(fed.status())["members"] == before["members"] + [
+        {"name": name, "online": None, "state": "enrolled", "stats_current": False, "token_count": 0}
+        for name in ("poisoned", "wide")]
+
+    # Calls made with the enrolled nodes' own certificates, as a modified node would.
+    code_stub = rpc.FederationStub(Workdir(fed.workdir("code")).channel())
+    wide_stub = rpc.FederationStub(Workdir(fed.workdir("wide")).channel())
+    plan = model_upload(code.model_dir, "code").plan
+    opened = code_stub.BeginUpload(plan)
+    with pytest.raises(grpc.RpcError) as denied:
+        wide_stub.SendChunks(iter([pb.Chunk(upload_id=opened.upload_id, sha256=opened.blobs[0].sha256, offset=0,
+                                            data=b"x")]))
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED and "belongs to 'code'" in denied.value.details()
+
+    basis = fed.status()["basis_hash"]
+    for gram_fault, message in (("count", "count"), ("cauchy", "Cauchy-Schwarz"), ("basis", "never issued")):
+        with pytest.raises(DumeError, match=message):
+            _upload_statistics(fed, code, basis, gram_fault, tmp_path / gram_fault)
+    after = fed.status()
+    assert (after["version"], after["exact"], after["basis_hash"]) == (before["version"], True, before["basis_hash"])
+    assert [m for m in _stable(fed.status())["members"] if m["name"] == "code"] == before["members"]
+
+
+def _upload_statistics(fed: Federation, spec, basis: str, fault: str, path) -> None:
+    """Uploads hand-made statistics for ``code`` with one fault, through the node's own upload path."""
+    hidden, layers, count = 32, 2, 100
+    gram = torch.eye(hidden + 1, dtype=torch.float64)[None].repeat(layers, 1, 1)
+    gram[:, -1, -1] = count
+    if fault == "count":
+        gram[1, -1, -1] = count + 1
+    if fault == "cauchy":
+        gram[0, 0, 1] = gram[0, 1, 0] = 5.0
+    triangle = upper_triangle(gram)
+    save_file({f"layers.{layer}": triangle[layer] for layer in range(layers)}, str(path))
+    ranges = safetensors_ranges(path)
+    entries, sources = [], {}
+    for name, where in sorted(ranges.items()):
+        sha256 = sha256_file(where.path, where.start, where.size)
+        entries.append(tensors_pb2.TensorEntry(name=name, dtype=where.dtype, shape=list(where.shape), sha256=sha256,
+                                               size_bytes=where.size))
+        sources[sha256] = where
+    header = tensors_pb2.StatisticsHeader(basis_hash="f" * 64 if fault == "basis" else basis, hidden_size=hidden,
+                                          num_layers=layers, token_count=count, sequence_length=64)
+    plan = pb.UploadPlan(kind=pb.UPLOAD_KIND_STATISTICS, manifest=tensors_pb2.TensorManifest(tensors=entries),
+                         statistics=header)
+    Agent(Workdir(fed.workdir("code"))).upload(Upload(plan, sources, "statistics"))
