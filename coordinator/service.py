@@ -93,7 +93,8 @@ class Coordinator:
         if self.config.get("architecture") and self.store.get_meta("architecture") is None:
             self.store.set_meta("architecture", self.config["architecture"])
         self.addresses: dict[str, str] = {}
-        self.online: Counter[str] = Counter()
+        self.online: Counter[str] = Counter()  # open Watch streams per member
+        self.online_lock = threading.Lock()
         self.changed = threading.Condition()
         self.stopping = False
         self.publisher = Publisher(self)
@@ -274,7 +275,8 @@ class FederationService(rpc.FederationServicer):
 
     def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.Event]:
         member = self.c.caller(context)
-        self.c.online[member] += 1
+        with self.c.online_lock:
+            self.c.online[member] += 1
         try:
             sent = None
             while not self.c.stopping and context.is_active():
@@ -286,7 +288,8 @@ class FederationService(rpc.FederationServicer):
                 with self.c.changed:
                     self.c.changed.wait(WATCH_POLL_SECONDS)
         finally:
-            self.c.online[member] -= 1
+            with self.c.online_lock:
+                self.c.online[member] -= 1
 
     def GetBasis(self, request: pb.BasisRequest, context: grpc.ServicerContext) -> pb.Basis:
         self.c.caller(context, allow_admin=True)

@@ -64,15 +64,14 @@ class StateDir:
         return self.root / "daemon.json"
 
     def config(self) -> dict[str, Any]:
-        if not self.config_path.is_file() and (self.root / "ca").is_dir():
-            return {}  # being initialised
         if not self.config_path.is_file():
             raise DumeError(f"{self.root} is not a coordinator state directory: run `dume-coordinator init --state "
                             f"{self.root}` first")
         return json.loads(self.config_path.read_text())
 
     def update_config(self, **changes: Any) -> None:
-        pki.write_private(self.config_path, (json.dumps({**self.config(), **changes}, indent=2, sort_keys=True)
+        current = self.config() if self.config_path.is_file() else {}
+        pki.write_private(self.config_path, (json.dumps({**current, **changes}, indent=2, sort_keys=True)
                                              + "\n").encode())
 
     def settings(self) -> MergeSettings:
