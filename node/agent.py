@@ -8,6 +8,9 @@ costs at most the chunk in flight.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import ssl
 import sys
 import time
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dume.shared import pki
@@ -78,19 +81,25 @@ class Upload:
     what: str
 
 
+def described(ranges: dict[str, FileRange]) -> tuple[list[tensors_pb2.TensorEntry], dict[str, FileRange]]:
+    """Manifest entries (hashed a chunk at a time from the files) and where each blob's bytes lie."""
+    entries, sources = [], {}
+    for name in sorted(ranges):
+        where = ranges[name]
+        sha256 = sha256_file(where.path, where.start, where.size)
+        entries.append(tensors_pb2.TensorEntry(name=name, dtype=where.dtype, shape=list(where.shape),
+                                               sha256=sha256, size_bytes=where.size))
+        sources[sha256] = where
+    return entries, sources
+
+
 def model_upload(model_dir: Path, name: str) -> Upload:
     """The model's tensors straight from its safetensors files (hashed a chunk at a time), plus its small files."""
     expert = ExpertDirectory(model_dir, name)
     ranges: dict[str, FileRange] = {}
     for file in expert.weight_files:
         ranges.update(safetensors_ranges(file))
-    entries, sources = [], {}
-    for tensor in sorted(ranges):
-        where = ranges[tensor]
-        sha256 = sha256_file(where.path, where.start, where.size)
-        entries.append(tensors_pb2.TensorEntry(name=tensor, dtype=where.dtype, shape=list(where.shape),
-                                               sha256=sha256, size_bytes=where.size))
-        sources[sha256] = where
+    entries, sources = described(ranges)
     files = []
     for file in ("config.json", *TOKENIZER_FILES):
         path = model_dir / file
@@ -187,31 +196,37 @@ class Agent:
             raise DumeError(f"the basis received does not hash to {basis.basis_hash[:12]}: fetch it again")
         model_dir = Path(self.state["model"])
         expert = ExpertDirectory(model_dir, self.state["name"])
-        data = pack_documents(read_documents(Path(self.state["data"])), load_tokenizer(model_dir),
+        path = self.workdir.statistics / f"{basis.basis_hash}-{self._inputs_tag()}.safetensors"
+        if not path.is_file():  # a basis seen before (membership went back) reuses its statistics
+            self._collect(expert, basis, tensors, path)
+        entries, sources = described(safetensors_ranges(path))
+        tokens = int(load_file(path)["layers.0"][-1])  # the upper triangle ends with the count entry
+        header = tensors_pb2.StatisticsHeader(
+            basis_hash=basis.basis_hash, hidden_size=int(expert.config["hidden_size"]), num_layers=expert.num_layers,
+            token_count=tokens, sequence_length=int(basis.sequence_length))
+        plan = pb.UploadPlan(kind=pb.UPLOAD_KIND_STATISTICS, manifest=tensors_pb2.TensorManifest(tensors=entries),
+                             statistics=header)
+        self.upload(Upload(plan, sources, "statistics"))
+        self.state = self.workdir.update(statistics_basis=basis.basis_hash)
+
+    def _inputs_tag(self) -> str:
+        """Names the model and data the statistics came from, so changed inputs are never served from the cache."""
+        stamps = [(path, os.stat(path).st_mtime_ns, os.stat(path).st_size)
+                  for path in (self.state["model"], self.state["data"])]
+        return hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:12]
+
+    def _collect(self, expert: ExpertDirectory, basis: pb.Basis, tensors: dict, path: Path) -> None:
+        data = pack_documents(read_documents(Path(self.state["data"])), load_tokenizer(expert.path),
                               int(basis.sequence_length))
         started = time.monotonic()
         gram = member_statistics(expert, tensors, data, int(basis.batch_size))
         say(f"statistics under basis {basis.basis_hash[:12]}: {token_count(gram)} tokens in "
             f"{time.monotonic() - started:.2f} s")
         packed = upper_triangle(gram)
-        self.workdir.statistics.mkdir(parents=True, exist_ok=True)
-        path = self.workdir.statistics / f"{basis.basis_hash}.safetensors"
-        save_file({f"layers.{layer}": packed[layer] for layer in range(len(packed))}, str(path))
-        ranges = safetensors_ranges(path)
-        entries, sources = [], {}
-        for name in sorted(ranges):
-            where = ranges[name]
-            sha256 = sha256_file(where.path, where.start, where.size)
-            entries.append(tensors_pb2.TensorEntry(name=name, dtype=where.dtype, shape=list(where.shape),
-                                                   sha256=sha256, size_bytes=where.size))
-            sources[sha256] = where
-        header = tensors_pb2.StatisticsHeader(
-            basis_hash=basis.basis_hash, hidden_size=int(expert.config["hidden_size"]), num_layers=expert.num_layers,
-            token_count=token_count(gram), sequence_length=int(basis.sequence_length))
-        plan = pb.UploadPlan(kind=pb.UPLOAD_KIND_STATISTICS, manifest=tensors_pb2.TensorManifest(tensors=entries),
-                             statistics=header)
-        self.upload(Upload(plan, sources, "statistics"))
-        self.state = self.workdir.update(statistics_basis=basis.basis_hash)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        save_file({f"layers.{layer}": packed[layer] for layer in range(len(packed))}, str(partial))
+        partial.rename(path)
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self, once: bool = False) -> None:

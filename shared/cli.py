@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     add_merge_settings(merge)
     merge.set_defaults(run=run_merge)
-    demo = commands.add_parser("demo", help="train three tiny experts, merge them and compare perplexities")
+    demo = commands.add_parser("demo", help="train three tiny experts, federate them on loopback (coordinator and "
+                               "three nodes), revoke one, and compare perplexities")
     demo.add_argument("--workdir", type=Path, default=Path("dume-demo"), help="where to build (default ./dume-demo)")
     demo.add_argument("--base-steps", type=positive_int, default=300, help="pretraining steps of the base")
     demo.add_argument("--expert-steps", type=positive_int, default=150, help="fine-tuning steps of each expert")
@@ -81,8 +83,12 @@ def run_merge(args: argparse.Namespace) -> None:
 
 def run_demo_command(args: argparse.Namespace) -> None:
     table = run_demo(args.workdir, args.base_steps, args.expert_steps)
+    results = json.loads((args.workdir / "results.json").read_text())
     print(format_table(table))
-    print(f"models, data and results.json are in {args.workdir}")
+    for key, what in (("all", "with all three members"), ("after_revoke", "after the revocation")):
+        identical = "yes" if results["byte_identical"][key] else "NO"
+        print(f"federated version {what} byte-identical to a local `dume merge`: {identical}")
+    print(f"results: {args.workdir / 'results.json'} (models, data and logs are in {args.workdir})")
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:

@@ -28,7 +28,7 @@ def collect_statistics(
         def hook(_module, _inputs, output):
             x = output.reshape(-1, hidden)[mask].to(torch.float64)
             augmented = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
-            gram[index] += augmented.T @ augmented
+            gram[index] += single_threaded_gram(augmented)
 
         return hook
 
@@ -43,6 +43,17 @@ def collect_statistics(
             handle.remove()
     # Mirror the upper triangle: only it travels, so the local and federated paths see the same exact matrix.
     return from_upper_triangle(upper_triangle(gram), hidden + 1)
+
+
+def single_threaded_gram(augmented: torch.Tensor) -> torch.Tensor:
+    """``A^T A`` on one thread: a multi-threaded float64 GEMM may sum in another order at another thread count,
+    and the federation promises the same bytes whatever machine a member computes on."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return augmented.T @ augmented
+    finally:
+        torch.set_num_threads(threads)
 
 
 def token_count(gram: torch.Tensor) -> int:

@@ -16,10 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dume.node.agent import Agent, Upload, model_upload
+from dume.node.agent import Agent, Upload, described, model_upload
 from dume.node.workdir import Workdir
 from dume.shared import pki
-from dume.shared.blobs import sha256_file
 from dume.shared.errors import DumeError
 from dume.shared.join_token import JoinToken, new_secret
 from dume.shared.merge import MergeSettings, merge
@@ -217,13 +216,7 @@ def _upload_statistics(fed: Federation, spec, basis: str, fault: str, path) -> N
         gram[0, 0, 1] = gram[0, 1, 0] = 5.0
     triangle = upper_triangle(gram)
     save_file({f"layers.{layer}": triangle[layer] for layer in range(layers)}, str(path))
-    ranges = safetensors_ranges(path)
-    entries, sources = [], {}
-    for name, where in sorted(ranges.items()):
-        sha256 = sha256_file(where.path, where.start, where.size)
-        entries.append(tensors_pb2.TensorEntry(name=name, dtype=where.dtype, shape=list(where.shape), sha256=sha256,
-                                               size_bytes=where.size))
-        sources[sha256] = where
+    entries, sources = described(safetensors_ranges(path))
     header = tensors_pb2.StatisticsHeader(basis_hash="f" * 64 if fault == "basis" else basis, hidden_size=hidden,
                                           num_layers=layers, token_count=count, sequence_length=64)
     plan = pb.UploadPlan(kind=pb.UPLOAD_KIND_STATISTICS, manifest=tensors_pb2.TensorManifest(tensors=entries),

@@ -1,10 +1,12 @@
-"""A node's fine-tuning makes a better expert on its domain, and the demo runs end to end."""
+"""A node's fine-tuning makes a better expert on its domain, and the demo runs a real federation end to end."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from dume.shared.data import load_tokenizer, pack_documents, read_documents
 from dume.shared.evaluation import perplexity
@@ -31,11 +33,39 @@ def test_node_train_lowers_perplexity_on_its_domain(expert_factory, tmp_path):
     assert after < 0.5 * before
 
 
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of running processes (other than this one) that contain ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            status = (entry / "status").read_text()
+        except OSError:
+            continue  # it exited meanwhile
+        if text in command and "\nState:\tZ" not in status:
+            found.append(f"{entry.name}: {command}")
+    return found
+
+
 def test_demo_prints_a_perplexity_table(tmp_path):
-    result = subprocess.run([sys.executable, "-c", DUME, "demo", "--workdir", str(tmp_path / "demo"),
+    """The demo runs a real loopback federation, matches local merges byte for byte and leaves nothing running."""
+    workdir = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-c", DUME, "demo", "--workdir", str(workdir),
                              "--base-steps", "4", "--expert-steps", "4"], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert "dume retention" in result.stdout
-    table = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert set(table) == {"base", "expert:code", "expert:math", "expert:prose", "dume", "weight-average"}
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "held-out perplexity" in result.stdout and "dume retention" in result.stdout
+    assert "after-revoke retention" in result.stdout
+    results = json.loads((workdir / "results.json").read_text())
+    table = results["perplexity"]
+    assert set(table) == {"base", "expert:code", "expert:math", "expert:prose", "weight-average", "dume",
+                          "dume-after-revoke"}
     assert all(set(row) == {"code", "math", "prose"} for row in table.values())
+    assert results["byte_identical"] == {"all": True, "after_revoke": True}
+    assert results["exit_codes"]["coordinator"] == 0
+    assert results["exit_codes"]["node-prose"] != 0  # refused once revoked
+    for name in ("code", "math", "prose"):
+        uploads = [event["what"] for event in results["transfers"][name] if event["event"] == "upload"]
+        assert uploads[0] == "model" and "statistics" in uploads
+    assert processes_mentioning(str(workdir)) == []
