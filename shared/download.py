@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import grpc
 from dume.shared.blobs import BlobStore
 from dume.shared.channels import refusal
 from dume.shared.errors import DumeError
+from dume.shared.staging import check_free, staged_directory
 from dume.shared.wire import tensor_from_bytes
 from dume.shared.writer import save_shard
 from dume.v1 import federation_pb2 as pb
@@ -72,12 +72,7 @@ def fetch_missing(stub: rpc.FederationStub, wanted: dict[str, int], cache: BlobS
 
 def write_version(version: pb.Version, cache: BlobStore, out_dir: Path) -> Path:
     """Writes the version's checkpoint directory from cached blobs; ``out_dir`` must not exist or be empty."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise DumeError(f"output {out_dir} already exists: remove it or choose another --out")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        staging.chmod(0o755)
+    with staged_directory(out_dir) as staging:
         for file in version.files:
             if file.sha256:
                 shutil.copyfile(cache.path(file.sha256), staging / file.name)
@@ -85,18 +80,13 @@ def write_version(version: pb.Version, cache: BlobStore, out_dir: Path) -> Path:
                 tensors = {entry.name: tensor_from_bytes(entry, cache.read_bytes(entry.sha256))
                            for entry in file.shard.tensors}
                 save_shard(staging / file.name, tensors)
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
 def fetch_version(stub: rpc.FederationStub, number: int, cache: BlobStore, out_dir: Path,
                   local: LocalLookup | None = None) -> tuple[pb.Version, int, int]:
     """Fetches version ``number`` (0: the latest) into ``out_dir``; returns it and the (blobs, bytes) downloaded."""
+    check_free(out_dir)
     try:
         version = stub.GetVersion(pb.VersionRequest(version=number))
         count, total = fetch_missing(stub, version_blobs(version), cache, local)

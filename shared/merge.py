@@ -8,8 +8,6 @@ Everything a user can get wrong is checked before any heavy work, and the output
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from dume.shared.data import PackedData, load_tokenizer, pack_documents, read_do
 from dume.shared.errors import DumeError
 from dume.shared.expert import ExpertDirectory, load_dense_model, overwrite_parameters
 from dume.shared.ridge import DEFAULT_RHO, LayerRouter, solve_routers
+from dume.shared.staging import check_free, staged_directory
 from dume.shared.statistics import collect_statistics, token_count
 from dume.shared.writer import write_moe_checkpoint
 
@@ -92,30 +91,11 @@ def merge(specs: list[ExpertSpec], out_dir: Path, settings: MergeSettings = Merg
         raise DumeError("no experts given: pass --expert NAME=MODEL_DIR:DATA_PATH at least once")
     if not 1 <= settings.top_k <= len(specs):
         raise DumeError(f"top-k {settings.top_k} is out of range: use 1 to {len(specs)} (the number of experts)")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise DumeError(f"output {out_dir} already exists: remove it or choose another --out")
+    check_free(out_dir)
     experts = open_experts(specs)
-    staging = _staging_directory(out_dir)
-    try:
+    with staged_directory(out_dir) as staging:
         _build(specs, experts, staging, settings)
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
-
-
-def _staging_directory(out_dir: Path) -> Path:
-    """A fresh folder beside ``out_dir``, made before any heavy work so that an unwritable --out fails at once."""
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-        staging.chmod(0o755)  # mkdtemp makes it owner-only; the checkpoint is an ordinary output directory
-        return staging
-    except OSError as error:
-        raise DumeError(f"cannot create {out_dir} ({error.strerror}): choose a writable --out") from None
 
 
 def solve_member_routers(
