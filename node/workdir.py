@@ -56,13 +56,7 @@ class Workdir:
         """Merges ``changes`` into node.json atomically (fetch may read it while the agent runs)."""
         state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
         state.update(changes)
-        self.root.mkdir(parents=True, exist_ok=True)
-        descriptor, name = tempfile.mkstemp(dir=self.root, prefix=".node.json.")
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(state, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(name, self.state_path)
+        _write_atomically(self.state_path, json.dumps(state, indent=2, sort_keys=True))
         return state
 
     def save_identity(self, key_pem: bytes, cert_pem: bytes, ca_pem: bytes) -> None:
@@ -93,4 +87,15 @@ class Workdir:
             return None
 
     def record_own_blobs(self, index: dict[str, tuple[str, int, int]]) -> None:
-        (self.root / "own-blobs.json").write_text(json.dumps(index, sort_keys=True))
+        _write_atomically(self.root / "own-blobs.json", json.dumps(index, sort_keys=True))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers (``fetch`` beside a running agent) see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(name, path)
