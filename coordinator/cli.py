@@ -43,6 +43,7 @@ def duration(value: str) -> float:
 
 
 def admin_stubs(state: StateDir) -> tuple[rpc.AdminStub, rpc.FederationStub]:
+    state.config()  # fails first with "not a state directory" where that is the problem
     address = state.daemon_addresses()["listen"]
     channel = mutual_tls_channel(address, pki.read_bytes(state.ca_cert, "the CA certificate"),
                                  pki.read_bytes(state.admin_key, "the admin key"),
