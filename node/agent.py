@@ -119,7 +119,6 @@ class Agent:
         self.stub = rpc.FederationStub(workdir.channel())
         self.chunk_bytes = chunk_bytes
         self.max_rate = max_rate
-        self.transfers: list[dict] = []
 
     # -- uploads --------------------------------------------------------------------------------------------------
     def upload(self, upload: Upload) -> pb.CommitResponse:
@@ -147,7 +146,6 @@ class Agent:
                 time.sleep(pause)
                 pause = min(pause * 2, 10.0)
         seconds = time.monotonic() - started
-        self.transfers.append({"what": upload.what, "bytes": total, "sent_bytes": sent, "seconds": round(seconds, 3)})
         say(f"uploaded {upload.what}: {total / 1e6:.2f} MB ({sent / 1e6:.2f} MB sent) in {seconds:.2f} s")
         return response
 

@@ -60,9 +60,6 @@ class BlobStore:
     def has(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
 
-    def size(self, sha256: str) -> int:
-        return self.path(sha256).stat().st_size
-
     def read_bytes(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
 
@@ -90,11 +87,3 @@ class BlobStore:
         descriptor, name = tempfile.mkstemp(dir=self.temporary, prefix=prefix)
         os.close(descriptor)
         return Path(name)
-
-    def remove(self, sha256: str) -> None:
-        self.path(sha256).unlink(missing_ok=True)
-
-    def all(self) -> Iterator[str]:
-        for directory in sorted(self.root.iterdir()):
-            if directory.is_dir() and len(directory.name) == 2:
-                yield from sorted(path.name for path in directory.iterdir())
