@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from dume.shared import pki
 from dume.shared.averaging import tensors_hash
-from dume.shared.blobs import sha256_file
+from dume.shared.blobs import read_range, sha256_file
 from dume.shared.channels import TRANSIENT, refusal, server_tls_channel
 from dume.shared.data import load_tokenizer, pack_documents, read_documents
 from dume.shared.download import fetch_missing
@@ -154,18 +154,15 @@ class Agent:
         started = time.monotonic()
         for sha256 in sorted(held):
             where, offset = upload.sources[sha256], held[sha256]
-            with open(where.path, "rb") as handle:
-                handle.seek(where.start + offset)
-                while offset < where.size:
-                    data = handle.read(min(self.chunk_bytes, where.size - offset))
-                    yield pb.Chunk(upload_id=upload_id, sha256=sha256, offset=offset, data=data)
-                    offset += len(data)
-                    counter[0] += len(data)
-                    bar.update(len(data))
-                    if self.max_rate:  # keep the average rate under the limit
-                        ahead = counter[0] / self.max_rate - (time.monotonic() - started)
-                        if ahead > 0:
-                            time.sleep(ahead)
+            for data in read_range(where.path, where.start + offset, where.size - offset, self.chunk_bytes):
+                yield pb.Chunk(upload_id=upload_id, sha256=sha256, offset=offset, data=data)
+                offset += len(data)
+                counter[0] += len(data)
+                bar.update(len(data))
+                if self.max_rate:  # keep the average rate under the limit
+                    ahead = counter[0] / self.max_rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
 
     def contribute_model(self) -> None:
         upload = model_upload(Path(self.state["model"]), self.state["name"])

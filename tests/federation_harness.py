@@ -112,14 +112,6 @@ class Federation:
                 process.wait()
 
 
-def same_files(left: Path, right: Path) -> list[str]:
-    """Names of the files that differ (or exist on one side only) between two directories."""
-    names = {path.name for path in left.iterdir()} | {path.name for path in right.iterdir()}
-    return sorted(name for name in names
-                  if not ((left / name).is_file() and (right / name).is_file()
-                          and (left / name).read_bytes() == (right / name).read_bytes()))
-
-
 def terminate(process: subprocess.Popen) -> int:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)

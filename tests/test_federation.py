@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from dume.node.agent import Agent, Upload, described, model_upload
 from dume.node.workdir import Workdir
 from dume.shared import pki
+from dume.shared.demo import differing_files
 from dume.shared.errors import DumeError
 from dume.shared.join_token import JoinToken, new_secret
 from dume.shared.merge import MergeSettings, merge
@@ -29,7 +30,7 @@ from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 from dume.v1 import tensors_pb2
 
-from federation_harness import NODE, Federation, run, same_files, terminate, wait_until
+from federation_harness import NODE, Federation, run, terminate, wait_until
 
 SETTINGS = MergeSettings(sequence_length=64)
 
@@ -77,14 +78,14 @@ def test_concurrent_joins_give_the_merge_bytes_then_revocation_gives_the_never_j
     tokens = {name: fed.token(name) for name in experts}
     agents = {name: fed.join(name, spec.model_dir, spec.data_path, tokens[name]) for name, spec in experts.items()}
     status = fed.wait_exact(["code", "math", "prose"])
-    assert not same_files(export(fed, tmp_path / "all"), reference(("code", "math", "prose")))
+    assert not differing_files(export(fed, tmp_path / "all"), reference(("code", "math", "prose")))
 
     revoked = fed.admin("revoke", "prose", "--reason", "left the consortium")
     assert f"version {status['version'] + 1}" in revoked.stdout  # published at once (provisional)
     assert agents["prose"].wait(timeout=60) != 0
     assert "revoked (left the consortium)" in agents["prose"].stderr.read()
     fed.wait_exact(["code", "math"])
-    assert not same_files(export(fed, tmp_path / "after-revoke"), reference(("code", "math")))
+    assert not differing_files(export(fed, tmp_path / "after-revoke"), reference(("code", "math")))
 
     refused = run([*NODE, "fetch", "--workdir", str(fed.workdir("prose")), "--out",
                    str(tmp_path / "x")], check=False)
@@ -92,7 +93,7 @@ def test_concurrent_joins_give_the_merge_bytes_then_revocation_gives_the_never_j
     assert "was revoked" in fed.admin("token", "--node", "prose", check=False).stderr
     fetched = run([*NODE, "fetch", "--workdir", str(fed.workdir("code")), "--out", str(tmp_path / "fetched")])
     assert "wrote version" in fetched.stdout
-    assert not same_files(tmp_path / "fetched", reference(("code", "math")))
+    assert not differing_files(tmp_path / "fetched", reference(("code", "math")))
     assert "intact" in fed.admin("audit", "--verify").stdout
     for name in ("code", "math"):
         terminate(agents[name])
@@ -116,7 +117,7 @@ def test_a_member_joining_later_gets_a_provisional_version_then_an_exact_one_wit
     after_join = [p for p in fed.publications() if p["version"] > before]
     assert after_join[0]["exact"] is False and "code" in after_join[0]["members"]
     assert after_join[-1]["exact"] is True
-    assert not same_files(export(fed, tmp_path / "all"), reference(("code", "math", "prose")))
+    assert not differing_files(export(fed, tmp_path / "all"), reference(("code", "math", "prose")))
     fed.close()
 
 
@@ -137,7 +138,7 @@ def test_an_upload_resumes_after_the_coordinator_is_killed_and_restarted(experts
     total, sent = (float(x) for x in re.search(r"uploaded model: ([\d.]+) MB \(([\d.]+) MB sent\)", log).groups())
     assert sent < 1.5 * total  # resumed from the durable offset, not from zero
     fed.wait_exact(["math"])
-    assert not same_files(export(fed, tmp_path / "out"), reference(("math",)))
+    assert not differing_files(export(fed, tmp_path / "out"), reference(("math",)))
     assert "intact" in fed.admin("audit", "--verify").stdout
 
 
