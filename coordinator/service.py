@@ -122,7 +122,8 @@ class Coordinator:
 
     def event(self) -> pb.Event:
         latest = self.store.version()
-        return pb.Event(basis_hash=self.store.get_meta("current_basis") or "",
+        basis = self.store.basis(self.store.get_meta("current_basis") or "")
+        return pb.Event(basis_hash=basis.hash if basis else "", basis_members=basis.members if basis else [],
                         version=latest.number if latest else 0, exact=bool(latest and latest.exact))
 
     # -- authorisation --------------------------------------------------------------------------------------------

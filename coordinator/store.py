@@ -195,7 +195,10 @@ class Store:
     def add_basis(self, record: BasisRecord) -> None:
         with self.transaction():
             self._db.execute(
-                "INSERT OR IGNORE INTO bases (hash, members, manifest, at) VALUES (?, ?, ?, ?)",
+                # The same basis recurs with other members when experts share their non-MLP weights: it then
+                # names the members of its latest computation.
+                "INSERT INTO bases (hash, members, manifest, at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (hash) DO UPDATE SET members = excluded.members",
                 (record.hash, json.dumps(record.members), record.manifest.SerializeToString(deterministic=True),
                  time.time()),
             )

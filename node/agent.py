@@ -173,14 +173,9 @@ class Agent:
 
     # -- statistics -----------------------------------------------------------------------------------------------
     def contribute_statistics(self, basis_hash: str) -> None:
-        """Statistics of the node's data under the named basis: downloaded, verified, collected, uploaded.
-
-        A basis that does not yet include this node's model is skipped: the one that does follows at once.
-        """
+        """Statistics of the node's data under the named basis: downloaded, verified, collected, uploaded."""
         try:
             basis = self.stub.GetBasis(pb.BasisRequest(basis_hash=basis_hash), timeout=60)
-            if self.state["name"] not in basis.members:
-                return
             cache = self.workdir.blobs()
             fetch_missing(self.stub, {e.sha256: e.size_bytes for e in basis.manifest.tensors}, cache,
                           self.workdir.own_blob)
@@ -239,7 +234,9 @@ class Agent:
                     if event.version and event.version != seen_version:
                         seen_version = event.version
                         say(f"version {event.version} published ({'exact' if event.exact else 'provisional'})")
-                    if event.basis_hash and event.basis_hash != self.state.get("statistics_basis"):
+                    # A basis that does not include this node's model yet is skipped: the one that does follows.
+                    if (event.basis_hash and event.basis_hash != self.state.get("statistics_basis")
+                            and self.state["name"] in event.basis_members):
                         self.contribute_statistics(event.basis_hash)
                     if once and event.basis_hash and event.basis_hash == self.state.get("statistics_basis"):
                         return

@@ -16,7 +16,7 @@ from dume.shared.cli import positive_float, positive_int, run_cli
 from dume.shared.download import fetch_version
 from dume.shared.errors import DumeError
 from dume.shared.join_token import JoinToken
-from dume.shared.training import TrainSettings, train
+from dume.shared.training import TRAINABLE, TrainSettings, train
 from dume.v1 import federation_pb2_grpc as rpc
 
 
@@ -86,12 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     training.add_argument("--sequence-length", type=positive_int, default=defaults.sequence_length)
     training.add_argument("--seed", type=int, default=defaults.seed)
+    training.add_argument("--trainable", choices=TRAINABLE, default=defaults.trainable,
+                          help="fine-tune all parameters, or only the MLPs (which DUME keeps per expert; the rest "
+                               "stays the base's, so the merge loses nothing of it)")
+    training.add_argument("--device", default=defaults.device, help="torch device to train on, e.g. cuda")
     training.set_defaults(run=run_train)
     return parser
 
 
 def run_train(args: argparse.Namespace) -> None:
-    settings = TrainSettings(args.steps, args.learning_rate, args.batch_size, args.sequence_length, args.seed)
+    settings = TrainSettings(args.steps, args.learning_rate, args.batch_size, args.sequence_length, args.seed,
+                             args.trainable, args.device)
     print(f"wrote {train(args.base, args.data, args.out, settings)}")
 
 

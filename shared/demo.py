@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as transformers_logging
 
 from dume.shared.data import load_tokenizer, pack_documents, read_documents
-from dume.shared.domains import DOMAINS, write_domain
+from dume.shared.domains import DEMO_DOMAINS, write_domain
 from dume.shared.errors import DumeError
 from dume.shared.evaluation import perplexity
 from dume.shared.merge import ExpertSpec, MergeSettings, merge, open_experts
@@ -296,7 +296,7 @@ def _run_demo(workdir: Path, base_steps: int, expert_steps: int) -> dict[str, di
     started = time.monotonic()
     workdir = workdir.resolve()
     shutil.rmtree(workdir, ignore_errors=True)
-    domains = sorted(DOMAINS)
+    domains = sorted(DEMO_DOMAINS)
     splits = {name: write_domain(name, workdir / "data") for name in domains}
     mixture = workdir / "data" / "mixture"
     mixture.mkdir()

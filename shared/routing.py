@@ -51,12 +51,12 @@ class RoutedMLP(nn.Module):
         """(weights, expert indices), each (tokens, k)."""
         tokens = x.shape[0]
         if self.mode == "oracle":
-            indices = torch.full((tokens, 1), self.oracle_expert, dtype=torch.long)
-            return torch.ones(tokens, 1), indices
+            indices = torch.full((tokens, 1), self.oracle_expert, dtype=torch.long, device=x.device)
+            return torch.ones(tokens, 1, device=x.device), indices
         if self.mode == "random":
-            draws = torch.rand(tokens, len(self.experts), generator=self.generator)
+            draws = torch.rand(tokens, len(self.experts), generator=self.generator).to(x.device)
             indices = draws.argsort(dim=-1)[:, : self.top_k]
-            return torch.full((tokens, self.top_k), 1.0 / self.top_k), indices
+            return torch.full((tokens, self.top_k), 1.0 / self.top_k, device=x.device), indices
         logits = F.linear(x, self.router_weight, self.router_bias)
         probabilities = torch.softmax(logits, dim=-1, dtype=torch.float)
         weights, indices = torch.topk(probabilities, self.top_k, dim=-1)

@@ -1,7 +1,8 @@
 """Tiny models of the real architectures, built locally (never downloaded): for tests, the demo and benchmarks.
 
-The tokenizer is byte-level BPE with no merges: 256 byte tokens plus <pad> and <eos>, so any UTF-8 text
-tokenizes and nothing needs training.
+The default tokenizer is byte-level BPE with no merges: 256 byte tokens plus <pad> and <eos>, so any UTF-8 text
+tokenizes and nothing needs training. ``trained_tokenizer`` learns byte-level BPE merges from documents instead,
+for models whose tokens should carry more than a byte (the quality benchmark's).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 PAD_ID, EOS_ID = 256, 257
@@ -62,15 +63,30 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<eos>")
 
 
-def build_tiny_model(family: str, out_dir: Path | str, seed: int = 0, **overrides) -> Path:
-    """Write a randomly initialised tiny model of ``family`` with its tokenizer to ``out_dir``."""
-    settings = {**TINY_DIMENSIONS, **FAMILY_SETTINGS[family], **overrides}
+def trained_tokenizer(documents: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE learnt from ``documents``: <pad> and <eos> first, then the 256 bytes, then the merges."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(documents, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<eos>")
+
+
+def build_tiny_model(family: str, out_dir: Path | str, seed: int = 0,
+                     tokenizer: PreTrainedTokenizerFast | None = None, **overrides) -> Path:
+    """Write a randomly initialised tiny model of ``family`` with its tokenizer (bytes by default) to ``out_dir``."""
+    tokenizer = tokenizer or byte_tokenizer()
+    special = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+               "bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    settings = {**TINY_DIMENSIONS, **FAMILY_SETTINGS[family], **special, **overrides}
     config = AutoConfig.for_model(family, **settings)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
-    byte_tokenizer().save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
     return out_dir
 
 

@@ -2,6 +2,10 @@
 
 Plain next-token training with AdamW on packed rows (see dume.shared.data), seeded so that the same base, data
 and settings give the same expert.
+
+DUME keeps each expert's MLPs and averages everything else, so whatever an expert learns outside its MLPs is
+diluted in the merge. ``trainable="mlp"`` fine-tunes the MLPs only: the shared weights stay the base's, the basis
+equals the base, and the merged model with oracle routing is exactly each expert on its own domain.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from dume.shared.architectures import mlp_location
 from dume.shared.data import load_tokenizer, pack_documents, read_documents
 from dume.shared.errors import DumeError
 from dume.shared.progress import progress
@@ -24,6 +29,11 @@ class TrainSettings:
     batch_size: int = 16
     sequence_length: int = 128
     seed: int = 0
+    trainable: str = "all"  # "all" parameters, or the "mlp" weights only
+    device: str = "cpu"  # where the model trains (e.g. "cuda"); it is saved from the CPU either way
+
+
+TRAINABLE = ("all", "mlp")
 
 
 def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -34,23 +44,29 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
 
 def train(base_dir: Path, data_path: Path, out_dir: Path, settings: TrainSettings = TrainSettings()) -> Path:
     """Fine-tune the model in ``base_dir`` on ``data_path`` and save it with its tokenizer to ``out_dir``."""
+    if settings.trainable not in TRAINABLE:
+        raise DumeError(f"cannot train {settings.trainable!r} parameters: use one of {', '.join(TRAINABLE)}")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise DumeError(f"output {out_dir} already exists: remove it or choose another --out")
     tokenizer = load_tokenizer(base_dir)
     data = pack_documents(read_documents(data_path), tokenizer, settings.sequence_length)
     torch.manual_seed(settings.seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.0)
+    model.to(settings.device).train()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(settings.trainable == "all" or mlp_location(name) is not None)
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=settings.learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(settings.seed)
     for _ in progress(range(settings.steps), f"training {out_dir.name}", "step"):
         rows = torch.randint(0, len(data.input_ids), (settings.batch_size,), generator=generator)
-        loss = causal_lm_loss(model, data.input_ids[rows], data.attention_mask[rows])
+        batch = data.input_ids[rows].to(settings.device), data.attention_mask[rows].to(settings.device)
+        loss = causal_lm_loss(model, *batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
-    model.eval()
+    model.cpu().eval()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -121,6 +121,27 @@ def test_a_member_joining_later_gets_a_provisional_version_then_an_exact_one_wit
     fed.close()
 
 
+def test_experts_sharing_their_non_mlp_weights_join_without_moving_the_basis(experts, federation, tmp_path):
+    """MLP-only experts all average to the base, so a joiner is included in a basis with an unchanged hash."""
+    base = build_tiny_model("llama", tmp_path / "base")
+    specs = []
+    for name in ("code", "math"):
+        out = tmp_path / name
+        run([*NODE, "train", "--base", str(base), "--data", str(experts[name].data_path), "--out", str(out),
+             "--steps", "3", "--sequence-length", "64", "--trainable", "mlp"])
+        specs.append(replace(experts[name], model_dir=out))
+    fed = federation()
+    fed.start()
+    fed.join("code", specs[0].model_dir, specs[0].data_path, fed.token("code"))
+    first = fed.wait_exact(["code"])
+    fed.join("math", specs[1].model_dir, specs[1].data_path, fed.token("math"))
+    fed.wait_exact(["code", "math"])
+    after_join = [p for p in fed.publications() if p["version"] > first["version"]]
+    assert [p["exact"] for p in after_join] == [True]  # code's statistics stayed current: nothing provisional
+    assert after_join[0]["basis_hash"] == first["basis_hash"]
+    assert not differing_files(export(fed, tmp_path / "both"), merge(specs, tmp_path / "reference", SETTINGS))
+
+
 def test_an_upload_resumes_after_the_coordinator_is_killed_and_restarted(experts, reference, federation, tmp_path):
     fed = federation()
     fed.start()

@@ -100,14 +100,16 @@ class WatchRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("basis_hash", "version", "exact")
+    __slots__ = ("basis_hash", "version", "exact", "basis_members")
     BASIS_HASH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EXACT_FIELD_NUMBER: _ClassVar[int]
+    BASIS_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     basis_hash: str
     version: int
     exact: bool
-    def __init__(self, basis_hash: _Optional[str] = ..., version: _Optional[int] = ..., exact: _Optional[bool] = ...) -> None: ...
+    basis_members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, basis_hash: _Optional[str] = ..., version: _Optional[int] = ..., exact: _Optional[bool] = ..., basis_members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BasisRequest(_message.Message):
     __slots__ = ("basis_hash",)
