@@ -48,12 +48,14 @@ from dume.shared.domains import DOMAINS, HELD_OUT_EVERY, write_domain
 from dume.shared.errors import DumeError
 from dume.shared.evaluation import perplexity
 from dume.shared.merge import ExpertSpec, MergeSettings, member_statistics, open_experts
-from dume.shared.ridge import solve_routers
+from dume.shared.ridge import LayerRouter, solve_routers
 from dume.shared.routing import build_routed_model, build_weight_averaged_model
 from dume.shared.tiny import build_tiny_model, trained_tokenizer
 from dume.shared.training import TrainSettings, train
 
+from discriminant import discriminant_routers
 from quality_report import write_report
+from routed_statistics import refined_routers
 from router_training import RouterTraining, train_routers
 
 
@@ -238,25 +240,44 @@ def subsample(documents: list[str], fraction: float) -> list[str]:
     return documents[:: round(1 / fraction)]
 
 
-def routing_accuracy(model: torch.nn.Module, held_out: dict[str, PackedData], names: list[str]) -> dict[str, list]:
-    """Per domain and layer, the share of real held-out tokens whose first routed expert is the domain's own."""
+def router_choices(model: torch.nn.Module, data: PackedData) -> list[torch.Tensor]:
+    """Per layer, the router's first choice (argmax of its logits) for each real token, whatever the routing mode."""
     blocks = [layer.mlp for layer in model.model.layers]
-    result = {}
-    for domain, data in held_out.items():
-        if domain not in names:
-            continue
-        chosen: list[list[torch.Tensor]] = [[] for _ in blocks]
-        hooks = [block.register_forward_pre_hook(
-            lambda b, args, into=chosen[i]: into.append(b.route(args[0].reshape(-1, args[0].shape[-1]))[1][:, 0]))
-            for i, block in enumerate(blocks)]
+    chosen: list[list[torch.Tensor]] = [[] for _ in blocks]
+
+    def record(block, args, into):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        into.append(torch.nn.functional.linear(x, block.router_weight, block.router_bias).argmax(dim=-1).cpu())
+
+    hooks = [block.register_forward_pre_hook(lambda b, args, into=chosen[i]: record(b, args, into))
+             for i, block in enumerate(blocks)]
+    try:
         with torch.inference_mode():
             for input_ids, attention_mask in data.batches(8):
                 model(input_ids=input_ids.to(DEVICE), attention_mask=attention_mask.to(DEVICE))
+    finally:
         for hook in hooks:
             hook.remove()
-        real = data.attention_mask.reshape(-1).bool()
-        result[domain] = [round(float((torch.cat(layer).cpu()[real] == names.index(domain)).float().mean()), 4)
-                          for layer in chosen]
+    real = data.attention_mask.reshape(-1).bool()
+    return [torch.cat(layer)[real] for layer in chosen]
+
+
+def routing_accuracy(model: torch.nn.Module, held_out: dict[str, PackedData], names: list[str]) -> dict[str, list]:
+    """Per domain and layer, the share of real held-out tokens whose first routed expert is the domain's own."""
+    return {domain: [round(float((layer == names.index(domain)).float().mean()), 4)
+                     for layer in router_choices(model, data)] for domain, data in held_out.items()}
+
+
+def oracle_path_accuracy(experts: dict, basis: dict, routers: list[LayerRouter],
+                         held_out: dict[str, PackedData]) -> dict[str, list]:
+    """Routing accuracy on the hidden states the statistics describe: each domain sent through its own expert in
+    every layer while the routers only watch. Its gap to ``routing_accuracy`` is what earlier misrouting costs."""
+    names = list(routers[0].experts)
+    result = {}
+    for domain, data in held_out.items():
+        model = build_routed_model(experts, basis, routers, mode="oracle", oracle_expert=domain).to(DEVICE).eval()
+        result[domain] = [round(float((layer == names.index(domain)).float().mean()), 4)
+                          for layer in router_choices(model, data)]
     return result
 
 
@@ -309,10 +330,21 @@ def run(bench: Bench, out_dir: Path) -> dict[str, Any]:
         "dume:stats-1%": (statistics[0.01], defaults.router_bias, defaults.top_k),
         "dume:stats-10%": (statistics[0.1], defaults.router_bias, defaults.top_k),
     }
-    for label, (stats, bias, top_k) in variants.items():
-        model = build_routed_model(experts, basis, solve_routers(stats, defaults.rho, bias), top_k)
+    routers = {label: solve_routers(stats, defaults.rho, bias) for label, (stats, bias, _) in variants.items()}
+    routers["dume:no-normalize"] = solve_routers(statistics[1.0], defaults.rho, normalize=False)
+    routers["dume:lda"] = discriminant_routers(statistics[1.0])
+    packed_train = {spec.name: pack_documents(read_documents(spec.data_path), tokenizer, config.sequence_length)
+                    for spec in specs}
+    routers["dume:routed-stats"] = refined_routers(experts, basis, routers["dume:local"], packed_train, False,
+                                                   defaults.rho)
+    routers["dume:routed-stats-by-layer"] = refined_routers(experts, basis, routers["dume:local"], packed_train, True,
+                                                            defaults.rho)
+    for label, layer_routers in routers.items():
+        top_k = variants[label][2] if label in variants else 1
+        model = build_routed_model(experts, basis, layer_routers, top_k)
         ppl[label] = evaluate(model, held_out)
         accuracy[label] = routing_accuracy(model, held_out, names)
+    accuracy["dume:local (oracle path)"] = oracle_path_accuracy(experts, basis, routers["dume:local"], held_out)
     rho_sweep = []
     for bias in (False, True):
         for rho in RHOS:

@@ -86,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     training.add_argument("--sequence-length", type=positive_int, default=defaults.sequence_length)
     training.add_argument("--seed", type=int, default=defaults.seed)
-    training.add_argument("--trainable", choices=TRAINABLE, default=defaults.trainable,
-                          help="fine-tune all parameters, or only the MLPs (which DUME keeps per expert; the rest "
-                               "stays the base's, so the merge loses nothing of it)")
+    training.add_argument("--trainable", choices=TRAINABLE, default="mlp",
+                          help="fine-tune only the MLPs (the default: DUME keeps them per expert and the rest stays "
+                               "the base's, so the merge averages nothing away and joins never move the basis), or "
+                               "all parameters")
     training.add_argument("--device", default=defaults.device, help="torch device to train on, e.g. cuda")
     training.set_defaults(run=run_train)
     return parser

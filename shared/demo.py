@@ -1,15 +1,15 @@
 """``dume demo``: a real federation on one machine, from nothing, in under two minutes on an idle 2-core machine.
 
 1. Writes three built-in domains (code, math, prose), builds a tiny Llama base and pretrains it on their mixture.
-2. Fine-tunes one expert per domain, each with ``dume-node train`` in its own process.
+2. Fine-tunes one expert per domain, each with ``dume-node train`` in its own process (MLPs only, the default).
 3. Starts a coordinator daemon on loopback (``dume-coordinator init`` and ``serve``, ports picked by the system)
    and three node agents (``dume-node join``) that enrol with one-time tokens concurrently and stay online: they
-   upload their models, compute statistics under each new basis and upload those, until an exact version covers
-   all three. Only weights and summed statistics leave a node, never its data.
+   upload their models, compute statistics under the basis and upload those, until an exact version covers all
+   three. Only weights and summed statistics leave a node, never its data.
 4. Exports that version (``dume-coordinator export``) and checks it byte for byte against a local ``dume merge``.
-5. Revokes the prose member: the coordinator publishes a version without it, the two remaining nodes recompute
-   their statistics, and the new exact version is again checked byte for byte against a local merge of the two;
-   the revoked node is refused and exits on its own.
+5. Revokes the prose member: the coordinator publishes a version without it (exact at once: the experts share
+   the base's non-MLP weights, so the basis and the remaining statistics do not change), checked byte for byte
+   against a local merge of the two; the revoked node is refused and exits on its own.
 6. Stops the nodes and the coordinator (SIGTERM), and prints the held-out perplexity of every model on every
    domain, with what DUME keeps of each expert before and after the revocation.
 
@@ -51,10 +51,9 @@ DEMO_MODEL = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 
               "num_key_value_heads": 2, "head_dim": 16}
 
 
-# Experts are fine-tuned gently (a tenth of the base's learning rate): DUME averages every non-MLP weight, which
-# fits experts that stay near their common base. With 3e-4 the demo keeps 86-95% of each expert's perplexity;
-# with 3e-3 the experts drift and DUME keeps only about half (measured with this module's defaults otherwise).
-EXPERT_LEARNING_RATE = 3e-4
+# Experts fine-tune their MLPs only (`dume-node train`'s default), so every shared weight stays the base's and
+# the merge averages nothing away; at a third of the base's learning rate.
+EXPERT_LEARNING_RATE = 1e-3
 SEQUENCE_LENGTH = 128
 REVOKED = "prose"
 REVOKE_REASON = "demo: revoked to show exact removal"
