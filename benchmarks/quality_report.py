@@ -75,8 +75,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     figure, axes = pyplot.subplots(1, len(domains), figsize=(4 * len(domains), 4.5), sharey=False)
     for axis, name in zip(axes, domains, strict=True):
         heights = [values[label].get(name, float("nan")) for label in methods]
-        colours = ["tab:green" if label.startswith("expert") else "tab:blue" if label.startswith("dume")
-                   else "tab:orange" for label in methods]
+        colours = ["tab:green" if label.startswith("expert") else "navy" if label == "dume"
+                   else "tab:blue" if label.startswith("dume") else "tab:orange" for label in methods]
         axis.bar(range(len(methods)), heights, color=colours)
         axis.set_xticks(range(len(methods)), methods, rotation=70, ha="right", fontsize=8)
         axis.set_title(name)
