@@ -30,7 +30,7 @@ def test_node_train_lowers_perplexity_on_its_domain(expert_factory, tmp_path):
                               load_tokenizer(base), 64)
     before = perplexity(load_dense_model(ExpertDirectory(base)), held_out)
     after = perplexity(load_dense_model(ExpertDirectory(out)), held_out)
-    assert after < 0.5 * before
+    assert after < 0.75 * before  # the default fine-tunes the MLPs only
 
 
 def processes_mentioning(text: str) -> list[str]:
