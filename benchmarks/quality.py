@@ -1,27 +1,27 @@
 """Quality benchmark: how much of each domain expert a DUME model keeps, against every baseline.
 
     pip install -e '.[benchmark]'
-    python benchmarks/quality.py                  # the small configuration: 2 CPU cores, well under 40 minutes
-    python benchmarks/quality.py --config 115m    # the authors' larger size, for a GPU host (see docs/quality.md)
+    python benchmarks/quality.py                                # small: 2 CPU cores, about 10 minutes
+    python benchmarks/quality.py --config 115m --device cuda    # the authors' larger size, on a GPU host
 
-Four built-in domains (dume.shared.domains: code, math, prose, unicode; every 10th document held out), a small
-Llama base pretrained on their mixture with its own byte-level BPE tokenizer, and one expert per domain fine-tuned
-from it with ``dume-node train``. Trained models are cached in the work directory, keyed by their settings, so a
-rerun skips training. Every method is evaluated on the same held-out text:
+Four built-in domains (dume.shared.domains; every 10th document held out), a small Llama base with its own
+byte-level BPE pretrained on their mixture, and one expert per domain fine-tuned from it with ``dume-node train``,
+twice: MLPs only (the default, the headline) and every weight (the original method's setting). Trained models are
+cached in the work directory, keyed by their settings and data, so a rerun skips training. Every method is
+evaluated on the same held-out text (docs/quality.md describes each):
 
-* ``base``, each dense ``expert:<domain>`` on every domain (the cross matrix), ``weight-average`` (every parameter
-  averaged), ``oracle`` (each domain's tokens sent to its own expert), ``random`` (k=1, uniformly);
-* ``dume`` (k=1, built by a real loopback federation: a coordinator daemon and one ``dume-node join`` process per
-  domain), which is also the exact version of the dynamic-addition run: three domains federate, then the fourth
-  joins, giving ``dynamic:three``, ``dynamic:provisional`` and the exact ``dume``;
-* in-process variants of the merge: ``dume:intercept`` (router bias on), ``dume:k2``, ``dume:stats-1%`` and
-  ``dume:stats-10%`` (statistics from every 100th / 10th training document), and a ``rho`` sweep;
-* ``btx:random`` and ``btx:dume``: routers trained with AdamW on the pooled mixture (k=2, load balancing), from
-  random weights or from the DUME routers (benchmarks/router_training.py).
+* ``base``, each ``expert:<domain>`` on every domain, ``weight-average``, ``oracle`` and ``random`` routing;
+* ``dume``: k=1, built by a real loopback federation (a coordinator daemon, one ``dume-node join`` process per
+  domain) in which three domains federate (``dynamic:three``) and the fourth then joins;
+* in-process variants from the same statistics: ``dume:local`` (must equal ``dume``), ``dume:intercept``,
+  ``dume:no-normalize``, ``dume:k2``, ``dume:stats-1%`` / ``-10%``, a rho sweep, and two routers measured here
+  only: ``dume:lda`` (benchmarks/discriminant.py) and ``dume:routed-stats`` (benchmarks/routed_statistics.py);
+* ``btx:random`` and ``btx:dume``: routers trained by gradient on the pooled mixture (benchmarks/router_training.py);
+* with experts fine-tuned in every weight: the experts, weight averaging, oracle, DUME and the provisional version
+  of the late join.
 
-Retention is expert perplexity / model perplexity on the expert's own domain; routing accuracy per layer is the
-share of a domain's held-out tokens whose first expert is that domain's. Writes ``quality-<config>.json`` (every
-number), ``.md`` (the tables) and ``.png`` (perplexity per domain by method) to ``--out``.
+Writes ``quality-<config>.json`` (every number), ``.md`` (the tables) and ``.png`` (perplexity per domain by
+method) to ``--out``.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ DYNAMIC_LATE = "unicode"  # the domain that joins the running three-domain feder
 
 
 class Bench:
-    """The work directory, the stage clock and the results being gathered."""
+    """The work directory, the configuration and the clock of each stage."""
 
     def __init__(self, workdir: Path, config_name: str) -> None:
         self.workdir, self.config_name, self.config = workdir, config_name, CONFIGS[config_name]
@@ -203,15 +203,7 @@ def federate(bench: Bench, specs: list[ExpertSpec]) -> tuple[dict[str, Path], li
         return out
 
     try:
-        federation.run("coordinator", "init", "--state", str(state), "--listen", "127.0.0.1:0",
-                       "--enrolment-listen", "127.0.0.1:0", "--sequence-length", str(bench.config.sequence_length))
-        federation.start("coordinator", "coordinator", "serve", "--state", str(state))
-        deadline = time.monotonic() + 60
-        while not (state / "daemon.json").exists():
-            federation.check_running()
-            if time.monotonic() > deadline:
-                raise DumeError(f"the coordinator did not start: see {federation.log_paths['coordinator']}")
-            time.sleep(0.2)
+        federation.serve("--sequence-length", str(bench.config.sequence_length))
         tokens = federation.run_all([("coordinator", "token", "--state", str(state), "--node", spec.name)
                                      for spec in specs])
         tokens = {spec.name: token.strip() for spec, token in zip(specs, tokens, strict=True)}

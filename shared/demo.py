@@ -144,6 +144,20 @@ class Federation:
         self.processes[label], self.log_paths[label] = process, path
         return process
 
+    def serve(self, *settings: str) -> None:
+        """``dume-coordinator init`` on loopback (ports picked by the system) with the merge ``settings``, then
+        ``serve`` in the background; returns once the daemon listens."""
+        self.run("coordinator", "init", "--state", str(self.state), "--listen", "127.0.0.1:0",
+                 "--enrolment-listen", "127.0.0.1:0", *settings)
+        self.start("coordinator", "coordinator", "serve", "--state", str(self.state))
+        deadline = time.monotonic() + START_SECONDS
+        while not (self.state / "daemon.json").exists():
+            self.check_running()
+            if time.monotonic() > deadline:
+                raise DumeError(f"the coordinator did not start within {START_SECONDS:.0f} s: see "
+                                f"{self.log_paths['coordinator']}")
+            time.sleep(0.2)
+
     def check_running(self, ignore: tuple[str, ...] = ()) -> None:
         """Raises if a background process has exited when it should still run."""
         for label, process in self.processes.items():
@@ -330,16 +344,7 @@ def _run_demo(workdir: Path, base_steps: int, expert_steps: int) -> dict[str, di
 
         state = federation.state
         say("starting the coordinator on loopback: dume-coordinator init, then serve")
-        federation.run("coordinator", "init", "--state", str(state), "--listen", "127.0.0.1:0",
-                       "--enrolment-listen", "127.0.0.1:0", "--sequence-length", str(SEQUENCE_LENGTH))
-        federation.start("coordinator", "coordinator", "serve", "--state", str(state))
-        deadline = time.monotonic() + START_SECONDS
-        while not (state / "daemon.json").exists():
-            federation.check_running()
-            if time.monotonic() > deadline:
-                raise DumeError(f"the coordinator did not start within {START_SECONDS:.0f} s: see "
-                                f"{federation.log_paths['coordinator']}")
-            time.sleep(0.2)
+        federation.serve("--sequence-length", str(SEQUENCE_LENGTH))
         say(f"coordinator serving at {json.loads((state / 'daemon.json').read_text())['listen']}; "
             f"one-time join tokens for {', '.join(domains)}: dume-coordinator token")
         issued = federation.run_all([("coordinator", "token", "--state", str(state), "--node", name)
