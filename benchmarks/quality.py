@@ -15,7 +15,8 @@ evaluated on the same held-out text (docs/quality.md describes each):
   domain) in which three domains federate (``dynamic:three``) and the fourth then joins;
 * in-process variants from the same statistics: ``dume:local`` (must equal ``dume``), ``dume:intercept``,
   ``dume:no-normalize``, ``dume:k2``, ``dume:stats-1%`` / ``-10%``, a rho sweep, and two routers measured here
-  only: ``dume:lda`` (benchmarks/discriminant.py) and ``dume:routed-stats`` (benchmarks/routed_statistics.py);
+  only, alone and combined: ``dume:lda`` (benchmarks/discriminant.py) and ``dume:routed-stats``
+  (benchmarks/routed_statistics.py);
 * ``btx:random`` and ``btx:dume``: routers trained by gradient on the pooled mixture (benchmarks/router_training.py);
 * with experts fine-tuned in every weight: the experts, weight averaging, oracle, DUME and the provisional version
   of the late join.
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -327,10 +329,14 @@ def run(bench: Bench, out_dir: Path) -> dict[str, Any]:
     routers["dume:lda"] = discriminant_routers(statistics[1.0])
     packed_train = {spec.name: pack_documents(read_documents(spec.data_path), tokenizer, config.sequence_length)
                     for spec in specs}
-    routers["dume:routed-stats"] = refined_routers(experts, basis, routers["dume:local"], packed_train, False,
-                                                   defaults.rho)
-    routers["dume:routed-stats-by-layer"] = refined_routers(experts, basis, routers["dume:local"], packed_train, True,
-                                                            defaults.rho)
+    ridge = partial(solve_routers, rho=defaults.rho)
+    routers["dume:routed-stats"] = refined_routers(experts, basis, routers["dume:local"], packed_train, ridge)
+    routers["dume:routed-stats-by-layer"] = refined_routers(experts, basis, routers["dume:local"], packed_train,
+                                                            ridge, layer_by_layer=True)
+    routers["dume:intercept+routed-stats"] = refined_routers(experts, basis, routers["dume:intercept"], packed_train,
+                                                             partial(ridge, router_bias=True))
+    routers["dume:lda+routed-stats"] = refined_routers(experts, basis, routers["dume:lda"], packed_train,
+                                                       discriminant_routers)
     for label, layer_routers in routers.items():
         top_k = variants[label][2] if label in variants else 1
         model = build_routed_model(experts, basis, layer_routers, top_k)

@@ -5,25 +5,29 @@ layer's router learns the hidden states that follow the member's own expert in t
 model a token misrouted early carries another expert's output into the next layers, where the router has not seen
 such states, and the mistake spreads. Here each layer's statistics are collected through the merged model routed by
 the routers already solved for the layers before it, one layer at a time (``layer_by_layer``), or for every layer
-at once through the first model (one refinement round). Measured here, not (yet) in the product.
+at once through the first model (one refinement round); ``solve`` turns statistics into routers (ridge or LDA).
+Measured here, not (yet) in the product.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dume.shared.data import PackedData
-from dume.shared.ridge import LayerRouter, solve_routers
+from dume.shared.ridge import LayerRouter
 from dume.shared.routing import build_routed_model
 from dume.shared.statistics import collect_statistics
 
+Solver = Callable[[dict], list[LayerRouter]]  # members' statistics -> one router per layer
+
 
 def refined_routers(experts: dict, basis: dict, start: list[LayerRouter], data: dict[str, PackedData],
-                    layer_by_layer: bool, rho: float, router_bias: bool = False) -> list[LayerRouter]:
+                    solve: Solver, layer_by_layer: bool = False) -> list[LayerRouter]:
     routers = list(start)
     layers = range(len(routers)) if layer_by_layer else [None]
     for layer in layers:
         model = build_routed_model(experts, basis, routers, top_k=1).eval()
-        statistics = {name: collect_statistics(model, packed) for name, packed in sorted(data.items())}
-        solved = solve_routers(statistics, rho, router_bias)
+        solved = solve({name: collect_statistics(model, packed) for name, packed in sorted(data.items())})
         if layer is None:
             routers = solved
         else:
