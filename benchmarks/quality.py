@@ -45,11 +45,11 @@ from transformers import AutoModelForCausalLM
 
 from dume.shared.averaging import compute_basis
 from dume.shared.data import PackedData, load_tokenizer, pack_documents, read_documents
-from dume.shared.demo import Federation, converged, quiet_loading
+from dume.shared.demo import FEDERATION_THREADS, Federation, converged, differing_files, quiet_loading, torch_threads
 from dume.shared.domains import DOMAINS, HELD_OUT_EVERY, write_domain
 from dume.shared.errors import DumeError
 from dume.shared.evaluation import perplexity
-from dume.shared.merge import ExpertSpec, MergeSettings, member_statistics, open_experts
+from dume.shared.merge import ExpertSpec, MergeSettings, member_statistics, merge, open_experts
 from dume.shared.ridge import LayerRouter, solve_routers
 from dume.shared.routing import build_routed_model, build_weight_averaged_model
 from dume.shared.tiny import build_tiny_model, trained_tokenizer
@@ -292,6 +292,11 @@ def run(bench: Bench, out_dir: Path) -> dict[str, Any]:
     mark = bench.stage("experts", mark)
     bench.say("federation: three domains join, then the fourth (coordinator and node processes on loopback)")
     federated, versions = federate(bench, specs)
+    reference = bench.workdir / "federation" / "merge"
+    with torch_threads(FEDERATION_THREADS):  # the nodes' thread count: a float32 forward may differ across counts
+        merge(specs, reference, MergeSettings(sequence_length=config.sequence_length))
+    identical = not differing_files(federated["dume"], reference)
+    bench.say(f"the federated version is byte-identical to a local `dume merge`: {'yes' if identical else 'no'}")
     mark = bench.stage("federation", mark)
 
     tokenizer = load_tokenizer(base)
@@ -382,6 +387,7 @@ def run(bench: Bench, out_dir: Path) -> dict[str, Any]:
         "routing_accuracy": accuracy,
         "rho_sweep": rho_sweep,
         "dynamic_addition": {"late": DYNAMIC_LATE, "versions": versions},
+        "federated_byte_identical_to_merge": identical,
         "router_training_loss": {label: [losses[0], losses[-1]] for label, losses in router_losses.items()},
         "full_finetuning": {"perplexity": full, "retention": retention_table(full, domains)},
         "seconds": bench.seconds,
@@ -398,11 +404,13 @@ def oracle_perplexity(experts: dict, basis: dict, held_out: dict[str, PackedData
 
 def all_statistics(experts: dict, basis: dict, specs: list[ExpertSpec], tokenizer, config: Config,
                    fraction: float = 1.0) -> dict[str, torch.Tensor]:
+    """Each member's statistics, computed as its node computes them (one thread), from a share of its documents."""
     statistics = {}
     for spec in specs:
         documents = subsample(read_documents(spec.data_path), fraction)
         packed = pack_documents(documents, tokenizer, config.sequence_length)
-        statistics[spec.name] = member_statistics(experts[spec.name], basis, packed, 8)
+        with torch_threads(FEDERATION_THREADS):
+            statistics[spec.name] = member_statistics(experts[spec.name], basis, packed, 8)
     return statistics
 
 

@@ -50,7 +50,9 @@ def markdown(results: dict[str, Any]) -> str:
               + "; ".join(f"{v['version']} {'exact' if v['exact'] else 'provisional'} over {', '.join(v['members'])}"
                           f" (basis {v['basis_hash'][:12]})" for v in versions)]
     local, federated = results["perplexity"]["dume:local"], results["perplexity"]["dume"]
-    lines += ["", "Federated `dume` against the same merge built in process: largest perplexity difference "
+    lines += ["", "Federated `dume` byte-identical to a local `dume merge`: "
+              f"{'yes' if results['federated_byte_identical_to_merge'] else 'no'}; its perplexity (stock Mixtral "
+              "classes) against the same routers in the library's own forward (`dume:local`): largest difference "
               f"{max(abs(local[name] - federated[name]) for name in domains):.2g}."]
     lines += ["", "Routing accuracy per layer (share of a domain's held-out tokens whose first expert is its own):",
               "", "| method | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]

@@ -23,8 +23,9 @@ def test_tiny_quality_benchmark_writes_consistent_results(tmp_path):
     for name in domains:
         # MLP-only experts share the base's other weights, so oracle routing is each expert itself...
         assert abs(ppl["oracle"][name] / ppl[f"expert:{name}"][name] - 1) < 1e-4
-        # ...and the federation built exactly the merge made in process.
-        assert ppl["dume"][name] == ppl["dume:local"][name]
+        # ...and the federated checkpoint (stock Mixtral classes) agrees with the library's own forward.
+        assert abs(ppl["dume"][name] / ppl["dume:local"][name] - 1) < 1e-3
+    assert results["federated_byte_identical_to_merge"] is True
     dume = results["retention"]["dume"]
     assert dume["min"] == min(dume[name] for name in domains)
     assert abs(dume["mean"] - sum(ppl[f"expert:{n}"][n] / ppl["dume"][n] for n in domains) / 4) < 1e-4
