@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from dume.shared.ridge import LayerRouter
+from dume.shared.method.ridge import LayerRouter
 
 
 def discriminant_routers(statistics: dict[str, torch.Tensor], shrinkage: float = 1e-4) -> list[LayerRouter]:

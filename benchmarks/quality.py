@@ -4,7 +4,7 @@
     python benchmarks/quality.py                                # small: 2 CPU cores, about 10 minutes
     python benchmarks/quality.py --config 115m --device cuda    # the authors' larger size, on a GPU host
 
-Four built-in domains (dume.shared.domains; every 10th document held out), a small Llama base with its own
+Four built-in domains (dume.shared.lab.domains; every 10th document held out), a small Llama base with its own
 byte-level BPE pretrained on their mixture, and one expert per domain fine-tuned from it with ``dume-node train``,
 twice: MLPs only (the default, the headline) and every weight (the original method's setting). Trained models are
 cached in the work directory, keyed by their settings and data, so a rerun skips training. Every method is
@@ -43,17 +43,26 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from dume.shared.averaging import compute_basis
-from dume.shared.data import PackedData, load_tokenizer, pack_documents, read_documents
-from dume.shared.demo import FEDERATION_THREADS, Federation, converged, differing_files, quiet_loading, torch_threads
-from dume.shared.domains import DOMAINS, HELD_OUT_EVERY, write_domain
 from dume.shared.errors import DumeError
-from dume.shared.evaluation import perplexity
-from dume.shared.merge import ExpertSpec, MergeSettings, member_statistics, merge, open_experts
-from dume.shared.ridge import LayerRouter, solve_routers
-from dume.shared.routing import build_routed_model, build_weight_averaged_model
-from dume.shared.tiny import build_tiny_model, trained_tokenizer
-from dume.shared.training import TrainSettings, train
+from dume.shared.lab.demo import (
+    FEDERATION_THREADS,
+    Federation,
+    converged,
+    differing_files,
+    quiet_loading,
+    torch_threads,
+)
+from dume.shared.lab.domains import DOMAINS, HELD_OUT_EVERY, write_domain
+from dume.shared.lab.tiny import build_tiny_model, trained_tokenizer
+from dume.shared.method.averaging import compute_basis
+from dume.shared.method.data import PackedData, load_tokenizer, pack_documents, read_documents
+from dume.shared.method.evaluation import perplexity
+from dume.shared.method.merge import ExpertSpec, merge, open_experts
+from dume.shared.method.ridge import LayerRouter, solve_routers
+from dume.shared.method.routers import MergeSettings
+from dume.shared.method.routing import build_routed_model, build_weight_averaged_model
+from dume.shared.method.statistics import statistics_under_basis
+from dume.shared.method.training import TrainSettings, train
 
 from discriminant import discriminant_routers
 from quality_report import write_report
@@ -152,7 +161,7 @@ def train_base(bench: Bench) -> Path:
     shutil.rmtree(base, ignore_errors=True)
     train(init, mixture, base, TrainSettings(steps=config.base_steps, learning_rate=config.base_learning_rate,
                                              batch_size=config.batch_size, sequence_length=config.sequence_length,
-                                             device=DEVICE))
+                                             trainable="all", device=DEVICE))
     shutil.rmtree(init)
     mark_cached(base, settings)
     return base
@@ -410,7 +419,7 @@ def all_statistics(experts: dict, basis: dict, specs: list[ExpertSpec], tokenize
         documents = subsample(read_documents(spec.data_path), fraction)
         packed = pack_documents(documents, tokenizer, config.sequence_length)
         with torch_threads(FEDERATION_THREADS):
-            statistics[spec.name] = member_statistics(experts[spec.name], basis, packed, 8)
+            statistics[spec.name] = statistics_under_basis(experts[spec.name], basis, packed, 8)
     return statistics
 
 

@@ -2,7 +2,7 @@
 
 Three tiny Llama experts (perturbed copies of one base) on three synthetic domains; statistics come from the first
 half of each domain's documents, accuracy (share of domain-d tokens routed to expert d, per layer) from the second.
-This is the measurement behind dume.shared.ridge.DEFAULT_RHO; the quality benchmark re-tunes it on trained experts.
+This is the measurement behind dume.shared.method.ridge.DEFAULT_RHO; the quality benchmark re-tunes it on trained experts.
 
     python benchmarks/rho_sweep.py [--out benchmarks/results/rho_sweep.json]
 """
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from dume.shared.averaging import compute_basis
-from dume.shared.data import load_tokenizer, pack_documents
-from dume.shared.expert import load_dense_model, overwrite_parameters
-from dume.shared.merge import ExpertSpec, open_experts
-from dume.shared.ridge import solve_routers
-from dume.shared.statistics import collect_statistics
-from dume.shared.tiny import SYNTHETIC_TEMPLATES, build_tiny_model, perturb_mlps, synthetic_documents
+from dume.shared.lab.tiny import SYNTHETIC_TEMPLATES, build_tiny_model, perturb_mlps, synthetic_documents
+from dume.shared.method.averaging import compute_basis
+from dume.shared.method.data import load_tokenizer, pack_documents
+from dume.shared.method.expert import load_dense_model, overwrite_parameters
+from dume.shared.method.merge import ExpertSpec, open_experts
+from dume.shared.method.ridge import solve_routers
+from dume.shared.method.statistics import collect_statistics
 
 RHOS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from dume.shared.data import PackedData
-from dume.shared.ridge import LayerRouter
-from dume.shared.routing import build_routed_model
-from dume.shared.statistics import collect_statistics
+from dume.shared.method.data import PackedData
+from dume.shared.method.ridge import LayerRouter
+from dume.shared.method.routing import build_routed_model
+from dume.shared.method.statistics import collect_statistics
 
 Solver = Callable[[dict], list[LayerRouter]]  # members' statistics -> one router per layer
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dume.shared.data import PackedData
-from dume.shared.routing import RoutedMLP
-from dume.shared.training import causal_lm_loss
+from dume.shared.method.data import PackedData
+from dume.shared.method.routing import RoutedMLP
+from dume.shared.method.training import causal_lm_loss
 
 
 @dataclass(frozen=True)

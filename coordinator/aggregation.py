@@ -1,7 +1,7 @@
 """Aggregation from the ledger: the basis over the active members, and the model versions built from it.
 
-Nothing here is specific to the federation's math: the basis is ``dume.shared.averaging.compute_basis``, the
-routers ``dume.shared.ridge.solve_routers`` and the checkpoint ``dume.shared.writer.write_moe_checkpoint``,
+Nothing here is specific to the federation's math: the basis is ``dume.shared.method.averaging.compute_basis``, the
+routers ``dume.shared.method.ridge.solve_routers`` and the checkpoint ``dume.shared.method.writer.write_moe_checkpoint``,
 reading each member's tensors from its blobs in canonical (member-name) order. So the same member set and inputs
 give the same bytes as ``dume merge``, whatever the order members joined, left or were revoked in.
 """
@@ -10,25 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
-from functools import cached_property
 from typing import Any
 
 import torch
 
 from dume.coordinator.store import BasisRecord, Member, Statistics, Store
-from dume.shared.architectures import Family, detect_family, mlp_location
-from dume.shared.averaging import compute_basis, tensors_hash
-from dume.shared.blobs import BlobStore
-from dume.shared.merge import MergeSettings
-from dume.shared.ridge import solve_routers
-from dume.shared.statistics import from_upper_triangle
-from dume.shared.wire import tensor_bytes, tensor_entry, tensor_from_bytes
-from dume.shared.writer import write_moe_checkpoint
+from dume.shared.method.averaging import compute_basis, tensors_hash
+from dume.shared.method.expert import DenseWeights
+from dume.shared.method.families import detect_family
+from dume.shared.method.routers import MergeSettings, solve_for_checkpoint
+from dume.shared.method.statistics import gram_from_tensors
+from dume.shared.method.writer import write_moe_checkpoint
+from dume.shared.transport.blobs import BlobStore
+from dume.shared.transport.wire import tensor_bytes, tensor_entry, tensor_from_bytes
 from dume.v1 import tensors_pb2
 
 
-class StoredMember:
+class StoredMember(DenseWeights):
     """A member's dense model as recorded in the ledger, read tensor by tensor from the blob store."""
 
     def __init__(self, member: Member, blobs: BlobStore) -> None:
@@ -37,23 +35,16 @@ class StoredMember:
         self._blobs = blobs
         self._entries = {entry.name: entry for entry in member.model.tensors}
         self._files = member.files
-        self.config: dict[str, Any] = json.loads(blobs.read_bytes(member.files["config.json"]))
-        self.family: Family = detect_family(self.config, f"member {member.name!r}")
+        self.config = json.loads(blobs.read_bytes(member.files["config.json"]))
+        self.family = detect_family(self.config, f"member {member.name!r}")
 
     @property
-    def num_layers(self) -> int:
-        return int(self.config["num_hidden_layers"])
-
-    @cached_property
-    def shared_names(self) -> list[str]:
-        return sorted(name for name in self._entries if mlp_location(name) is None)
+    def parameter_names(self) -> list[str]:
+        return sorted(self._entries)
 
     def tensor(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
         return tensor_from_bytes(entry, self._blobs.read_bytes(entry.sha256))
-
-    def mlp_tensor(self, layer: int, projection: str) -> torch.Tensor:
-        return self.tensor(f"model.layers.{layer}.mlp.{projection}.weight")
 
     def read_file(self, name: str) -> bytes | None:
         sha256 = self._files.get(name)
@@ -82,9 +73,8 @@ class BlobSink:
 
 def statistics_tensor(statistics: Statistics, blobs: BlobStore, hidden_size: int) -> torch.Tensor:
     """A member's full (layers, d+1, d+1) G from the per-layer upper triangles it uploaded."""
-    packed = torch.stack([tensor_from_bytes(entry, blobs.read_bytes(entry.sha256)) for entry in
-                          sorted(statistics.manifest.tensors, key=lambda entry: int(entry.name.split(".")[1]))])
-    return from_upper_triangle(packed, hidden_size + 1)
+    return gram_from_tensors({entry.name: tensor_from_bytes(entry, blobs.read_bytes(entry.sha256))
+                              for entry in statistics.manifest.tensors}, hidden_size)
 
 
 def refresh_basis(store: Store, blobs: BlobStore) -> BasisRecord | None:
@@ -136,24 +126,10 @@ def publish_if_due(store: Store, blobs: BlobStore, settings: MergeSettings) -> i
     hidden_size = int(next(iter(members.values())).config["hidden_size"])
     grams = {name: (statistics_tensor(statistics[name], blobs, hidden_size) if name in statistics else None)
              for name in sorted(active)}
-    routers = solve_routers(grams, settings.rho, settings.router_bias, settings.normalize, settings.temperature)
-    routed = list(routers[0].experts)
-    top_k = min(settings.top_k, len(routed))
-    dume_block: dict[str, Any] = {
-        "members": routed,
-        "members_without_statistics": sorted(set(active) - set(statistics)),
-        "basis_hash": basis_hash,
-        "exact": exact,
-        "token_counts": {name: statistics[name].token_count for name in routed},
-        "ridge_lambda": [router.ridge_lambda for router in routers],
-        "column_normalization": "l2" if settings.normalize else "none",
-        **asdict(settings),
-        "top_k": top_k,  # at most the experts routed to while some members have no statistics yet
-    }
-    if not exact:
-        dume_block["stale_statistics"] = sorted(name for name in routed if statistics[name].basis_hash != basis_hash)
+    stale = sorted(name for name, stats in statistics.items() if stats.basis_hash != basis_hash)
+    solved = solve_for_checkpoint(grams, settings, basis_hash, stale)
     sink = BlobSink(blobs)
-    write_moe_checkpoint(sink, members, routers, top_k, dume_block)
+    write_moe_checkpoint(sink, members, solved.routers, solved.top_k, solved.dume_block)
     with store.transaction():
         number = store.add_version(exact, basis_hash, sorted(active), sink.files, fingerprint)
         store.audit("publish", str(number), exact=exact, basis_hash=basis_hash, members=sorted(active))

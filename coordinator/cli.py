@@ -19,14 +19,14 @@ import grpc
 from dume.coordinator.daemon import serve
 from dume.coordinator.state_dir import StateDir, initialise
 from dume.coordinator.validation import architecture_of
-from dume.shared import pki
-from dume.shared.audit import AuditEntry, verify_chain
-from dume.shared.blobs import BlobStore
-from dume.shared.channels import mutual_tls_channel, refusal
-from dume.shared.cli import add_merge_settings, merge_settings, positive_int, run_cli
-from dume.shared.download import fetch_version
+from dume.shared.commandline import add_merge_settings, merge_settings, positive_int, run_cli
 from dume.shared.errors import DumeError
-from dume.shared.expert import ExpertDirectory
+from dume.shared.method.expert import ExpertDirectory
+from dume.shared.transport.blobs import BlobStore
+from dume.shared.transport.channels import mutual_tls_channel, refusal
+from dume.shared.transport.download import fetch_version
+from dume.shared.trust import pki
+from dume.shared.trust.audit import AuditEntry, verify_chain
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 from dume.v1 import tensors_pb2

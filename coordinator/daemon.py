@@ -15,8 +15,8 @@ import grpc
 from dume.coordinator.service import AdminService, Coordinator, EnrolmentService, FederationService
 from dume.coordinator.state_dir import StateDir
 from dume.shared.errors import DumeError
-from dume.shared.channels import MESSAGE_BYTES
-from dume.shared.pki import write_private
+from dume.shared.transport.channels import MESSAGE_BYTES
+from dume.shared.trust.pki import write_private
 from dume.v1 import federation_pb2_grpc as rpc
 
 log = logging.getLogger("dume.coordinator")

@@ -22,11 +22,11 @@ from dume.coordinator import aggregation, validation
 from dume.coordinator.state_dir import ADMIN_NAME, StateDir
 from dume.coordinator.store import Statistics, Store
 from dume.coordinator.uploads import PlannedUpload, UploadRefused, Uploads
-from dume.shared import pki
-from dume.shared.blobs import BlobStore, read_range
 from dume.shared.errors import DumeError
-from dume.shared.join_token import JoinToken, new_secret, secret_digest
-from dume.shared.merge import check_member_name
+from dume.shared.method.merge import check_member_name
+from dume.shared.transport.blobs import BlobStore, read_range
+from dume.shared.trust import pki
+from dume.shared.trust.join_token import JoinToken, new_secret, secret_digest
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 from dume.v1 import tensors_pb2

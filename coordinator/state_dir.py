@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dume.shared import pki
 from dume.shared.errors import DumeError
-from dume.shared.merge import MergeSettings
+from dume.shared.method.routers import MergeSettings
+from dume.shared.trust import pki
 
 ADMIN_NAME = "admin"
 

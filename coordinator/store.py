@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dume.shared.audit import GENESIS, AuditEntry, canonical_json, entry_hash
+from dume.shared.trust.audit import GENESIS, AuditEntry, canonical_json, entry_hash
 from dume.v1 import tensors_pb2
 
 SCHEMA = """

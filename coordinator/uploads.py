@@ -16,9 +16,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from dume.shared.blobs import BlobStore, sha256_file
 from dume.shared.errors import DumeError
-from dume.shared.wire import DTYPES, expected_size
+from dume.shared.transport.blobs import BlobStore, sha256_file
+from dume.shared.transport.wire import DTYPES, expected_size
 from dume.v1 import federation_pb2
 
 MAX_CHUNK_BYTES = 1 << 20

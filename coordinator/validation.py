@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from dume.shared.architectures import check_same_architecture, detect_family, mlp_location
-from dume.shared.blobs import read_range
 from dume.shared.errors import DumeError
-from dume.shared.statistics import from_upper_triangle
-from dume.shared.wire import DTYPES, tensor_from_bytes
+from dume.shared.method.families import check_same_architecture, detect_family
+from dume.shared.method.statistics import expected_layout, from_upper_triangle
+from dume.shared.transport.blobs import read_range
+from dume.shared.transport.wire import DTYPES, tensor_from_bytes
 from dume.v1 import federation_pb2, tensors_pb2
 
 CHECK_BYTES = 1 << 22
@@ -50,7 +50,7 @@ def check_model(config: dict[str, Any], manifest: tensors_pb2.TensorManifest, re
                 raise DumeError(f"tensor {entry.name} is {entry.dtype}{list(entry.shape)}, the federation's is "
                                 f"{dtype}{shape}: upload a model fine-tuned from the federation's base")
     layers = int(config["num_hidden_layers"])
-    mlp = {(mlp_location(entry.name)) for entry in manifest.tensors} - {None}
+    mlp = {family.mlp_location(entry.name) for entry in manifest.tensors} - {None}
     wanted = {(layer, projection) for layer in range(layers) for projection in family.expert_projections}
     if not wanted <= mlp:
         raise DumeError(f"the upload lacks MLP weights {sorted(wanted - mlp)[0]}: upload the whole model")
@@ -66,10 +66,6 @@ def check_finite(entry: tensors_pb2.TensorEntry, path: Path) -> None:
             raise DumeError(f"tensor {entry.name} holds NaN or infinite values: fix the model before uploading")
 
 
-def statistics_name(layer: int) -> str:
-    return f"layers.{layer}"
-
-
 def check_statistics(header: tensors_pb2.StatisticsHeader, manifest: tensors_pb2.TensorManifest,
                      config: dict[str, Any], known_basis: bool, blob_path: Callable[[str], Path]) -> None:
     if not known_basis:
@@ -81,14 +77,14 @@ def check_statistics(header: tensors_pb2.StatisticsHeader, manifest: tensors_pb2
                         f"federation's model has {hidden} and {layers}")
     if header.token_count < 1:
         raise DumeError("statistics cover no tokens: give the node some data")
-    triangle = (hidden + 1) * (hidden + 2) // 2
-    expected = {statistics_name(layer) for layer in range(layers)}
-    if {entry.name for entry in manifest.tensors} != expected or len(manifest.tensors) != layers:
+    expected = expected_layout(hidden, layers)
+    if {entry.name for entry in manifest.tensors} != set(expected) or len(manifest.tensors) != layers:
         raise DumeError(f"statistics must be exactly the tensors {sorted(expected)}")
     for entry in manifest.tensors:
-        if entry.dtype != "F64" or list(entry.shape) != [triangle]:
+        dtype, shape = expected[entry.name]
+        if entry.dtype != dtype or list(entry.shape) != shape:
             raise DumeError(f"statistics tensor {entry.name} is {entry.dtype}{list(entry.shape)}: each layer's "
-                            f"upper triangle is F64[{triangle}]")
+                            f"upper triangle is {dtype}{shape}")
         check_finite(entry, blob_path(entry.sha256))
         gram = from_upper_triangle(tensor_from_bytes(entry, blob_path(entry.sha256).read_bytes())[None], hidden + 1)[0]
         _check_gram(gram, entry.name, header.token_count)

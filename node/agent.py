@@ -22,20 +22,20 @@ import grpc
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from dume.shared import pki
-from dume.shared.averaging import tensors_hash
-from dume.shared.blobs import read_range, sha256_file
-from dume.shared.channels import TRANSIENT, refusal, server_tls_channel
-from dume.shared.data import load_tokenizer, pack_documents, read_documents
-from dume.shared.download import fetch_missing
-from dume.shared.errors import DumeError
-from dume.shared.expert import ExpertDirectory
-from dume.shared.join_token import JoinToken
-from dume.shared.merge import member_statistics
-from dume.shared.statistics import token_count, upper_triangle
-from dume.shared.wire import FileRange, safetensors_ranges, tensor_from_bytes
-from dume.shared.writer import TOKENIZER_FILES
 from dume.node.workdir import Workdir
+from dume.shared.errors import DumeError
+from dume.shared.files import atomic_path
+from dume.shared.method.averaging import tensors_hash
+from dume.shared.method.data import load_tokenizer, pack_documents, read_documents
+from dume.shared.method.expert import ExpertDirectory
+from dume.shared.method.statistics import layout_token_count, statistics_tensors, statistics_under_basis, token_count
+from dume.shared.method.writer import TOKENIZER_FILES
+from dume.shared.transport.blobs import read_range, sha256_file
+from dume.shared.transport.channels import TRANSIENT, refusal, server_tls_channel
+from dume.shared.transport.download import fetch_missing
+from dume.shared.transport.wire import FileRange, safetensors_ranges, tensor_from_bytes
+from dume.shared.trust import pki
+from dume.shared.trust.join_token import JoinToken
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 from dume.v1 import tensors_pb2
@@ -190,7 +190,7 @@ class Agent:
         if not path.is_file():  # a basis seen before (membership went back) reuses its statistics
             self._collect(expert, basis, tensors, path)
         entries, sources = described(safetensors_ranges(path))
-        tokens = int(load_file(path)["layers.0"][-1])  # the upper triangle ends with the count entry
+        tokens = layout_token_count(load_file(path))
         header = tensors_pb2.StatisticsHeader(
             basis_hash=basis.basis_hash, hidden_size=int(expert.config["hidden_size"]), num_layers=expert.num_layers,
             token_count=tokens, sequence_length=int(basis.sequence_length))
@@ -209,14 +209,11 @@ class Agent:
         data = pack_documents(read_documents(Path(self.state["data"])), load_tokenizer(expert.path),
                               int(basis.sequence_length))
         started = time.monotonic()
-        gram = member_statistics(expert, tensors, data, int(basis.batch_size))
+        gram = statistics_under_basis(expert, tensors, data, int(basis.batch_size))
         say(f"statistics under basis {basis.basis_hash[:12]}: {token_count(gram)} tokens in "
             f"{time.monotonic() - started:.2f} s")
-        packed = upper_triangle(gram)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        save_file({f"layers.{layer}": packed[layer] for layer in range(len(packed))}, str(partial))
-        partial.rename(path)
+        with atomic_path(path) as partial:
+            save_file(statistics_tensors(gram), str(partial))
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self, once: bool = False) -> None:

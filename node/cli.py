@@ -12,11 +12,11 @@ from pathlib import Path
 
 from dume.node.agent import DEFAULT_CHUNK_BYTES, Agent, enrol, say
 from dume.node.workdir import Workdir
-from dume.shared.cli import positive_float, positive_int, run_cli
-from dume.shared.download import fetch_version
+from dume.shared.commandline import positive_float, positive_int, run_cli
 from dume.shared.errors import DumeError
-from dume.shared.join_token import JoinToken
-from dume.shared.training import TRAINABLE, TrainSettings, train
+from dume.shared.method.training import TRAINABLE, TrainSettings, train
+from dume.shared.transport.download import fetch_version
+from dume.shared.trust.join_token import JoinToken
 from dume.v1 import federation_pb2_grpc as rpc
 
 
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     training.add_argument("--sequence-length", type=positive_int, default=defaults.sequence_length)
     training.add_argument("--seed", type=int, default=defaults.seed)
-    training.add_argument("--trainable", choices=TRAINABLE, default="mlp",
+    training.add_argument("--trainable", choices=TRAINABLE, default=defaults.trainable,
                           help="fine-tune only the MLPs (the default: DUME keeps them per expert and the rest stays "
                                "the base's, so the merge averages nothing away and joins never move the basis), or "
                                "all parameters")

@@ -10,18 +10,17 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from dume.shared import pki
-from dume.shared.blobs import BlobStore
-from dume.shared.channels import mutual_tls_channel
 from dume.shared.errors import DumeError
+from dume.shared.files import write_atomically
+from dume.shared.transport.blobs import BlobStore
+from dume.shared.transport.channels import mutual_tls_channel
+from dume.shared.trust import pki
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ class Workdir:
         """Merges ``changes`` into node.json atomically (fetch may read it while the agent runs)."""
         state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
         state.update(changes)
-        _write_atomically(self.state_path, json.dumps(state, indent=2, sort_keys=True))
+        write_atomically(self.state_path, json.dumps(state, indent=2, sort_keys=True).encode())
         return state
 
     def save_identity(self, key_pem: bytes, cert_pem: bytes, ca_pem: bytes) -> None:
@@ -87,15 +86,5 @@ class Workdir:
             return None
 
     def record_own_blobs(self, index: dict[str, tuple[str, int, int]]) -> None:
-        _write_atomically(self.root / "own-blobs.json", json.dumps(index, sort_keys=True))
+        write_atomically(self.root / "own-blobs.json", json.dumps(index, sort_keys=True).encode())
 
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Readers (``fetch`` beside a running agent) see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(name, path)

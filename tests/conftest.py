@@ -10,8 +10,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded from a model hub
 
 import dume  # noqa: E402,F401  (registers the router-bias classes)
-from dume.shared.merge import ExpertSpec  # noqa: E402
-from dume.shared.tiny import SYNTHETIC_TEMPLATES, build_tiny_model, perturb_mlps, synthetic_documents  # noqa: E402
+from dume.shared.lab.tiny import SYNTHETIC_TEMPLATES, build_tiny_model, perturb_mlps, synthetic_documents  # noqa: E402
+from dume.shared.method.merge import ExpertSpec  # noqa: E402
 
 FAMILIES = ("llama", "mistral", "qwen3")
 DOMAINS = SYNTHETIC_TEMPLATES

@@ -10,9 +10,9 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from dume.shared.domains import DEMO_DOMAINS, DOMAINS, HELD_OUT_EVERY, write_domain
-from dume.shared.architectures import mlp_location
-from dume.shared.tiny import build_tiny_model, trained_tokenizer
+from dume.shared.lab.domains import DEMO_DOMAINS, DOMAINS, HELD_OUT_EVERY, write_domain
+from dume.shared.lab.tiny import build_tiny_model, trained_tokenizer
+from dume.shared.method.families import LLAMA
 
 from conftest import write_domain_text
 
@@ -64,4 +64,4 @@ def test_mlp_only_training_changes_only_the_mlps(expert_factory, tmp_path):
     assert before.keys() == after.keys()
     for name in before:
         same = torch.equal(before[name], after[name])
-        assert same == (mlp_location(name) is None), f"{name} {'unchanged' if same else 'changed'}"
+        assert same == (LLAMA.mlp_location(name) is None), f"{name} {'unchanged' if same else 'changed'}"

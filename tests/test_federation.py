@@ -18,14 +18,15 @@ from safetensors.torch import load_file, save_file
 
 from dume.node.agent import Agent, Upload, described, model_upload
 from dume.node.workdir import Workdir
-from dume.shared import pki
-from dume.shared.demo import differing_files
 from dume.shared.errors import DumeError
-from dume.shared.join_token import JoinToken, new_secret
-from dume.shared.merge import MergeSettings, merge
-from dume.shared.statistics import upper_triangle
-from dume.shared.tiny import build_tiny_model
-from dume.shared.wire import safetensors_ranges
+from dume.shared.lab.demo import differing_files
+from dume.shared.lab.tiny import build_tiny_model
+from dume.shared.method.merge import merge
+from dume.shared.method.routers import MergeSettings
+from dume.shared.method.statistics import statistics_tensors
+from dume.shared.transport.wire import safetensors_ranges
+from dume.shared.trust import pki
+from dume.shared.trust.join_token import JoinToken, new_secret
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 from dume.v1 import tensors_pb2
@@ -236,8 +237,7 @@ def _upload_statistics(fed: Federation, spec, basis: str, fault: str, path) -> N
         gram[1, -1, -1] = count + 1
     if fault == "cauchy":
         gram[0, 0, 1] = gram[0, 1, 0] = 5.0
-    triangle = upper_triangle(gram)
-    save_file({f"layers.{layer}": triangle[layer] for layer in range(layers)}, str(path))
+    save_file(statistics_tensors(gram), str(path))
     entries, sources = described(safetensors_ranges(path))
     header = tensors_pb2.StatisticsHeader(basis_hash="f" * 64 if fault == "basis" else basis, hidden_size=hidden,
                                           num_layers=layers, token_count=count, sequence_length=64)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from dume.shared.merge import ExpertSpec
-from dume.shared.tiny import build_tiny_model
+from dume.shared.lab.tiny import build_tiny_model
+from dume.shared.method.merge import ExpertSpec
 
 DUME = [sys.executable, "-c", "import sys; from dume.shared.cli import main; sys.exit(main())"]
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dume.shared.averaging import compute_basis
-from dume.shared.data import load_tokenizer, pack_documents, read_documents
-from dume.shared.expert import load_dense_model, overwrite_parameters
-from dume.shared.merge import ExpertSpec, MergeSettings, merge, open_experts, solve_member_routers
-from dume.shared.routing import build_routed_model, build_weight_averaged_model
+from dume.shared.method.averaging import compute_basis
+from dume.shared.method.data import load_tokenizer, pack_documents, read_documents
+from dume.shared.method.expert import load_dense_model, overwrite_parameters
+from dume.shared.method.merge import ExpertSpec, member_statistics, merge, open_experts
+from dume.shared.method.routers import MergeSettings, solve_for_checkpoint
+from dume.shared.method.routing import build_routed_model, build_weight_averaged_model
 
 from conftest import FAMILIES
 
@@ -26,7 +27,8 @@ TOKENS = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(
 def routers_for(specs: dict[str, ExpertSpec], settings: MergeSettings = SETTINGS):
     experts = open_experts(list(specs.values()))
     basis = compute_basis(experts)
-    statistics, routers = solve_member_routers(list(specs.values()), experts, basis, settings)
+    statistics = member_statistics(list(specs.values()), experts, basis, settings)
+    routers = solve_for_checkpoint(statistics, settings, "").routers
     return experts, basis, statistics, routers
 
 

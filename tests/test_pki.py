@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from dume.shared.errors import DumeError
-from dume.shared.join_token import JoinToken, new_secret, secret_digest
-from dume.shared.pki import (
+from dume.shared.trust.join_token import JoinToken, new_secret, secret_digest
+from dume.shared.trust.pki import (
     TLS_SERVER_NAME,
     Identity,
     create_authority,

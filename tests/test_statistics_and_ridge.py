@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from dume.shared.averaging import compute_basis
-from dume.shared.data import PackedData, load_tokenizer, pack_documents, read_documents
 from dume.shared.errors import DumeError
-from dume.shared.expert import load_dense_model, overwrite_parameters
-from dume.shared.merge import open_experts
-from dume.shared.ridge import solve_routers
-from dume.shared.statistics import collect_statistics, from_upper_triangle, token_count, upper_triangle
+from dume.shared.method.averaging import compute_basis
+from dume.shared.method.data import PackedData, load_tokenizer, pack_documents, read_documents
+from dume.shared.method.expert import load_dense_model, overwrite_parameters
+from dume.shared.method.merge import open_experts
+from dume.shared.method.ridge import solve_routers
+from dume.shared.method.statistics import collect_statistics, from_upper_triangle, token_count, upper_triangle
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dume.shared.data import load_tokenizer, pack_documents, read_documents
-from dume.shared.evaluation import perplexity
-from dume.shared.expert import ExpertDirectory, load_dense_model
+from dume.shared.method.data import load_tokenizer, pack_documents, read_documents
+from dume.shared.method.evaluation import perplexity
+from dume.shared.method.expert import ExpertDirectory, load_dense_model
 
 from conftest import write_domain_text
 

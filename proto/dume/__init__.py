@@ -7,7 +7,7 @@ Importing ``dume`` registers the router-bias MoE classes with transformers' Auto
 written with ``router_bias=true`` loads with ``AutoModelForCausalLM.from_pretrained`` after ``import dume``.
 """
 
-from dume.shared.registration import register_with_transformers
+from dume.shared.method.registration import register_with_transformers
 
 __version__ = "0.1.0"
 

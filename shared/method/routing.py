@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dume.shared.averaging import canonical_mean
-from dume.shared.expert import ExpertDirectory, load_dense_model, overwrite_parameters
-from dume.shared.ridge import LayerRouter
+from dume.shared.method.averaging import canonical_mean
+from dume.shared.method.expert import ExpertDirectory, load_dense_model, overwrite_parameters
+from dume.shared.method.ridge import LayerRouter
 
 ROUTING_MODES = ("router", "oracle", "random")
 

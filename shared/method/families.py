@@ -1,23 +1,20 @@
-"""Architecture adapters: the one place that knows a model family.
+"""Model families: the one place that knows a family's names.
 
-A family is data: which dense ``model_type`` it covers, the stock MoE ``model_type`` the merged checkpoint maps
-to, how a dense MLP's projections are named inside a stock MoE expert, which config fields carry over, and which
-dense settings the MoE class cannot express. Everything else (shared vs. MLP parameters, the router input) is
-common to the decoder-only families we support: a parameter is an MLP parameter if and only if it lives under
-``model.layers.<l>.mlp.``, and the router input is the output of ``post_attention_layernorm``.
+A family is one declaration (a ``Family`` value in ``FAMILIES``): which dense ``model_type`` it covers, where its
+MLP parameters and its router input live, the stock MoE class the merged checkpoint maps to and how a dense MLP's
+projections are named inside one of its experts, which config fields carry over, and which dense settings the MoE
+class cannot express. The router-bias subclass is derived from it (``registration``). Every other module asks the
+family for a name instead of spelling one.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from dume.shared.errors import DumeError
-
-MLP_PARAMETER = re.compile(r"^model\.layers\.(\d+)\.mlp\.(\w+)\.weight$")
 
 # Config fields every supported MoE class takes over unchanged from its dense family.
 COMMON_FIELDS = (
@@ -77,6 +74,32 @@ class Family:
     extra_fields: tuple[str, ...] = ()  # dense fields carried over in addition to COMMON_FIELDS
     moe_settings: dict[str, Any] = field(default_factory=dict)  # fixed settings of the MoE config
     refused: dict[str, Any] = field(default_factory=dict)  # dense field -> the only value the MoE can express
+    mlp_module: str = "mlp"  # the dense decoder layer's MLP, and the MoE block's attribute in transformers
+    router_input: str = "post_attention_layernorm"  # the module whose output the MLP (and so the router) sees
+
+    @property
+    def biased_model_type(self) -> str:
+        """The ``model_type`` of the stock MoE class with a router bias (see ``registration``)."""
+        return f"dume_{self.moe_model_type}"
+
+    @property
+    def biased_architecture(self) -> str:
+        return f"Dume{self.moe_architecture}"
+
+    def mlp_key(self, layer: int, projection: str) -> str:
+        return f"model.layers.{layer}.{self.mlp_module}.{projection}.weight"
+
+    def mlp_location(self, parameter: str) -> tuple[int, str] | None:
+        """``(layer, projection)`` for an MLP parameter name, None for a shared parameter."""
+        parts = parameter.split(".")
+        if (len(parts) == 6 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+                and parts[3] == self.mlp_module and parts[5] == "weight"):
+            return int(parts[2]), parts[4]
+        return None
+
+    def router_input_key(self, layer: int) -> str:
+        """The router input's norm weight: its dtype is the layer's compute dtype."""
+        return f"model.layers.{layer}.{self.router_input}.weight"
 
     def expert_key(self, layer: int, expert: int, projection: str) -> str:
         name = self.expert_projections[projection]
@@ -188,8 +211,3 @@ def check_same_architecture(configs: dict[str, dict[str, Any]]) -> Family:
                 )
     return family
 
-
-def mlp_location(parameter: str) -> tuple[int, str] | None:
-    """``(layer, projection)`` for an MLP parameter name, None for a shared parameter."""
-    match = MLP_PARAMETER.match(parameter)
-    return (int(match.group(1)), match.group(2)) if match else None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dume.shared.errors import DumeError
+from dume.shared.files import write_atomically
 
 # The DNS name in the coordinator's certificate. Clients always connect with the gRPC option
 # ("grpc.ssl_target_name_override", TLS_SERVER_NAME): the pinned CA fingerprint, not the address, is what is trusted.
@@ -213,25 +213,7 @@ def write_private(path: Path, data: bytes) -> None:
     if not path.parent.is_dir():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(path.parent, 0o700)  # mkdir's mode is filtered through the umask
-    while True:
-        temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-        try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            break
-        except FileExistsError:
-            continue
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_atomically(path, data, mode=0o600)
 
 
 def read_bytes(path: Path, what: str) -> bytes:

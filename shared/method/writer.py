@@ -14,12 +14,11 @@ from typing import Any, Protocol
 
 import torch
 from safetensors.torch import save_file
-from dume.shared.progress import progress
 
-from dume.shared.architectures import Family
-from dume.shared.averaging import canonical_mean
-from dume.shared.registration import BIASED_MODEL_TYPES
-from dume.shared.ridge import LayerRouter
+from dume.shared.method.averaging import canonical_mean
+from dume.shared.method.expert import DenseWeights
+from dume.shared.method.ridge import LayerRouter
+from dume.shared.progress import progress
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -32,22 +31,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
-
-
-class MemberWeights(Protocol):
-    """A member's dense model as the writer reads it: an ``ExpertDirectory`` locally, the ledger's blobs in the
-    coordinator."""
-
-    config: dict[str, Any]
-    family: Family
-
-    @property
-    def num_layers(self) -> int: ...
-    @property
-    def shared_names(self) -> list[str]: ...
-    def tensor(self, name: str) -> torch.Tensor: ...
-    def mlp_tensor(self, layer: int, projection: str) -> torch.Tensor: ...
-    def read_file(self, name: str) -> bytes | None: ...
 
 
 class CheckpointSink(Protocol):
@@ -83,7 +66,7 @@ def _layer_of(name: str) -> int | None:
 
 def write_moe_checkpoint(
     out: Path | CheckpointSink,
-    experts: Mapping[str, MemberWeights],
+    experts: Mapping[str, DenseWeights],
     routers: Sequence[LayerRouter],
     top_k: int,
     dume_block: Mapping[str, Any],
@@ -114,7 +97,7 @@ def write_moe_checkpoint(
 
     for layer in progress(range(first.num_layers), "writing layers", "layer"):
         tensors = {name: average(name) for name in shared_by_layer.get(layer, [])}
-        dtype = tensors[f"model.layers.{layer}.post_attention_layernorm.weight"].dtype
+        dtype = tensors[family.router_input_key(layer)].dtype
         for position, member in enumerate(routed):
             for projection in family.expert_projections:
                 tensor = experts[member].mlp_tensor(layer, projection).to(dtype)
@@ -131,8 +114,8 @@ def write_moe_checkpoint(
 
     config = family.moe_config(first.config, num_experts=len(routed), top_k=top_k)
     if router_bias:
-        config["model_type"] = BIASED_MODEL_TYPES[family.moe_model_type]
-        config["architectures"] = ["Dume" + family.moe_architecture]
+        config["model_type"] = family.biased_model_type
+        config["architectures"] = [family.biased_architecture]
     config["dume"] = dict(dume_block)
     sink.write_file("config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     for file in TOKENIZER_FILES:

@@ -1,6 +1,6 @@
 """Fine-tuning a causal LM on a member's data: how a node makes its domain expert from the shared base.
 
-Plain next-token training with AdamW on packed rows (see dume.shared.data), seeded so that the same base, data
+Plain next-token training with AdamW on packed rows (see dume.shared.method.data), seeded so that the same base, data
 and settings give the same expert.
 
 DUME keeps each expert's MLPs and averages everything else, so whatever an expert learns outside its MLPs is
@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from dume.shared.architectures import mlp_location
-from dume.shared.data import load_tokenizer, pack_documents, read_documents
 from dume.shared.errors import DumeError
+from dume.shared.method.data import load_tokenizer, pack_documents, read_documents
+from dume.shared.method.families import detect_family
 from dume.shared.progress import progress
 
 
@@ -29,7 +29,7 @@ class TrainSettings:
     batch_size: int = 16
     sequence_length: int = 128
     seed: int = 0
-    trainable: str = "all"  # "all" parameters, or the "mlp" weights only
+    trainable: str = "mlp"  # the "mlp" weights only (DUME keeps them per expert), or "all" parameters
     device: str = "cpu"  # where the model trains (e.g. "cuda"); it is saved from the CPU either way
 
 
@@ -53,8 +53,9 @@ def train(base_dir: Path, data_path: Path, out_dir: Path, settings: TrainSetting
     torch.manual_seed(settings.seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
     model.to(settings.device).train()
+    family = detect_family(model.config.to_dict(), f"the base model {base_dir}")
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(settings.trainable == "all" or mlp_location(name) is not None)
+        parameter.requires_grad_(settings.trainable == "all" or family.mlp_location(name) is not None)
     trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=settings.learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(settings.seed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import grpc
 
 from dume.shared.errors import DumeError
-from dume.shared.pki import TLS_SERVER_NAME
+from dume.shared.trust.pki import TLS_SERVER_NAME
 
 MESSAGE_BYTES = 8 << 20
 CHANNEL_OPTIONS = [

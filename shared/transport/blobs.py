@@ -1,7 +1,7 @@
 """A content-addressed blob directory: each blob is a file named by the SHA-256 of its bytes.
 
 Used by the coordinator for every tensor it holds and by nodes as their download cache. A blob appears under its
-final name only complete and verified: it is written to a temporary file, fsynced and renamed, so a crash at any
+final name only complete and verified (``dume.shared.files``: written beside it, fsynced, renamed), so a crash at any
 instant leaves either no blob or the whole blob, never a half-written one under a name anything refers to.
 """
 
@@ -12,6 +12,8 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from dume.shared.files import replace_durably, write_atomically
 
 READ_BYTES = 1 << 20
 
@@ -37,15 +39,6 @@ def read_range(path: Path, start: int = 0, size: int | None = None, chunk_bytes:
             yield chunk
 
 
-def fsync_directory(path: Path) -> None:
-    """Makes a rename inside ``path`` durable."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 class BlobStore:
     """Blobs under ``root/ab/abcdef...``; temporary files under ``root/tmp`` (on the same filesystem)."""
 
@@ -67,20 +60,15 @@ class BlobStore:
         """Stores ``data`` (if not already held) and returns its SHA-256."""
         sha256 = hashlib.sha256(data).hexdigest()
         if not self.has(sha256):
-            descriptor, name = tempfile.mkstemp(dir=self.temporary)
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            self.adopt(Path(name), sha256)
+            self.path(sha256).parent.mkdir(exist_ok=True)
+            write_atomically(self.path(sha256), data, mode=0o600)
         return sha256
 
     def adopt(self, file: Path, sha256: str) -> None:
         """Moves a complete, fsynced file whose SHA-256 was checked into the store under its name."""
         target = self.path(sha256)
         target.parent.mkdir(exist_ok=True)
-        os.replace(file, target)
-        fsync_directory(target.parent)
+        replace_durably(file, target)
 
     def new_temporary(self, prefix: str = "") -> Path:
         """A fresh temporary file name inside the store's filesystem (for downloads that are then adopted)."""

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from dume.shared.expert import ExpertDirectory
+from dume.shared.method.expert import ExpertDirectory
 
 
 def canonical_mean(member_names: Iterable[str], read: Callable[[str], torch.Tensor]) -> torch.Tensor:

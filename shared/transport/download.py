@@ -14,12 +14,12 @@ from pathlib import Path
 
 import grpc
 
-from dume.shared.blobs import BlobStore
-from dume.shared.channels import refusal
 from dume.shared.errors import DumeError
-from dume.shared.staging import check_free, staged_directory
-from dume.shared.wire import tensor_from_bytes
-from dume.shared.writer import save_shard
+from dume.shared.files import check_free, staged_directory
+from dume.shared.method.writer import save_shard
+from dume.shared.transport.blobs import BlobStore
+from dume.shared.transport.channels import refusal
+from dume.shared.transport.wire import tensor_from_bytes
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 

@@ -15,18 +15,54 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM
 
-from dume.shared.architectures import Family, detect_family, mlp_location, read_config
 from dume.shared.errors import DumeError
+from dume.shared.method.families import Family, detect_family, read_config
 
 
-class ExpertDirectory:
-    """A dense expert on disk: its config, family and tensors (split into shared and MLP parameters)."""
+class DenseWeights:
+    """A member's dense model as the method reads it, tensor by tensor: an ``ExpertDirectory`` on a member's disk,
+    or the coordinator's copy of a member's upload. Subclasses set ``config``, ``family`` and ``parameter_names``
+    and read tensors and files; the split into shared and MLP parameters is the family's."""
+
+    name: str
+    config: dict[str, Any]
+    family: Family
+
+    @property
+    def parameter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def tensor(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def read_file(self, name: str) -> bytes | None:
+        """A non-tensor file of the model (tokenizer, config), or None if it has none."""
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    @cached_property
+    def shared_names(self) -> list[str]:
+        return [name for name in self.parameter_names if self.family.mlp_location(name) is None]
+
+    @cached_property
+    def mlp_names(self) -> list[str]:
+        return [name for name in self.parameter_names if self.family.mlp_location(name) is not None]
+
+    def mlp_tensor(self, layer: int, projection: str) -> torch.Tensor:
+        return self.tensor(self.family.mlp_key(layer, projection))
+
+
+class ExpertDirectory(DenseWeights):
+    """A dense expert on disk: its config, family and safetensors files."""
 
     def __init__(self, path: Path | str, name: str = "the model") -> None:
         self.path = Path(path)
         self.name = name
-        self.config: dict[str, Any] = read_config(self.path)
-        self.family: Family = detect_family(self.config, f"expert {name!r}")
+        self.config = read_config(self.path)
+        self.family = detect_family(self.config, f"expert {name!r}")
         self._file_of = self._index_tensors()
 
     def _index_tensors(self) -> dict[str, Path]:
@@ -53,18 +89,6 @@ class ExpertDirectory:
     def parameter_names(self) -> list[str]:
         return sorted(self._file_of)
 
-    @cached_property
-    def shared_names(self) -> list[str]:
-        return [name for name in self.parameter_names if mlp_location(name) is None]
-
-    @cached_property
-    def mlp_names(self) -> list[str]:
-        return [name for name in self.parameter_names if mlp_location(name) is not None]
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.config["num_hidden_layers"])
-
     def tensor(self, name: str) -> torch.Tensor:
         try:
             with safe_open(self._file_of[name], framework="pt") as handle:
@@ -74,11 +98,7 @@ class ExpertDirectory:
         except (OSError, ValueError, SafetensorError) as error:
             raise DumeError(f"cannot read {name} from {self.path} ({error}): re-save the model") from None
 
-    def mlp_tensor(self, layer: int, projection: str) -> torch.Tensor:
-        return self.tensor(f"model.layers.{layer}.mlp.{projection}.weight")
-
     def read_file(self, name: str) -> bytes | None:
-        """A non-tensor file of the directory (tokenizer, config), or None if it has none."""
         path = self.path / name
         return path.read_bytes() if path.is_file() else None
 

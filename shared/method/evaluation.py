@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from dume.shared.data import PackedData
+from dume.shared.method.data import PackedData
 
 
 def perplexity(model: torch.nn.Module, data: PackedData, batch_size: int = 8) -> float:

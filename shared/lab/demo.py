@@ -30,22 +30,23 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO, Any
 
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as transformers_logging
 
-from dume.shared.data import load_tokenizer, pack_documents, read_documents
-from dume.shared.domains import DEMO_DOMAINS, write_domain
 from dume.shared.errors import DumeError
-from dume.shared.evaluation import perplexity
-from dume.shared.merge import ExpertSpec, MergeSettings, merge, open_experts
-from dume.shared.routing import build_weight_averaged_model
-from dume.shared.tiny import build_tiny_model
-from dume.shared.training import TrainSettings, train
+from dume.shared.lab.domains import DEMO_DOMAINS, write_domain
+from dume.shared.lab.tiny import build_tiny_model
+from dume.shared.method.data import load_tokenizer, pack_documents, read_documents
+from dume.shared.method.evaluation import perplexity
+from dume.shared.method.merge import ExpertSpec, merge, open_experts
+from dume.shared.method.routers import MergeSettings
+from dume.shared.method.routing import build_weight_averaged_model
+from dume.shared.method.training import TrainSettings, train
 
 DEMO_MODEL = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "head_dim": 16}
@@ -328,7 +329,7 @@ def _run_demo(workdir: Path, base_steps: int, expert_steps: int) -> dict[str, di
         mark = time.monotonic()
         say(f"building a tiny Llama base and pretraining it on {', '.join(domains)} ({base_steps} steps)")
         init = build_tiny_model("llama", workdir / "init", **DEMO_MODEL)
-        base = train(init, mixture, workdir / "base", TrainSettings(steps=base_steps))
+        base = train(init, mixture, workdir / "base", TrainSettings(steps=base_steps, trainable="all"))
         mark = stage_done("base", mark)
 
         specs = []

@@ -1,0 +1,98 @@
+"""The whole method on one machine: N dense experts and their data in, one MoE checkpoint out.
+
+Read this file top to bottom to read the method:
+
+1. open and cross-check the experts (one family, one architecture, the same tensors);
+2. the basis: every shared parameter averaged over the experts (``averaging``);
+3. each expert's statistics ``G = sum [x;1][x;1]^T`` of its own data, through its own model with the shared
+   parameters swapped for the basis (``statistics``);
+4. the routers by ridge regression from the summed statistics, and the checkpoint's ``dume`` block (``routers``);
+5. the checkpoint: averaged shared parameters, one expert per member, the routers (``writer``).
+
+This is the reference the federated path must reproduce bit for bit. Everything a user can get wrong is checked
+before any heavy work, and the output directory appears only complete.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dume.shared.errors import DumeError
+from dume.shared.files import check_free, staged_directory
+from dume.shared.method.averaging import compute_basis, tensors_hash
+from dume.shared.method.data import load_tokenizer, pack_documents, read_documents
+from dume.shared.method.expert import ExpertDirectory
+from dume.shared.method.families import check_same_architecture
+from dume.shared.method.routers import MergeSettings, solve_for_checkpoint
+from dume.shared.method.statistics import statistics_under_basis
+from dume.shared.method.writer import write_moe_checkpoint
+
+MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    name: str
+    model_dir: Path
+    data_path: Path
+
+
+def check_member_name(name: str) -> str:
+    if not MEMBER_NAME.match(name):
+        raise DumeError(
+            f"member name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', starting alphanumeric"
+        )
+    return name
+
+
+def open_experts(specs: list[ExpertSpec]) -> dict[str, ExpertDirectory]:
+    """Open and cross-check every expert: same family, same config, same tensors."""
+    names = [check_member_name(spec.name) for spec in specs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise DumeError(f"member name {duplicates[0]!r} is given twice: give each expert its own name")
+    experts = {spec.name: ExpertDirectory(spec.model_dir, spec.name) for spec in specs}
+    check_same_architecture({name: expert.config for name, expert in experts.items()})
+    reference_name = min(experts)
+    reference = experts[reference_name].tensor_layout()
+    for name, expert in sorted(experts.items()):
+        layout = expert.tensor_layout()
+        for tensor in sorted(set(reference) | set(layout)):
+            if reference.get(tensor, (None,))[0] != layout.get(tensor, (None,))[0]:
+                raise DumeError(
+                    f"experts {reference_name!r} and {name!r} differ in tensor {tensor} "
+                    f"({reference.get(tensor, ('missing',))[0]} vs {layout.get(tensor, ('missing',))[0]}): "
+                    "all experts must share one architecture"
+                )
+    return experts
+
+
+def merge(specs: list[ExpertSpec], out_dir: Path, settings: MergeSettings = MergeSettings()) -> Path:
+    """Build the DUME checkpoint for ``specs`` into ``out_dir`` (which must not exist or be empty)."""
+    if not specs:
+        raise DumeError("no experts given: pass --expert NAME=MODEL_DIR:DATA_PATH at least once")
+    if not 1 <= settings.top_k <= len(specs):
+        raise DumeError(f"top-k {settings.top_k} is out of range: use 1 to {len(specs)} (the number of experts)")
+    check_free(out_dir)
+    experts = open_experts(specs)
+    with staged_directory(out_dir) as staging:
+        basis = compute_basis(experts)
+        statistics = member_statistics(specs, experts, basis, settings)
+        solved = solve_for_checkpoint(statistics, settings, tensors_hash(basis))
+        write_moe_checkpoint(staging, experts, solved.routers, solved.top_k, solved.dume_block)
+    return out_dir
+
+
+def member_statistics(specs: list[ExpertSpec], experts: dict[str, ExpertDirectory], basis: dict[str, torch.Tensor],
+                      settings: MergeSettings) -> dict[str, torch.Tensor]:
+    """Every member's G under ``basis``; all data is read and packed first, so bad data fails before any forward."""
+    packed = {spec.name: pack_documents(read_documents(spec.data_path), load_tokenizer(spec.model_dir),
+                                        settings.sequence_length)
+              for spec in sorted(specs, key=lambda spec: spec.name)}
+    return {name: statistics_under_basis(experts[name], basis, packed[name], settings.batch_size)
+            for name in sorted(experts)}
+
