@@ -27,6 +27,13 @@ def member(expert_factory):
     return model, data
 
 
+def scaled_difference(left: torch.Tensor, right: torch.Tensor) -> float:
+    """max |left_ij - right_ij| / sqrt(G_ii G_jj): the error of a Gram entry relative to its Cauchy-Schwarz bound."""
+    diagonal = left.diagonal(dim1=1, dim2=2)
+    scale = torch.sqrt(diagonal[:, :, None] * diagonal[:, None, :])
+    return float(((left - right).abs() / scale).max())
+
+
 def test_statistics_of_a_union_are_the_sum_of_the_parts(member):
     model, data = member
     half = len(data.input_ids) // 2
@@ -34,7 +41,10 @@ def test_statistics_of_a_union_are_the_sum_of_the_parts(member):
     second = PackedData(data.input_ids[half:], data.attention_mask[half:])
     whole = collect_statistics(model, data)
     parts = collect_statistics(model, first) + collect_statistics(model, second)
-    torch.testing.assert_close(whole, parts, rtol=1e-10, atol=1e-8)
+    # Each batch's X^T X is a float32 product: other batches round differently, at about 1e-7 of the scale.
+    assert scaled_difference(whole, parts) < 1e-6
+    # Feature sums and counts are summed in float64.
+    torch.testing.assert_close(whole[:, :, -1], parts[:, :, -1], rtol=1e-12, atol=1e-9)
     assert token_count(whole) == data.num_tokens
 
 
