@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from dume.shared.commandline import add_merge_settings, merge_settings, positive_int, run_cli
+from dume.shared.commandline import add_merge_settings, add_placement, merge_settings, placement, positive_int, run_cli
 from dume.shared.lab.demo import format_table, run_demo
 from dume.shared.method.merge import ExpertSpec, merge
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a member: its name, its model directory and its data (.jsonl, .txt or a directory)")
     merge.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     add_merge_settings(merge)
+    add_placement(merge)
     merge.set_defaults(run=run_merge)
     demo = commands.add_parser("demo", help="train three tiny experts, federate them on loopback (coordinator and "
                                "three nodes), revoke one, and compare perplexities")
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_merge(args: argparse.Namespace) -> None:
-    out = merge(args.expert, args.out, merge_settings(args))
+    out = merge(args.expert, args.out, merge_settings(args), placement(args))
     print(f"wrote {out}")
 
 

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from dume.shared.errors import DumeError
+from dume.shared.method.placement import DTYPES, Placement
 from dume.shared.method.ridge import DEFAULT_RHO
 from dume.shared.method.routers import MergeSettings
 
@@ -40,6 +41,20 @@ def add_merge_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-normalize", action="store_true", help="keep raw ridge columns (no L2 normalisation)")
     parser.add_argument("--sequence-length", type=positive_int, default=256, help="tokens per packed row")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass")
+
+
+def add_placement(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``: where a command runs the model (``dume merge``, ``dume-node join``)."""
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N, or auto (default: the GPU if torch sees one, else the CPU)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                        help="precision of the model's forward (default: the model's own, typically bfloat16)")
+
+
+def placement(args: argparse.Namespace) -> Placement:
+    chosen = Placement(args.device, args.dtype)
+    chosen.torch_device()  # refuse a device this machine cannot use before any heavy work
+    return chosen
 
 
 def merge_settings(args: argparse.Namespace) -> MergeSettings:

@@ -206,6 +206,16 @@ def test_mismatched_experts(experts, tmp_path, out, family: str, overrides: dict
             ["top-k 3", "1 to 2"],
             id="top-k-above-experts",
         ),
+        pytest.param(
+            lambda e: spec_args(e["code"], e["math"]) + ["--device", "tpu"],
+            ["--device 'tpu'", "cpu, cuda, cuda:N or auto"],
+            id="unknown-device",
+        ),
+        pytest.param(
+            lambda e: spec_args(e["code"], e["math"]) + ["--device", "cuda:7"],
+            ["--device cuda:7", "GPU"],
+            id="missing-gpu",
+        ),
     ],
 )
 def test_bad_members_and_settings(experts, out, make_args: Callable, fragments: list[str]):

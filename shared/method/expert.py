@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from dume.shared.errors import DumeError
 from dume.shared.method.families import Family, detect_family, read_config
+from dume.shared.method.placement import CPU, Placement
 
 
 class DenseWeights:
@@ -116,9 +117,16 @@ class ExpertDirectory(DenseWeights):
         return layout
 
 
-def load_dense_model(expert: ExpertDirectory) -> torch.nn.Module:
-    """The expert's dense model, in its own dtype, in evaluation mode."""
-    model = AutoModelForCausalLM.from_pretrained(str(expert.path), dtype="auto", local_files_only=True)
+def load_dense_model(expert: ExpertDirectory, placement: Placement = CPU) -> torch.nn.Module:
+    """The expert's dense model in evaluation mode, where and in the precision ``placement`` says (by default on
+    the CPU in its own dtype)."""
+    arguments = placement.loading_arguments()
+    if "device_map" in arguments:
+        try:
+            import accelerate  # noqa: F401  (from_pretrained needs it for a device map)
+        except ImportError:
+            raise DumeError("running on a GPU needs accelerate: pip install accelerate") from None
+    model = AutoModelForCausalLM.from_pretrained(str(expert.path), local_files_only=True, **arguments)
     return model.eval()
 
 

@@ -27,6 +27,7 @@ from dume.shared.method.averaging import compute_basis, tensors_hash
 from dume.shared.method.data import load_tokenizer, pack_documents, read_documents
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.families import check_same_architecture
+from dume.shared.method.placement import CPU, Placement
 from dume.shared.method.routers import MergeSettings, solve_for_checkpoint
 from dume.shared.method.statistics import statistics_under_basis
 from dume.shared.method.writer import write_moe_checkpoint
@@ -71,8 +72,10 @@ def open_experts(specs: list[ExpertSpec]) -> dict[str, ExpertDirectory]:
     return experts
 
 
-def merge(specs: list[ExpertSpec], out_dir: Path, settings: MergeSettings = MergeSettings()) -> Path:
-    """Build the DUME checkpoint for ``specs`` into ``out_dir`` (which must not exist or be empty)."""
+def merge(specs: list[ExpertSpec], out_dir: Path, settings: MergeSettings = MergeSettings(),
+          placement: Placement = CPU) -> Path:
+    """Build the DUME checkpoint for ``specs`` into ``out_dir`` (which must not exist or be empty); the statistics'
+    forward passes run where ``placement`` says."""
     if not specs:
         raise DumeError("no experts given: pass --expert NAME=MODEL_DIR:DATA_PATH at least once")
     if not 1 <= settings.top_k <= len(specs):
@@ -81,18 +84,18 @@ def merge(specs: list[ExpertSpec], out_dir: Path, settings: MergeSettings = Merg
     experts = open_experts(specs)
     with staged_directory(out_dir) as staging:
         basis = compute_basis(experts)
-        statistics = member_statistics(specs, experts, basis, settings)
+        statistics = member_statistics(specs, experts, basis, settings, placement)
         solved = solve_for_checkpoint(statistics, settings, tensors_hash(basis))
         write_moe_checkpoint(staging, experts, solved.routers, solved.top_k, solved.dume_block)
     return out_dir
 
 
 def member_statistics(specs: list[ExpertSpec], experts: dict[str, ExpertDirectory], basis: dict[str, torch.Tensor],
-                      settings: MergeSettings) -> dict[str, torch.Tensor]:
+                      settings: MergeSettings, placement: Placement = CPU) -> dict[str, torch.Tensor]:
     """Every member's G under ``basis``; all data is read and packed first, so bad data fails before any forward."""
     packed = {spec.name: pack_documents(read_documents(spec.data_path), load_tokenizer(spec.model_dir),
                                         settings.sequence_length)
               for spec in sorted(specs, key=lambda spec: spec.name)}
-    return {name: statistics_under_basis(experts[name], basis, packed[name], settings.batch_size)
+    return {name: statistics_under_basis(experts[name], basis, packed[name], settings.batch_size, placement)
             for name in sorted(experts)}
 

@@ -21,6 +21,7 @@ import torch
 from dume.shared.method.data import PackedData
 from dume.shared.method.expert import ExpertDirectory, load_dense_model, overwrite_parameters
 from dume.shared.method.families import detect_family
+from dume.shared.method.placement import CPU, Placement
 from dume.shared.progress import progress
 
 STATISTICS_DTYPE = "F64"  # the safetensors / wire name of the statistics' dtype
@@ -44,13 +45,15 @@ def collect_statistics(
     family = detect_family(model.config.to_dict())
     layers = model.model.layers
     hidden = model.config.hidden_size
-    device = next(model.parameters()).device
-    gram = torch.zeros(len(layers), hidden + 1, hidden + 1, dtype=torch.float64, device=device)
+    # One accumulator per layer, on that layer's device (a device map may spread the layers over several GPUs).
+    grams = [torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64, device=next(layer.parameters()).device)
+             for layer in layers]
+    input_device = model.model.embed_tokens.weight.device
     mask: torch.Tensor | None = None
 
     def accumulate(index: int):
         def hook(_module, _inputs, output):
-            add_gram(gram[index], output.reshape(-1, hidden)[mask])
+            add_gram(grams[index], output.reshape(-1, hidden)[mask.to(output.device)])
             if index == len(layers) - 1:
                 raise _LastLayerCaptured
 
@@ -63,9 +66,9 @@ def collect_statistics(
     try:
         with torch.inference_mode():
             for input_ids, attention_mask in progress(data.batches(batch_size), description, "batch"):
-                mask = attention_mask.reshape(-1).bool().to(device)
+                mask = attention_mask.reshape(-1).bool()
                 try:
-                    model.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    model.model(input_ids=input_ids.to(input_device), attention_mask=attention_mask.to(input_device),
                                 use_cache=False)
                 except _LastLayerCaptured:
                     pass
@@ -73,8 +76,9 @@ def collect_statistics(
         torch.backends.cuda.matmul.allow_tf32 = tf32
         for handle in handles:
             handle.remove()
+    gram = torch.stack([layer_gram.cpu() for layer_gram in grams])
     # Mirror the upper triangle: only it travels, so the local and federated paths see the same exact matrix.
-    return from_upper_triangle(upper_triangle(gram.cpu()), hidden + 1)
+    return from_upper_triangle(upper_triangle(gram), hidden + 1)
 
 
 # Column blocks of the upper-triangle product: fewer blocks waste less of the lower triangle's work, more blocks
@@ -99,9 +103,9 @@ def add_gram(accumulator: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def statistics_under_basis(expert: ExpertDirectory, basis: Mapping[str, torch.Tensor], data: PackedData,
-                           batch_size: int) -> torch.Tensor:
+                           batch_size: int, placement: Placement = CPU) -> torch.Tensor:
     """One member's G under ``basis``: its own model with the shared parameters swapped for the basis."""
-    model = load_dense_model(expert)
+    model = load_dense_model(expert, placement)
     overwrite_parameters(model, basis)
     return collect_statistics(model, data, batch_size, description=f"statistics {expert.name}")
 

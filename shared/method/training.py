@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from dume.shared.errors import DumeError
 from dume.shared.method.data import load_tokenizer, pack_documents, read_documents
 from dume.shared.method.families import detect_family
+from dume.shared.method.placement import Placement
 from dume.shared.progress import progress
 
 
@@ -48,11 +49,12 @@ def train(base_dir: Path, data_path: Path, out_dir: Path, settings: TrainSetting
         raise DumeError(f"cannot train {settings.trainable!r} parameters: use one of {', '.join(TRAINABLE)}")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise DumeError(f"output {out_dir} already exists: remove it or choose another --out")
+    device = Placement(settings.device).torch_device()
     tokenizer = load_tokenizer(base_dir)
     data = pack_documents(read_documents(data_path), tokenizer, settings.sequence_length)
     torch.manual_seed(settings.seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
-    model.to(settings.device).train()
+    model.to(device).train()
     family = detect_family(model.config.to_dict(), f"the base model {base_dir}")
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(settings.trainable == "all" or family.mlp_location(name) is not None)
@@ -61,7 +63,7 @@ def train(base_dir: Path, data_path: Path, out_dir: Path, settings: TrainSetting
     generator = torch.Generator().manual_seed(settings.seed)
     for _ in progress(range(settings.steps), f"training {out_dir.name}", "step"):
         rows = torch.randint(0, len(data.input_ids), (settings.batch_size,), generator=generator)
-        batch = data.input_ids[rows].to(settings.device), data.attention_mask[rows].to(settings.device)
+        batch = data.input_ids[rows].to(device), data.attention_mask[rows].to(device)
         loss = causal_lm_loss(model, *batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
