@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     add_merge_settings(merge)
     add_placement(merge)
+    merge.add_argument("--max-tokens", type=positive_int,
+                       help="statistics from at most this many tokens of each expert's data (default: all of it)")
     merge.set_defaults(run=run_merge)
     demo = commands.add_parser("demo", help="train three tiny experts, federate them on loopback (coordinator and "
                                "three nodes), revoke one, and compare perplexities")
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_merge(args: argparse.Namespace) -> None:
-    out = merge(args.expert, args.out, merge_settings(args), placement(args))
+    out = merge(args.expert, args.out, merge_settings(args), placement(args), args.max_tokens)
     print(f"wrote {out}")
 
 

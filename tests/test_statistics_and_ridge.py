@@ -10,7 +10,7 @@ import torch
 
 from dume.shared.errors import DumeError
 from dume.shared.method.averaging import compute_basis
-from dume.shared.method.data import PackedData, load_tokenizer, pack_documents, read_documents
+from dume.shared.method.data import DocumentStream, PackedData, load_tokenizer, pack_documents, read_documents
 from dume.shared.method.expert import load_dense_model, overwrite_parameters
 from dume.shared.method.merge import open_experts
 from dume.shared.method.ridge import solve_routers
@@ -46,6 +46,15 @@ def test_statistics_of_a_union_are_the_sum_of_the_parts(member):
     # Feature sums and counts are summed in float64.
     torch.testing.assert_close(whole[:, :, -1], parts[:, :, -1], rtol=1e-12, atol=1e-9)
     assert token_count(whole) == data.num_tokens
+
+
+def test_streamed_data_gives_the_packed_statistics_and_max_tokens_caps_them(member, expert_factory):
+    model, data = member
+    spec = expert_factory("llama")["code"]
+    stream = DocumentStream(spec.data_path, load_tokenizer(spec.model_dir), 32)
+    assert torch.equal(collect_statistics(model, stream), collect_statistics(model, data))
+    capped = collect_statistics(model, DocumentStream(spec.data_path, load_tokenizer(spec.model_dir), 32, 100))
+    assert token_count(capped) == 100 < data.num_tokens
 
 
 def test_padding_tokens_do_not_count(member):

@@ -24,7 +24,7 @@ import torch
 from dume.shared.errors import DumeError
 from dume.shared.files import check_free, staged_directory
 from dume.shared.method.averaging import compute_basis, tensors_hash
-from dume.shared.method.data import load_tokenizer, pack_documents, read_documents
+from dume.shared.method.data import DocumentStream, check_documents, load_tokenizer
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.families import check_same_architecture
 from dume.shared.method.placement import CPU, Placement
@@ -73,9 +73,9 @@ def open_experts(specs: list[ExpertSpec]) -> dict[str, ExpertDirectory]:
 
 
 def merge(specs: list[ExpertSpec], out_dir: Path, settings: MergeSettings = MergeSettings(),
-          placement: Placement = CPU) -> Path:
+          placement: Placement = CPU, max_tokens: int | None = None) -> Path:
     """Build the DUME checkpoint for ``specs`` into ``out_dir`` (which must not exist or be empty); the statistics'
-    forward passes run where ``placement`` says."""
+    forward passes run where ``placement`` says, over at most ``max_tokens`` of each expert's data."""
     if not specs:
         raise DumeError("no experts given: pass --expert NAME=MODEL_DIR:DATA_PATH at least once")
     if not 1 <= settings.top_k <= len(specs):
@@ -84,18 +84,21 @@ def merge(specs: list[ExpertSpec], out_dir: Path, settings: MergeSettings = Merg
     experts = open_experts(specs)
     with staged_directory(out_dir) as staging:
         basis = compute_basis(experts)
-        statistics = member_statistics(specs, experts, basis, settings, placement)
+        statistics = member_statistics(specs, experts, basis, settings, placement, max_tokens)
         solved = solve_for_checkpoint(statistics, settings, tensors_hash(basis))
         write_moe_checkpoint(staging, experts, solved.routers, solved.top_k, solved.dume_block)
     return out_dir
 
 
 def member_statistics(specs: list[ExpertSpec], experts: dict[str, ExpertDirectory], basis: dict[str, torch.Tensor],
-                      settings: MergeSettings, placement: Placement = CPU) -> dict[str, torch.Tensor]:
-    """Every member's G under ``basis``; all data is read and packed first, so bad data fails before any forward."""
-    packed = {spec.name: pack_documents(read_documents(spec.data_path), load_tokenizer(spec.model_dir),
-                                        settings.sequence_length)
-              for spec in sorted(specs, key=lambda spec: spec.name)}
-    return {name: statistics_under_basis(experts[name], basis, packed[name], settings.batch_size, placement)
+                      settings: MergeSettings, placement: Placement = CPU,
+                      max_tokens: int | None = None) -> dict[str, torch.Tensor]:
+    """Every member's G under ``basis``, its data streamed; every data file and tokenizer is checked first, so bad
+    data fails before any forward pass."""
+    streams = {}
+    for spec in sorted(specs, key=lambda spec: spec.name):
+        check_documents(spec.data_path)
+        streams[spec.name] = DocumentStream(spec.data_path, load_tokenizer(spec.model_dir), settings.sequence_length,
+                                            max_tokens)
+    return {name: statistics_under_basis(experts[name], basis, streams[name], settings.batch_size, placement)
             for name in sorted(experts)}
-

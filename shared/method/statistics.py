@@ -18,11 +18,12 @@ from collections.abc import Mapping
 
 import torch
 
-from dume.shared.method.data import PackedData
+from dume.shared.errors import DumeError
+from dume.shared.method.data import Batches
 from dume.shared.method.expert import ExpertDirectory, load_dense_model, overwrite_parameters
 from dume.shared.method.families import detect_family
 from dume.shared.method.placement import CPU, Placement
-from dume.shared.progress import progress
+from dume.shared.progress import token_progress
 
 STATISTICS_DTYPE = "F64"  # the safetensors / wire name of the statistics' dtype
 
@@ -33,7 +34,7 @@ class _LastLayerCaptured(Exception):
 
 
 def collect_statistics(
-    model: torch.nn.Module, data: PackedData, batch_size: int = 8, description: str = "statistics"
+    model: torch.nn.Module, data: Batches, batch_size: int = 8, description: str = "statistics"
 ) -> torch.Tensor:
     """``G`` for every layer, shape (layers, d+1, d+1), float64 on the CPU; padding positions are masked out.
 
@@ -64,19 +65,22 @@ def collect_statistics(
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        with torch.inference_mode():
-            for input_ids, attention_mask in progress(data.batches(batch_size), description, "batch"):
+        with torch.inference_mode(), token_progress(data.expected_tokens, description) as bar:
+            for input_ids, attention_mask in data.batches(batch_size):
                 mask = attention_mask.reshape(-1).bool()
                 try:
                     model.model(input_ids=input_ids.to(input_device), attention_mask=attention_mask.to(input_device),
                                 use_cache=False)
                 except _LastLayerCaptured:
                     pass
+                bar.update(int(mask.sum()))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         for handle in handles:
             handle.remove()
     gram = torch.stack([layer_gram.cpu() for layer_gram in grams])
+    if not token_count(gram):
+        raise DumeError("the data produced no tokens with this tokenizer: check the data and the model's tokenizer")
     # Mirror the upper triangle: only it travels, so the local and federated paths see the same exact matrix.
     return from_upper_triangle(upper_triangle(gram), hidden + 1)
 
@@ -102,7 +106,7 @@ def add_gram(accumulator: torch.Tensor, x: torch.Tensor) -> None:
     accumulator[hidden, hidden] += len(x)
 
 
-def statistics_under_basis(expert: ExpertDirectory, basis: Mapping[str, torch.Tensor], data: PackedData,
+def statistics_under_basis(expert: ExpertDirectory, basis: Mapping[str, torch.Tensor], data: Batches,
                            batch_size: int, placement: Placement = CPU) -> torch.Tensor:
     """One member's G under ``basis``: its own model with the shared parameters swapped for the basis."""
     model = load_dense_model(expert, placement)
