@@ -6,6 +6,7 @@ Tensors are read one at a time from the safetensors files, so that merging never
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +21,7 @@ from dume.shared.method.families import Family, detect_family, read_config
 from dume.shared.method.placement import CPU, Placement
 
 
-class DenseWeights:
+class DenseWeights(ABC):
     """A member's dense model as the method reads it, tensor by tensor: an ``ExpertDirectory`` on a member's disk,
     or the coordinator's copy of a member's upload. Subclasses set ``config``, ``family`` and ``parameter_names``
     and read tensors and files; the split into shared and MLP parameters is the family's."""
@@ -30,15 +31,15 @@ class DenseWeights:
     family: Family
 
     @property
-    def parameter_names(self) -> list[str]:
-        raise NotImplementedError
+    @abstractmethod
+    def parameter_names(self) -> list[str]: ...
 
-    def tensor(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def tensor(self, name: str) -> torch.Tensor: ...
 
+    @abstractmethod
     def read_file(self, name: str) -> bytes | None:
         """A non-tensor file of the model (tokenizer, config), or None if it has none."""
-        raise NotImplementedError
 
     @property
     def num_layers(self) -> int:
