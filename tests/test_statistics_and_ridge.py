@@ -13,8 +13,14 @@ from dume.shared.method.averaging import compute_basis
 from dume.shared.method.data import DocumentStream, PackedData, load_tokenizer, pack_documents, read_documents
 from dume.shared.method.expert import load_dense_model, overwrite_parameters
 from dume.shared.method.merge import open_experts
-from dume.shared.method.ridge import solve_routers
-from dume.shared.method.statistics import collect_statistics, from_upper_triangle, token_count, upper_triangle
+from dume.shared.method.ridge import check_solvable, solve_routers
+from dume.shared.method.statistics import (
+    collect_statistics,
+    exceeds_norm_bound,
+    from_upper_triangle,
+    token_count,
+    upper_triangle,
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +61,25 @@ def test_streamed_data_gives_the_packed_statistics_and_max_tokens_caps_them(memb
     assert torch.equal(collect_statistics(model, stream), collect_statistics(model, data))
     capped = collect_statistics(model, DocumentStream(spec.data_path, load_tokenizer(spec.model_dir), 32, 100))
     assert token_count(capped) == 100 < data.num_tokens
+
+
+def test_honest_statistics_are_solvable_and_within_the_norm_bound_and_forged_ones_are_not(member):
+    model, data = member
+    gram = collect_statistics(model, data)
+    weights = [layer.post_attention_layernorm.weight.detach() for layer in model.model.layers]
+    assert check_solvable(gram, rho=1e-3, router_bias=False) is None
+    assert check_solvable(gram, rho=1e-3, router_bias=True) is None
+    assert not any(exceeds_norm_bound(gram[layer], weights[layer]) for layer in range(len(weights)))
+
+    inflated = gram.clone()
+    inflated[1, :-1, :-1] *= 1.2  # more energy than the same token count of normalised states can carry
+    assert exceeds_norm_bound(inflated[1], weights[1]) and not exceeds_norm_bound(inflated[0], weights[0])
+
+    indefinite = gram.clone()
+    direction = torch.zeros(gram.shape[-1], dtype=torch.float64)
+    direction[:2] = torch.tensor([1.0, -1.0]) / 2**0.5
+    indefinite[1] -= 10 * float(torch.trace(gram[1])) * torch.outer(direction, direction)
+    assert check_solvable(indefinite, rho=1e-3, router_bias=False) == 1
 
 
 def test_padding_tokens_do_not_count(member):

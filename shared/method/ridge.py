@@ -14,6 +14,7 @@ are masked out of routing rather than given a zero logit that could win.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -55,13 +56,14 @@ def solve_routers(
     total = grams[0].clone()
     for gram in grams[1:]:  # sorted member order, so the same member set always gives the same bytes
         total += gram
-    size = total.shape[-1] if router_bias else total.shape[-1] - 1
+    size = system_size(total, router_bias)
     routers = []
     for layer in range(total.shape[0]):
-        system = total[layer, :size, :size]
+        factor, ridge_lambda = _factor(total[layer, :size, :size], rho)
+        if factor is None:
+            raise DumeError(f"layer {layer}: the statistics are not positive definite even with ridge: increase rho")
         targets = torch.stack([gram[layer, :size, -1] for gram in grams], dim=1)
-        ridge_lambda = rho * float(torch.trace(system)) / size
-        solution = _ridge(system, targets, ridge_lambda, layer)
+        solution = torch.cholesky_solve(targets, factor)
         weight, bias = solution[: total.shape[-1] - 1].T, (solution[-1] if router_bias else None)
         if normalize:
             norms = weight.norm(dim=1)
@@ -75,9 +77,28 @@ def solve_routers(
     return routers
 
 
-def _ridge(system: torch.Tensor, targets: torch.Tensor, ridge_lambda: float, layer: int) -> torch.Tensor:
+def system_size(gram: torch.Tensor, router_bias: bool) -> int:
+    """How much of G the solve uses: all of it with an intercept, else the X^T X block."""
+    return gram.shape[-1] if router_bias else gram.shape[-1] - 1
+
+
+def _factor(system: torch.Tensor, rho: float) -> tuple[torch.Tensor | None, float]:
+    """The Cholesky factor of ``system + lambda I`` (None if it does not factorise) and lambda."""
+    ridge_lambda = rho * float(torch.trace(system)) / system.shape[0]
     regularized = system + ridge_lambda * torch.eye(system.shape[0], dtype=torch.float64)
     factor, info = torch.linalg.cholesky_ex(regularized)
-    if int(info) != 0:
-        raise DumeError(f"layer {layer}: the statistics are not positive definite even with ridge: increase rho")
-    return torch.cholesky_solve(targets, factor)
+    return (factor if int(info) == 0 and math.isfinite(ridge_lambda) else None), ridge_lambda
+
+
+def check_solvable(gram: torch.Tensor, rho: float, router_bias: bool) -> int | None:
+    """The first layer whose ``G + lambda I`` does not factorise (None if every layer does).
+
+    lambda is what the solve takes for these statistics alone. Since lambda is linear in G, the federation's
+    ``sum_j G_j + lambda I`` is the sum of every member's ``G_j + lambda_j I``: when each member's factorises, so
+    does the sum, and no member's statistics can make the routers unsolvable for the others.
+    """
+    size = system_size(gram, router_bias)
+    for layer in range(gram.shape[0]):
+        if _factor(gram[layer, :size, :size].to(torch.float64), rho)[0] is None:
+            return layer
+    return None

@@ -134,6 +134,27 @@ def from_upper_triangle(packed: torch.Tensor, size: int) -> torch.Tensor:
     return gram
 
 
+# RMSNorm outputs are computed in the model's dtype: bfloat16 rounds each to 2^-8, so allow a few percent.
+NORM_BOUND_TOLERANCE = 0.05
+
+
+def exceeds_norm_bound(gram: torch.Tensor, norm_weight: torch.Tensor) -> bool:
+    """Whether one layer's G holds more energy than RMS-normalised hidden states can have.
+
+    The router input is ``y = w * x / rms(x)`` and ``sum_i (x_i / rms(x))^2 <= d``, so every token adds at most d
+    to ``sum_i y_i^2 / w_i^2``: over n tokens ``sum_i G_ii / w_i^2 <= n d``, and ``G_ii = 0`` where ``w_i = 0``.
+    Statistics above that bound did not come from the model (scaled, or crafted to swamp the others' routers).
+    """
+    hidden = gram.shape[-1] - 1
+    diagonal, count = gram.diagonal()[:hidden].to(torch.float64), float(gram[-1, -1])
+    weight = norm_weight.to(torch.float64).square()
+    used = weight > 0
+    if bool((diagonal[~used] > 0).any()):
+        return True
+    energy = float((diagonal[used] / weight[used]).sum())
+    return not energy <= count * hidden * (1 + NORM_BOUND_TOLERANCE)
+
+
 # -- the layout on disk and on the wire ---------------------------------------------------------------------------
 def layer_name(layer: int) -> str:
     return f"layers.{layer}"
