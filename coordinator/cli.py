@@ -16,9 +16,9 @@ from pathlib import Path
 
 import grpc
 
+from dume.coordinator import messages
 from dume.coordinator.daemon import serve
 from dume.coordinator.state_dir import StateDir, initialise
-from dume.coordinator.validation import architecture_of
 from dume.shared.commandline import add_merge_settings, merge_settings, positive_int, run_cli
 from dume.shared.errors import DumeError
 from dume.shared.method.expert import ExpertDirectory
@@ -26,10 +26,9 @@ from dume.shared.transport.blobs import BlobStore
 from dume.shared.transport.channels import mutual_tls_channel, refusal
 from dume.shared.transport.download import fetch_version
 from dume.shared.trust import pki
-from dume.shared.trust.audit import AuditEntry, verify_chain
+from dume.shared.trust.audit import verify_chain
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
-from dume.v1 import tensors_pb2
 
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -55,10 +54,7 @@ def run_init(args: argparse.Namespace) -> None:
     architecture = None
     if args.architecture:
         expert = ExpertDirectory(args.architecture, "the architecture model")
-        layout = tensors_pb2.TensorManifest(tensors=[
-            tensors_pb2.TensorEntry(name=name, dtype=dtype, shape=list(shape))
-            for name, (shape, dtype) in sorted(expert.tensor_layout().items())])
-        architecture = architecture_of(expert.config, layout)
+        architecture = messages.architecture_of(expert.config, messages.layout_manifest(expert.tensor_layout()))
     state = initialise(args.state, args.listen, args.enrolment_listen, args.advertise, args.enrolment_advertise,
                        merge_settings(args), architecture)
     print(f"initialised {state.root}; start it with `dume-coordinator serve --state {state.root}`")
@@ -83,16 +79,7 @@ def status_object(state: StateDir) -> dict:
         status = admin.Status(pb.StatusRequest())
     except grpc.RpcError as error:
         raise refusal(error, "cannot read the status") from None
-    return {
-        "version": status.version or None,
-        "exact": status.exact,
-        "basis_hash": status.basis_hash or None,
-        "members": [{"name": m.name, "state": m.state, "online": m.online, "stats_current": m.stats_current,
-                     "token_count": m.token_count, **({"reason": m.reason} if m.reason else {})}
-                    for m in status.members],
-        "audit_entries": status.audit_entries,
-        "settings": json.loads(status.settings_json),
-    }
+    return messages.status_dict(status)
 
 
 def run_status(args: argparse.Namespace) -> None:
@@ -130,8 +117,7 @@ def run_export(args: argparse.Namespace) -> None:
 def run_audit(args: argparse.Namespace) -> None:
     admin, _ = admin_stubs(StateDir(args.state))
     try:
-        entries = [AuditEntry(e.sequence, e.at, e.kind, e.subject, e.detail_json, e.previous_hash, e.entry_hash)
-                   for e in admin.Audit(pb.AuditRequest()).entries]
+        entries = [messages.audit_entry(entry) for entry in admin.Audit(pb.AuditRequest()).entries]
     except grpc.RpcError as error:
         raise refusal(error, "cannot read the audit log") from None
     if args.verify:

@@ -1,5 +1,5 @@
 """``dume-coordinator serve``: the daemon. Two listeners (mutual TLS for members and admins, server TLS for
-enrolment), the publisher thread, and a clean drain on SIGTERM or SIGINT."""
+enrolment) in front of one ``Coordinator`` and its publisher thread, and a clean drain on SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from concurrent import futures
 
 import grpc
 
-from dume.coordinator.service import AdminService, Coordinator, EnrolmentService, FederationService
+from dume.coordinator.federation import Coordinator
+from dume.coordinator.servicers import AdminService, EnrolmentService, FederationService
 from dume.coordinator.state_dir import StateDir
 from dume.shared.errors import DumeError
 from dume.shared.transport.channels import MESSAGE_BYTES
@@ -63,12 +64,10 @@ def serve(state: StateDir) -> int:
     while not stop.wait(0.5):  # a timed wait lets the signal handlers run promptly
         pass
     log.info("draining")
-    coordinator.stopping = True
-    coordinator.notify()
+    coordinator.begin_drain()
     enrolment.stop(DRAIN_SECONDS)
     members.stop(DRAIN_SECONDS).wait()
-    coordinator.publisher.stop()
-    coordinator.store.close()
+    coordinator.close()
     state.daemon.unlink(missing_ok=True)
     log.info("stopped")
     return 0

@@ -16,17 +16,13 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from dume.shared.errors import DumeError
+from dume.coordinator.errors import Refused
 from dume.shared.transport.blobs import BlobStore, sha256_file
 from dume.shared.transport.wire import DTYPES, expected_size
 from dume.v1 import federation_pb2
 
 MAX_CHUNK_BYTES = 1 << 20
 MAX_BLOBS = 100_000
-
-
-class UploadRefused(DumeError):
-    """The request itself is wrong (not a validation failure of the content)."""
 
 
 @dataclass(frozen=True)
@@ -44,33 +40,35 @@ def upload_id(member: str, plan: federation_pb2.UploadPlan) -> str:
 def planned_sizes(plan: federation_pb2.UploadPlan) -> dict[str, int]:
     """Each blob's size, after checking the plan describes itself consistently."""
     if plan.kind not in (federation_pb2.UPLOAD_KIND_MODEL, federation_pb2.UPLOAD_KIND_STATISTICS):
-        raise UploadRefused("the upload kind is missing: say whether it is a model or statistics")
+        raise Refused("invalid", "the upload kind is missing: say whether it is a model or statistics")
     names = [entry.name for entry in plan.manifest.tensors] + [file.name for file in plan.files]
     if len(set(names)) != len(names) or len(names) > MAX_BLOBS:
-        raise UploadRefused("the upload names a tensor or file twice (or too many): send each once")
+        raise Refused("invalid", "the upload names a tensor or file twice (or too many): send each once")
     sizes: dict[str, int] = {}
     for entry in plan.manifest.tensors:
         if entry.dtype not in DTYPES or any(dimension < 0 for dimension in entry.shape):
-            raise UploadRefused(f"tensor {entry.name} has dtype {entry.dtype!r} and shape {list(entry.shape)}: "
-                                f"use one of {sorted(DTYPES)} and a non-negative shape")
+            raise Refused("invalid", f"tensor {entry.name} has dtype {entry.dtype!r} and shape "
+                          f"{list(entry.shape)}: use one of {sorted(DTYPES)} and a non-negative shape")
         if entry.size_bytes != expected_size(entry):
-            raise UploadRefused(f"tensor {entry.name} declares {entry.size_bytes} bytes, its shape and dtype make "
-                                f"{expected_size(entry)}")
+            raise Refused("invalid", f"tensor {entry.name} declares {entry.size_bytes} bytes, its shape and dtype "
+                          f"make {expected_size(entry)}")
         sizes[_checked_sha(entry.sha256, entry.name)] = entry.size_bytes
     for file in plan.files:
         if "/" in file.name or file.name.startswith(".") or file.size_bytes < 0:
-            raise UploadRefused(f"file name {file.name!r} is not a plain file name")
+            raise Refused("invalid", f"file name {file.name!r} is not a plain file name")
         sizes[_checked_sha(file.sha256, file.name)] = file.size_bytes
     return sizes
 
 
 def _checked_sha(sha256: str, name: str) -> str:
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-        raise UploadRefused(f"{name} has no valid SHA-256 (64 lowercase hex digits)")
+        raise Refused("invalid", f"{name} has no valid SHA-256 (64 lowercase hex digits)")
     return sha256
 
 
 class Uploads:
+    """The uploads in progress: their plans in memory (a restart forgets them) and their staged blobs on disk."""
+
     def __init__(self, root: Path, blobs: BlobStore) -> None:
         self.root = root
         self.blobs = blobs
@@ -78,24 +76,26 @@ class Uploads:
         self._plans: dict[str, PlannedUpload] = {}
         self._lock = threading.Lock()
 
-    def begin(self, member: str, plan: federation_pb2.UploadPlan) -> federation_pb2.UploadState:
+    def begin(self, member: str, plan: federation_pb2.UploadPlan) -> PlannedUpload:
         planned = PlannedUpload(upload_id(member, plan), member, plan, planned_sizes(plan))
         (self.root / planned.upload_id).mkdir(exist_ok=True)
         with self._lock:
             self._plans[planned.upload_id] = planned
-        return self.state(planned)
+        return planned
 
-    def state(self, planned: PlannedUpload) -> federation_pb2.UploadState:
-        return federation_pb2.UploadState(upload_id=planned.upload_id, blobs=[
-            federation_pb2.BlobOffset(sha256=sha, offset=self._held(planned, sha)) for sha in sorted(planned.sizes)])
+    def held(self, planned: PlannedUpload) -> dict[str, int]:
+        """Bytes durably held of each blob (sha256 -> offset): where a resumed upload continues."""
+        return {sha: self._held(planned, sha) for sha in sorted(planned.sizes)}
 
     def planned(self, member: str, upload: str) -> PlannedUpload:
         with self._lock:
             planned = self._plans.get(upload)
         if planned is None:
-            raise UploadRefused(f"upload {upload} is not open (the coordinator may have restarted): begin it again")
+            raise Refused("precondition",
+                          f"upload {upload} is not open (the coordinator may have restarted): begin it again")
         if planned.member != member:
-            raise PermissionError(f"upload {upload} belongs to {planned.member!r}; a node uploads only for itself")
+            raise Refused("permission",
+                          f"upload {upload} belongs to {planned.member!r}; a node uploads only for itself")
         return planned
 
     def _held(self, planned: PlannedUpload, sha256: str) -> int:
@@ -110,28 +110,28 @@ class Uploads:
     def _part_path(self, planned: PlannedUpload, sha256: str) -> Path:
         return self.root / planned.upload_id / f"{sha256}.part"
 
-    def write(self, planned: PlannedUpload, chunk: federation_pb2.Chunk) -> None:
+    def write(self, planned: PlannedUpload, sha256: str, offset: int, data: bytes) -> None:
         """Appends one chunk at the offset already held, durably; a finished blob is verified at once."""
-        size = planned.sizes.get(chunk.sha256)
+        size = planned.sizes.get(sha256)
         if size is None:
-            raise UploadRefused(f"blob {chunk.sha256[:12]} is not part of upload {planned.upload_id}")
-        if len(chunk.data) > MAX_CHUNK_BYTES:
-            raise UploadRefused(f"a chunk holds {len(chunk.data)} bytes; send at most {MAX_CHUNK_BYTES}")
-        held = self._held(planned, chunk.sha256)
-        if chunk.offset != held or held + len(chunk.data) > size:
-            raise UploadRefused(f"blob {chunk.sha256[:12]}: chunk at offset {chunk.offset} does not continue the "
-                                f"{held} of {size} bytes held: resume from the offset BeginUpload reports")
-        part = self._part_path(planned, chunk.sha256)
+            raise Refused("precondition", f"blob {sha256[:12]} is not part of upload {planned.upload_id}")
+        if len(data) > MAX_CHUNK_BYTES:
+            raise Refused("precondition", f"a chunk holds {len(data)} bytes; send at most {MAX_CHUNK_BYTES}")
+        held = self._held(planned, sha256)
+        if offset != held or held + len(data) > size:
+            raise Refused("precondition", f"blob {sha256[:12]}: chunk at offset {offset} does not continue the "
+                          f"{held} of {size} bytes held: resume from the offset BeginUpload reports")
+        part = self._part_path(planned, sha256)
         with open(part, "ab") as handle:
-            handle.write(chunk.data)
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        if held + len(chunk.data) == size:
-            if sha256_file(part) != chunk.sha256:
+        if held + len(data) == size:
+            if sha256_file(part) != sha256:
                 part.unlink()
-                raise UploadRefused(f"blob {chunk.sha256[:12]} does not match its SHA-256: it was corrupted; "
-                                    "it is discarded, send it again")
-            os.replace(part, self.complete_path(planned, chunk.sha256))
+                raise Refused("precondition", f"blob {sha256[:12]} does not match its SHA-256: it was corrupted; "
+                              "it is discarded, send it again")
+            os.replace(part, self.complete_path(planned, sha256))
 
     def blob_path(self, planned: PlannedUpload, sha256: str) -> Path:
         """Where a complete blob of the upload lies: its staging file, or the store if it already held it."""

@@ -20,16 +20,10 @@ from dume.shared.method.families import check_same_architecture, detect_family
 from dume.shared.method.statistics import expected_layout, from_upper_triangle
 from dume.shared.transport.blobs import read_range
 from dume.shared.transport.wire import DTYPES, tensor_from_bytes
-from dume.v1 import federation_pb2, tensors_pb2
+from dume.v1 import tensors_pb2
 
 CHECK_BYTES = 1 << 22
 CAUCHY_SCHWARZ_TOLERANCE = 1e-6
-
-
-def architecture_of(config: dict[str, Any], manifest: tensors_pb2.TensorManifest) -> dict[str, Any]:
-    """What every member must match: the config and each tensor's shape and dtype."""
-    return {"config": config,
-            "layout": {entry.name: [list(entry.shape), entry.dtype] for entry in manifest.tensors}}
 
 
 def check_model(config: dict[str, Any], manifest: tensors_pb2.TensorManifest, reference: dict[str, Any] | None,
@@ -113,6 +107,3 @@ def read_config(files: dict[str, Path]) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise DumeError("the uploaded config.json is not a JSON object")
     return config
-
-
-UPLOAD_KINDS = {federation_pb2.UPLOAD_KIND_MODEL: "model", federation_pb2.UPLOAD_KIND_STATISTICS: "statistics"}

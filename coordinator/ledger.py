@@ -1,9 +1,10 @@
 """The coordinator's ledger: SQLite in WAL mode for tokens, members, statistics, bases, versions and the audit log.
 
-Tensors are not in the database: rows hold manifests (serialized ``TensorManifest``) naming content-addressed
-blobs in ``state/blobs``. A blob is adopted into the store before the row that refers to it is committed, so a
-kill at any instant leaves at worst an unreferenced blob, never a row naming a missing or partial one. One
-connection is shared by the daemon's threads behind a lock; every change is one transaction.
+Tensors are not in the database: rows hold serialized messages (a member's ``UploadPlan``, ``TensorManifest``s, a
+version's file list) naming content-addressed blobs in ``state/blobs``. A blob is adopted into the blob store
+before the row that refers to it is committed, so a kill at any instant leaves at worst an unreferenced blob,
+never a row naming a missing or partial one. One connection is shared by the daemon's threads behind a lock;
+every change is one transaction. Rows come back as the typed records of ``records``.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dume.coordinator import messages
+from dume.coordinator.records import BasisRecord, Member, Statistics, VersionFile, VersionRecord
 from dume.shared.trust.audit import GENESIS, AuditEntry, canonical_json, entry_hash
-from dume.v1 import tensors_pb2
+from dume.v1 import federation_pb2, tensors_pb2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -27,7 +29,7 @@ CREATE TABLE IF NOT EXISTS tokens (
     digest TEXT PRIMARY KEY, node TEXT NOT NULL, expires_at REAL NOT NULL, used_at REAL);
 CREATE TABLE IF NOT EXISTS members (
     name TEXT PRIMARY KEY, state TEXT NOT NULL, role TEXT NOT NULL DEFAULT 'node', cert_serial TEXT,
-    reason TEXT NOT NULL DEFAULT '', model BLOB, files TEXT, joined_at REAL);
+    reason TEXT NOT NULL DEFAULT '', model BLOB, joined_at REAL);
 CREATE TABLE IF NOT EXISTS statistics (
     member TEXT PRIMARY KEY, basis_hash TEXT NOT NULL, token_count INTEGER NOT NULL, manifest BLOB NOT NULL,
     at REAL NOT NULL);
@@ -35,7 +37,7 @@ CREATE TABLE IF NOT EXISTS bases (
     hash TEXT PRIMARY KEY, members TEXT NOT NULL, manifest BLOB NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS versions (
     number INTEGER PRIMARY KEY, exact INTEGER NOT NULL, basis_hash TEXT NOT NULL, members TEXT NOT NULL,
-    files TEXT NOT NULL, fingerprint TEXT NOT NULL, at REAL NOT NULL);
+    files BLOB NOT NULL, fingerprint TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS published_blobs (sha256 TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS audit (
     sequence INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, subject TEXT NOT NULL,
@@ -43,47 +45,9 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 
-@dataclass(frozen=True)
-class Member:
-    name: str
-    state: str  # enrolled, active, left, revoked
-    cert_serial: str | None
-    reason: str
-    model: tensors_pb2.TensorManifest | None
-    files: dict[str, str]  # file name -> blob sha256
+class Ledger:
+    """The one owner of the coordinator's durable state (besides the blobs its rows name)."""
 
-
-@dataclass(frozen=True)
-class Statistics:
-    member: str
-    basis_hash: str
-    token_count: int
-    manifest: tensors_pb2.TensorManifest
-
-
-@dataclass(frozen=True)
-class BasisRecord:
-    hash: str
-    members: list[str]
-    manifest: tensors_pb2.TensorManifest
-
-
-@dataclass(frozen=True)
-class VersionRecord:
-    number: int
-    exact: bool
-    basis_hash: str
-    members: list[str]
-    files: list[dict[str, Any]]  # {"name", "sha256"} or {"name", "shard": [entry dicts]}
-    fingerprint: str
-    at: float
-
-
-def _manifest(data: bytes | None) -> tensors_pb2.TensorManifest | None:
-    return None if data is None else tensors_pb2.TensorManifest.FromString(data)
-
-
-class Store:
     def __init__(self, path: Path) -> None:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -139,17 +103,20 @@ class Store:
 
     # -- members --------------------------------------------------------------------------------------------------
     def member(self, name: str) -> Member | None:
-        rows = self._rows("SELECT name, state, cert_serial, reason, model, files FROM members WHERE name = ?", name)
+        rows = self._rows("SELECT name, state, cert_serial, reason, model FROM members WHERE name = ?", name)
         return self._member(rows[0]) if rows else None
 
     def members(self) -> list[Member]:
-        rows = self._rows("SELECT name, state, cert_serial, reason, model, files FROM members ORDER BY name")
+        rows = self._rows("SELECT name, state, cert_serial, reason, model FROM members ORDER BY name")
         return [self._member(row) for row in rows]
 
     @staticmethod
     def _member(row: tuple) -> Member:
-        name, state, serial, reason, model, files = row
-        return Member(name, state, serial, reason, _manifest(model), json.loads(files) if files else {})
+        name, state, serial, reason, model = row
+        if model is None:
+            return Member(name, state, serial, reason, None, {})
+        plan = federation_pb2.UploadPlan.FromString(model)
+        return Member(name, state, serial, reason, plan.manifest, messages.file_hashes(plan))
 
     def active_members(self) -> list[Member]:
         return [member for member in self.members() if member.state == "active"]
@@ -159,7 +126,7 @@ class Store:
         self._run(
             "INSERT INTO members (name, state, cert_serial, joined_at) VALUES (?, 'enrolled', ?, ?) "
             "ON CONFLICT(name) DO UPDATE SET state = 'enrolled', cert_serial = excluded.cert_serial, "
-            "reason = '', model = NULL, files = NULL, joined_at = excluded.joined_at",
+            "reason = '', model = NULL, joined_at = excluded.joined_at",
             name, cert_serial, time.time(),
         )
         self._run("DELETE FROM statistics WHERE member = ?", name)
@@ -168,11 +135,10 @@ class Store:
         """A member that lost its key gets a new certificate and keeps its contribution; the old one is refused."""
         self._run("UPDATE members SET cert_serial = ? WHERE name = ?", cert_serial, name)
 
-    def set_model(self, name: str, manifest: tensors_pb2.TensorManifest, files: dict[str, str]) -> None:
-        self._run(
-            "UPDATE members SET state = 'active', model = ?, files = ? WHERE name = ?",
-            manifest.SerializeToString(deterministic=True), json.dumps(files, sort_keys=True), name,
-        )
+    def set_model(self, name: str, plan: federation_pb2.UploadPlan) -> None:
+        """Records a member's model as uploaded (its tensors and files), which makes the member active."""
+        self._run("UPDATE members SET state = 'active', model = ? WHERE name = ?",
+                  plan.SerializeToString(deterministic=True), name)
 
     def set_state(self, name: str, state: str, reason: str = "") -> None:
         self._run("UPDATE members SET state = ?, reason = ? WHERE name = ?", state, reason, name)
@@ -189,7 +155,8 @@ class Store:
 
     def statistics(self) -> dict[str, Statistics]:
         rows = self._rows("SELECT member, basis_hash, token_count, manifest FROM statistics ORDER BY member")
-        return {row[0]: Statistics(row[0], row[1], row[2], _manifest(row[3])) for row in rows}
+        return {member: Statistics(member, basis_hash, count, tensors_pb2.TensorManifest.FromString(manifest))
+                for member, basis_hash, count, manifest in rows}
 
     # -- bases and versions ---------------------------------------------------------------------------------------
     def add_basis(self, record: BasisRecord) -> None:
@@ -213,18 +180,22 @@ class Store:
 
     def basis(self, basis_hash: str) -> BasisRecord | None:
         rows = self._rows("SELECT hash, members, manifest FROM bases WHERE hash = ?", basis_hash)
-        return BasisRecord(rows[0][0], json.loads(rows[0][1]), _manifest(rows[0][2])) if rows else None
+        if not rows:
+            return None
+        found, members, manifest = rows[0]
+        return BasisRecord(found, json.loads(members), tensors_pb2.TensorManifest.FromString(manifest))
 
-    def add_version(self, exact: bool, basis_hash: str, members: list[str], files: list[dict], fingerprint: str) -> int:
+    def add_version(self, exact: bool, basis_hash: str, members: list[str], files: list[VersionFile],
+                    fingerprint: str) -> int:
         with self.transaction():
             number = (self._rows("SELECT COALESCE(MAX(number), 0) FROM versions")[0][0]) + 1
             self._db.execute(
                 "INSERT INTO versions (number, exact, basis_hash, members, files, fingerprint, at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (number, int(exact), basis_hash, json.dumps(members), json.dumps(files), fingerprint, time.time()),
+                (number, int(exact), basis_hash, json.dumps(members),
+                 messages.file_list_message(files).SerializeToString(deterministic=True), fingerprint, time.time()),
             )
-            self._publish_blobs([file["sha256"] for file in files if "sha256" in file]
-                                + [entry["sha256"] for file in files for entry in file.get("shard", [])])
+            self._publish_blobs(sha for file in files for sha in file.blob_hashes())
         return number
 
     def version(self, number: int = 0) -> VersionRecord | None:
@@ -234,7 +205,8 @@ class Store:
         if not rows:
             return None
         number, exact, basis_hash, members, files, fingerprint, at = rows[0]
-        return VersionRecord(number, bool(exact), basis_hash, json.loads(members), json.loads(files), fingerprint, at)
+        return VersionRecord(number, bool(exact), basis_hash, json.loads(members),
+                             messages.file_list(federation_pb2.Version.FromString(files)), fingerprint, at)
 
     # -- audit log ------------------------------------------------------------------------------------------------
     def audit(self, kind: str, subject: str, **detail: Any) -> None:

@@ -1,0 +1,66 @@
+"""Committing an upload: validate what was staged, adopt its blobs, then record it in the ledger.
+
+The blobs enter the blob store before the ledger row that names them (see ``ledger``); an upload that fails
+validation is discarded without a trace and refused as invalid.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from dume.coordinator import messages, validation
+from dume.coordinator.errors import Refused
+from dume.coordinator.ledger import Ledger
+from dume.coordinator.records import Statistics
+from dume.coordinator.uploads import PlannedUpload, Uploads
+from dume.shared.errors import DumeError
+from dume.v1 import federation_pb2 as pb
+
+log = logging.getLogger("dume.coordinator")
+
+
+def commit_upload(ledger: Ledger, uploads: Uploads, member: str, planned: PlannedUpload) -> None:
+    """Records a complete upload of ``member``; its staging is removed whether it is accepted or refused."""
+    missing = uploads.missing(planned)
+    if missing:
+        raise Refused("precondition",
+                      f"{len(missing)} blobs of the upload are incomplete: send them before committing")
+    try:
+        if planned.plan.kind == pb.UPLOAD_KIND_MODEL:
+            _commit_model(ledger, uploads, member, planned)
+        else:
+            _commit_statistics(ledger, uploads, member, planned)
+    except DumeError as error:
+        uploads.discard(planned)
+        log.warning("refused %s upload of %s: %s", messages.UPLOAD_KINDS[planned.plan.kind], member, error)
+        raise Refused("invalid", str(error)) from None
+    uploads.discard(planned)
+
+
+def _commit_model(ledger: Ledger, uploads: Uploads, member: str, planned: PlannedUpload) -> None:
+    plan = planned.plan
+    files = {name: uploads.blob_path(planned, sha) for name, sha in messages.file_hashes(plan).items()}
+    config = validation.read_config(files)
+    reference = ledger.get_meta("architecture")
+    validation.check_model(config, plan.manifest, reference, lambda sha: uploads.blob_path(planned, sha))
+    uploads.adopt(planned)
+    with ledger.transaction():
+        if reference is None:
+            ledger.set_meta("architecture", messages.architecture_of(config, plan.manifest))
+        ledger.set_model(member, plan)
+        ledger.audit("upload", member, what="model", upload=planned.upload_id, bytes=sum(planned.sizes.values()))
+    log.info("%s uploaded its model (%d tensors)", member, len(plan.manifest.tensors))
+
+
+def _commit_statistics(ledger: Ledger, uploads: Uploads, member: str, planned: PlannedUpload) -> None:
+    header = planned.plan.statistics
+    config = ledger.get_meta("architecture")["config"]
+    known = ledger.basis(header.basis_hash) is not None
+    validation.check_statistics(header, planned.plan.manifest, config, known,
+                                lambda sha: uploads.blob_path(planned, sha))
+    uploads.adopt(planned)
+    with ledger.transaction():
+        ledger.set_statistics(Statistics(member, header.basis_hash, header.token_count, planned.plan.manifest))
+        ledger.audit("upload", member, what="statistics", basis_hash=header.basis_hash, tokens=header.token_count)
+    log.info("%s uploaded statistics under basis %s (%d tokens)", member, header.basis_hash[:12],
+             header.token_count)

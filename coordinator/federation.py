@@ -1,0 +1,245 @@
+"""The coordinator below gRPC: who may act, and every change and view a call can ask for, in plain Python.
+
+The servicers hand in a peer identity and plain values and get back records or a ``Refused``; the commit logic
+is ``commits``, publication runs on the ``Publisher`` thread, and everything durable is in the ``Ledger``. A
+node acts only for itself and only while its certificate is the one the ledger holds for it and it is neither
+revoked nor gone; admin operations need the admin identity.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from dume.coordinator.commits import commit_upload
+from dume.coordinator.errors import Refused
+from dume.coordinator.ledger import Ledger
+from dume.coordinator.publication import Publisher
+from dume.coordinator.records import BasisRecord, MemberStatus, Published, Status, VersionRecord
+from dume.coordinator.state_dir import ADMIN_NAME, StateDir
+from dume.coordinator.uploads import PlannedUpload, Uploads
+from dume.shared.errors import DumeError
+from dume.shared.method.merge import check_member_name
+from dume.shared.transport.blobs import BlobStore
+from dume.shared.trust import pki
+from dume.shared.trust.audit import AuditEntry
+from dume.shared.trust.join_token import JoinToken, new_secret, secret_digest
+from dume.v1 import federation_pb2 as pb
+
+log = logging.getLogger("dume.coordinator")
+
+
+class Coordinator:
+    """Owns the ledger, the blobs, the uploads in progress and the publisher; the servicers are thin views on it."""
+
+    def __init__(self, state: StateDir) -> None:
+        self.config = state.config()
+        self.settings = state.settings()
+        self.ledger = Ledger(state.ledger)
+        self.blobs = BlobStore(state.blobs)
+        self.uploads = Uploads(state.uploads, self.blobs)
+        self.ca_key = pki.read_bytes(state.ca_key, "the CA key")
+        self.ca_cert = pki.read_bytes(state.ca_cert, "the CA certificate")
+        if self.config.get("architecture") and self.ledger.get_meta("architecture") is None:
+            self.ledger.set_meta("architecture", self.config["architecture"])
+        self.addresses: dict[str, str] = {}
+        self.stopping = False
+        self._online: Counter[str] = Counter()  # open Watch streams per member
+        self._online_lock = threading.Lock()
+        self._changed = threading.Condition()
+        self.publisher = Publisher(self.ledger, self.blobs, self.settings, self.notify)
+
+    # -- authorisation --------------------------------------------------------------------------------------------
+    def authorise(self, identity: pki.Identity, allow_admin: bool = False) -> str:
+        """The name a verified certificate may act as, checked against the ledger on every call."""
+        if identity.role == "admin":
+            if not allow_admin:
+                raise Refused("permission", "this call is for nodes, not the admin")
+            return ADMIN_NAME
+        member = self.ledger.member(identity.name)
+        if member is None or member.cert_serial != str(identity.serial):
+            raise Refused("permission",
+                          f"the certificate of {identity.name!r} is no longer valid: enrol again with a new token")
+        if member.state == "revoked":
+            raise Refused("permission", f"node {identity.name!r} was revoked "
+                          f"({member.reason or 'no reason given'}): its certificate is refused")
+        if member.state == "left":
+            raise Refused("permission", f"node {identity.name!r} has left the federation: "
+                          "ask the admin for a new join token to rejoin")
+        return identity.name
+
+    def authorise_admin(self, identity: pki.Identity) -> None:
+        if self.authorise(identity, allow_admin=True) != ADMIN_NAME:
+            raise Refused("permission", "this call needs the admin identity of the state dir")
+
+    # -- membership -----------------------------------------------------------------------------------------------
+    def create_token(self, node: str, ttl_seconds: float) -> JoinToken:
+        """A one-time join token for ``node``; only its digest is kept."""
+        try:
+            node = check_member_name(node)
+        except DumeError as error:
+            raise Refused("invalid", str(error)) from None
+        if node == ADMIN_NAME:
+            raise Refused("invalid", f"{ADMIN_NAME!r} is reserved: choose another node name")
+        member = self.ledger.member(node)
+        if member is not None and member.state == "revoked":
+            raise Refused("precondition", f"node {node!r} was revoked: choose another name")
+        if not ttl_seconds > 0:
+            raise Refused("invalid", "the token lifetime must be positive")
+        secret, expires_at = new_secret(), time.time() + ttl_seconds
+        with self.ledger.transaction():
+            self.ledger.add_token(secret_digest(secret), node, expires_at)
+            self.ledger.audit("token", node, expires_at=expires_at)
+        return JoinToken(coordinator=self.addresses["listen"], enrolment=self.addresses["enrolment"],
+                         ca_fingerprint=pki.fingerprint(self.ca_cert), node=node, secret=secret,
+                         expires_at=expires_at)
+
+    def enrol(self, secret: str, csr_pem: bytes) -> tuple[bytes, str]:
+        """Exchanges a join token's secret and a CSR for a certificate; returns it and the node's name."""
+        ledger = self.ledger
+        with ledger.transaction():
+            token = ledger.token(secret_digest(secret))
+            if token is None:
+                raise Refused("unauthenticated", "this join token was not issued by this coordinator: "
+                              "ask this coordinator's admin for a token")
+            node, expires_at, used_at = token
+            if used_at is not None:
+                raise Refused("unauthenticated", "this join token was already used: ask for a new one")
+            if time.time() >= expires_at:
+                raise Refused("unauthenticated", f"this join token expired at "
+                              f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(expires_at))}: ask for a new one")
+            member = ledger.member(node)
+            if member is not None and member.state == "revoked":
+                raise Refused("permission", f"node {node!r} was revoked and cannot rejoin")
+            try:
+                certificate, serial = pki.sign_csr(self.ca_key, self.ca_cert, csr_pem, node, "node")
+            except DumeError as error:
+                raise Refused("invalid", str(error)) from None
+            ledger.use_token(secret_digest(secret), time.time())
+            if member is not None and member.state in ("active", "enrolled"):
+                ledger.enrol_again(node, str(serial))
+            else:
+                ledger.enrol(node, str(serial))
+            ledger.audit("enrol", node, serial=str(serial))
+        log.info("enrolled %s", node)
+        return certificate, node
+
+    def leave(self, member: str) -> int:
+        """Takes a member out of the federation; returns the version published without it (0 if none)."""
+        with self.ledger.transaction():
+            self.ledger.set_state(member, "left")
+            self.ledger.audit("leave", member)
+        log.info("%s left", member)
+        return self._publish_now()
+
+    def revoke(self, node: str, reason: str) -> int:
+        """Removes a member's contribution and refuses its certificate; returns the version published without it."""
+        member = self.ledger.member(node)
+        if member is None:
+            raise Refused("not_found", f"no member {node!r}: see `dume-coordinator status`")
+        if member.state == "revoked":
+            raise Refused("precondition", f"{node!r} is already revoked")
+        with self.ledger.transaction():
+            self.ledger.set_state(member.name, "revoked", reason)
+            self.ledger.audit("revoke", member.name, reason=reason)
+        log.info("revoked %s (%s)", member.name, reason)
+        return self._publish_now()
+
+    # -- uploads --------------------------------------------------------------------------------------------------
+    def begin_upload(self, member: str, plan: pb.UploadPlan) -> PlannedUpload:
+        if plan.kind == pb.UPLOAD_KIND_STATISTICS and self.ledger.member(member).model is None:
+            raise Refused("precondition", "upload the model before its statistics")
+        return self.uploads.begin(member, plan)
+
+    def commit_upload(self, member: str, upload_id: str) -> str:
+        """Records a complete upload and asks for publication; returns the current basis hash ("" if none)."""
+        commit_upload(self.ledger, self.uploads, member, self.uploads.planned(member, upload_id))
+        self.publisher.request()
+        return self.ledger.get_meta("current_basis") or ""
+
+    # -- what is published ----------------------------------------------------------------------------------------
+    def basis(self, basis_hash: str) -> BasisRecord:
+        """The basis named, or the current one for ""."""
+        record = self.ledger.basis(basis_hash or self.ledger.get_meta("current_basis") or "")
+        if record is None:
+            raise Refused("not_found", f"no basis {basis_hash[:12]}: ask for the current one")
+        return record
+
+    def version(self, number: int) -> VersionRecord:
+        """Version ``number``, or the latest for 0."""
+        record = self.ledger.version(number)
+        if record is None:
+            raise Refused("not_found", f"version {number} is not published" if number
+                          else "no version is published yet: wait until a member has uploaded statistics")
+        return record
+
+    def published_blob(self, sha256: str) -> Path:
+        """Where a blob lies, if it is part of a basis or version (no other blob may be read)."""
+        if not self.ledger.blob_is_published(sha256):
+            raise Refused("not_found", f"blob {sha256[:12]} is in no basis or version")
+        return self.blobs.path(sha256)
+
+    def published(self) -> Published:
+        latest = self.ledger.version()
+        basis = self.ledger.basis(self.ledger.get_meta("current_basis") or "")
+        return Published(basis.hash if basis else "", basis.members if basis else [],
+                         latest.number if latest else 0, bool(latest and latest.exact))
+
+    @contextmanager
+    def watching(self, member: str) -> Iterator[None]:
+        """Counts the member online while its Watch stream is open."""
+        with self._online_lock:
+            self._online[member] += 1
+        try:
+            yield
+        finally:
+            with self._online_lock:
+                self._online[member] -= 1
+
+    def wait_for_change(self, timeout: float) -> None:
+        with self._changed:
+            self._changed.wait(timeout)
+
+    def notify(self) -> None:
+        """Wakes every watcher: something published may have changed."""
+        with self._changed:
+            self._changed.notify_all()
+
+    # -- administration -------------------------------------------------------------------------------------------
+    def status(self) -> Status:
+        current = self.ledger.get_meta("current_basis") or ""
+        statistics = self.ledger.statistics()
+        members = [MemberStatus(
+            name=member.name, state=member.state, online=self._online[member.name] > 0,
+            stats_current=member.name in statistics and statistics[member.name].basis_hash == current,
+            reason=member.reason,
+            token_count=statistics[member.name].token_count if member.name in statistics else 0,
+        ) for member in self.ledger.members()]
+        latest = self.ledger.version()
+        return Status(latest.number if latest else 0, bool(latest and latest.exact), current, members,
+                      len(self.ledger.audit_entries()), asdict(self.settings))
+
+    def audit_entries(self) -> list[AuditEntry]:
+        return self.ledger.audit_entries()
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+    def _publish_now(self) -> int:
+        """Runs publication for a change just recorded and returns the latest version number (0 if none)."""
+        self.publisher.wait(self.publisher.request())
+        latest = self.ledger.version()
+        return latest.number if latest else 0
+
+    def begin_drain(self) -> None:
+        """Ends every Watch stream at its next poll."""
+        self.stopping = True
+        self.notify()
+
+    def close(self) -> None:
+        self.publisher.stop()
+        self.ledger.close()

@@ -1,0 +1,199 @@
+"""Publication: one worker brings the basis over the active members, and the model version built from it, up to
+date with the ledger.
+
+Nothing here is specific to the federation's math: the basis is ``dume.shared.method.averaging.compute_basis``, the
+routers ``dume.shared.method.ridge.solve_routers`` and the checkpoint ``dume.shared.method.writer.write_moe_checkpoint``,
+reading each member's tensors from its blobs in canonical (member-name) order. So the same member set and inputs
+give the same bytes as ``dume merge``, whatever the order members joined, left or were revoked in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+
+import torch
+
+from dume.coordinator.ledger import Ledger
+from dume.coordinator.records import BasisRecord, Member, Statistics, VersionFile
+from dume.shared.method.averaging import compute_basis, tensors_hash
+from dume.shared.method.expert import DenseWeights
+from dume.shared.method.families import detect_family
+from dume.shared.method.routers import MergeSettings, solve_for_checkpoint
+from dume.shared.method.statistics import gram_from_tensors
+from dume.shared.method.writer import write_moe_checkpoint
+from dume.shared.transport.blobs import BlobStore
+from dume.shared.transport.wire import tensor_bytes, tensor_entry, tensor_from_bytes
+from dume.v1 import tensors_pb2
+
+log = logging.getLogger("dume.coordinator")
+
+
+class StoredMember(DenseWeights):
+    """A member's dense model as recorded in the ledger, read tensor by tensor from the blob store."""
+
+    def __init__(self, member: Member, blobs: BlobStore) -> None:
+        assert member.model is not None
+        self.name = member.name
+        self._blobs = blobs
+        self._entries = {entry.name: entry for entry in member.model.tensors}
+        self._files = member.files
+        self.config = json.loads(blobs.read_bytes(member.files["config.json"]))
+        self.family = detect_family(self.config, f"member {member.name!r}")
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
+        return tensor_from_bytes(entry, self._blobs.read_bytes(entry.sha256))
+
+    def read_file(self, name: str) -> bytes | None:
+        sha256 = self._files.get(name)
+        return self._blobs.read_bytes(sha256) if sha256 else None
+
+
+class BlobSink:
+    """A checkpoint written into the blob store: the version's file list, each shard as a manifest of tensor blobs."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self._blobs = blobs
+        self.files: list[VersionFile] = []
+
+    def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.files.append(VersionFile(name, shard=manifest_into(self._blobs, tensors)))
+
+    def write_file(self, name: str, data: bytes) -> None:
+        self.files.append(VersionFile(name, sha256=self._blobs.put_bytes(data), size_bytes=len(data)))
+
+
+def manifest_into(blobs: BlobStore, tensors: dict[str, torch.Tensor]) -> tensors_pb2.TensorManifest:
+    """Stores each tensor as a blob; returns their manifest, sorted by name."""
+    entries = []
+    for name in sorted(tensors):
+        blobs.put_bytes(tensor_bytes(tensors[name]))
+        entries.append(tensor_entry(name, tensors[name]))
+    return tensors_pb2.TensorManifest(tensors=entries)
+
+
+def statistics_tensor(statistics: Statistics, blobs: BlobStore, hidden_size: int) -> torch.Tensor:
+    """A member's full (layers, d+1, d+1) G from the per-layer upper triangles it uploaded."""
+    return gram_from_tensors({entry.name: tensor_from_bytes(entry, blobs.read_bytes(entry.sha256))
+                              for entry in statistics.manifest.tensors}, hidden_size)
+
+
+def refresh_basis(ledger: Ledger, blobs: BlobStore) -> BasisRecord | None:
+    """Makes the basis of the current active members the current one; returns it if it is new."""
+    active = {member.name: member for member in ledger.active_members() if member.model is not None}
+    key = hashlib.sha256(b"".join(name.encode() + b"\0" + active[name].model.SerializeToString(deterministic=True)
+                                  for name in sorted(active))).hexdigest()
+    if ledger.get_meta("basis_inputs") == key:
+        return None
+    if not active:
+        ledger.set_meta("current_basis", None)
+        ledger.set_meta("basis_inputs", key)
+        return None
+    basis = compute_basis({name: StoredMember(member, blobs) for name, member in active.items()})
+    record = BasisRecord(tensors_hash(basis), sorted(active), manifest_into(blobs, basis))
+    with ledger.transaction():
+        ledger.add_basis(record)
+        ledger.set_meta("current_basis", record.hash)
+        ledger.set_meta("basis_inputs", key)
+        ledger.audit("basis", record.hash, members=record.members)
+    return record
+
+
+def publish_if_due(ledger: Ledger, blobs: BlobStore, settings: MergeSettings) -> int | None:
+    """Publishes the next version when one is due; returns its number.
+
+    Due means: the basis moved since the latest version (a provisional one, from the statistics at hand), or every
+    active member's statistics are under the current basis and the latest version is not already that model.
+    """
+    basis_hash = ledger.get_meta("current_basis")
+    if not basis_hash:
+        return None
+    active = {member.name: member for member in ledger.active_members() if member.model is not None}
+    statistics = {name: stats for name, stats in ledger.statistics().items() if name in active}
+    if not statistics:
+        return None
+    exact = len(statistics) == len(active) and all(s.basis_hash == basis_hash for s in statistics.values())
+    fingerprint = hashlib.sha256(json.dumps(
+        [basis_hash, sorted((name, s.basis_hash, s.manifest.SerializeToString(deterministic=True).hex())
+                            for name, s in statistics.items())]).encode()).hexdigest()
+    latest = ledger.version()
+    if latest is not None and (latest.fingerprint == fingerprint or (latest.basis_hash == basis_hash and not exact)):
+        return None
+    members = {name: StoredMember(member, blobs) for name, member in active.items()}
+    hidden_size = int(next(iter(members.values())).config["hidden_size"])
+    grams = {name: (statistics_tensor(statistics[name], blobs, hidden_size) if name in statistics else None)
+             for name in sorted(active)}
+    stale = sorted(name for name, stats in statistics.items() if stats.basis_hash != basis_hash)
+    solved = solve_for_checkpoint(grams, settings, basis_hash, stale)
+    sink = BlobSink(blobs)
+    write_moe_checkpoint(sink, members, solved.routers, solved.top_k, solved.dume_block)
+    with ledger.transaction():
+        number = ledger.add_version(exact, basis_hash, sorted(active), sink.files, fingerprint)
+        ledger.audit("publish", str(number), exact=exact, basis_hash=basis_hash, members=sorted(active))
+    return number
+
+
+class Publisher:
+    """One worker thread that brings the basis and the published version up to date with the ledger.
+
+    Uploads only ``request`` a round and return; leave and revoke ``wait`` for the round that follows their change.
+    """
+
+    def __init__(self, ledger: Ledger, blobs: BlobStore, settings: MergeSettings,
+                 on_change: Callable[[], None]) -> None:
+        self._ledger, self._blobs, self._settings, self._on_change = ledger, blobs, settings, on_change
+        self._condition = threading.Condition()
+        self._wanted = self._done = 0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+        self._thread.start()
+
+    def request(self) -> int:
+        with self._condition:
+            self._wanted += 1
+            self._condition.notify_all()
+            return self._wanted
+
+    def wait(self, ticket: int) -> None:
+        with self._condition:
+            self._condition.wait_for(lambda: self._done >= ticket or self._stopping)
+
+    def stop(self) -> None:
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                self._condition.wait_for(lambda: self._wanted > self._done or self._stopping)
+                if self._stopping:
+                    return
+                ticket = self._wanted
+            try:
+                self._refresh()
+            except Exception:  # a bad aggregate must not kill the daemon; the next change retries
+                log.exception("aggregation failed")
+            with self._condition:
+                self._done = ticket
+                self._condition.notify_all()
+
+    def _refresh(self) -> None:
+        basis = refresh_basis(self._ledger, self._blobs)
+        if basis is not None:
+            log.info("basis %s over %s", basis.hash[:12], ", ".join(basis.members))
+        number = publish_if_due(self._ledger, self._blobs, self._settings)
+        if number is not None:
+            version = self._ledger.version(number)
+            log.info("published version %d (%s) over %s", number, "exact" if version.exact else "provisional",
+                     ", ".join(version.members))
+        self._on_change()
