@@ -7,10 +7,11 @@ validation is discarded without a trace and refused as invalid.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from dume.coordinator import messages, validation
 from dume.coordinator.errors import Refused
-from dume.coordinator.ledger import Ledger
+from dume.coordinator.ledger import Ledger, StateChanged
 from dume.coordinator.records import Statistics
 from dume.coordinator.uploads import PlannedUpload, Uploads
 from dume.shared.errors import DumeError
@@ -19,17 +20,29 @@ from dume.v1 import federation_pb2 as pb
 log = logging.getLogger("dume.coordinator")
 
 
-def commit_upload(ledger: Ledger, uploads: Uploads, member: str, planned: PlannedUpload) -> None:
-    """Records a complete upload of ``member``; its staging is removed whether it is accepted or refused."""
+def commit_upload(ledger: Ledger, uploads: Uploads, member: str, planned: PlannedUpload,
+                  still_authorised: Callable[[], object]) -> None:
+    """Records a complete upload of ``member``; its staging is removed whether it is accepted or refused.
+
+    ``still_authorised`` is called inside the transaction that records the upload and raises ``Refused`` when the
+    member may no longer act (revoked or gone since the call began): the ledger's state is never overwritten by an
+    upload that a state change overtook.
+    """
     missing = uploads.missing(planned)
     if missing:
         raise Refused("precondition",
                       f"{len(missing)} blobs of the upload are incomplete: send them before committing")
     try:
         if planned.plan.kind == pb.UPLOAD_KIND_MODEL:
-            _commit_model(ledger, uploads, member, planned)
+            _commit_model(ledger, uploads, member, planned, still_authorised)
         else:
-            _commit_statistics(ledger, uploads, member, planned)
+            _commit_statistics(ledger, uploads, member, planned, still_authorised)
+    except Refused:
+        uploads.discard(planned)
+        raise
+    except StateChanged as change:
+        uploads.discard(planned)
+        raise Refused("precondition", f"{change}: the upload was not recorded; join again") from None
     except DumeError as error:
         uploads.discard(planned)
         log.warning("refused %s upload of %s: %s", messages.UPLOAD_KINDS[planned.plan.kind], member, error)
@@ -37,7 +50,8 @@ def commit_upload(ledger: Ledger, uploads: Uploads, member: str, planned: Planne
     uploads.discard(planned)
 
 
-def _commit_model(ledger: Ledger, uploads: Uploads, member: str, planned: PlannedUpload) -> None:
+def _commit_model(ledger: Ledger, uploads: Uploads, member: str, planned: PlannedUpload,
+                  still_authorised: Callable[[], object]) -> None:
     plan = planned.plan
     files = {name: uploads.blob_path(planned, sha) for name, sha in messages.file_hashes(plan).items()}
     config = validation.read_config(files)
@@ -45,6 +59,7 @@ def _commit_model(ledger: Ledger, uploads: Uploads, member: str, planned: Planne
     validation.check_model(config, plan.manifest, reference, lambda sha: uploads.blob_path(planned, sha))
     uploads.adopt(planned)
     with ledger.transaction():
+        still_authorised()
         if reference is None:
             ledger.set_meta("architecture", messages.architecture_of(config, plan.manifest))
         ledger.set_model(member, plan)
@@ -52,7 +67,8 @@ def _commit_model(ledger: Ledger, uploads: Uploads, member: str, planned: Planne
     log.info("%s uploaded its model (%d tensors)", member, len(plan.manifest.tensors))
 
 
-def _commit_statistics(ledger: Ledger, uploads: Uploads, member: str, planned: PlannedUpload) -> None:
+def _commit_statistics(ledger: Ledger, uploads: Uploads, member: str, planned: PlannedUpload,
+                       still_authorised: Callable[[], object]) -> None:
     header = planned.plan.statistics
     config = ledger.get_meta("architecture")["config"]
     known = ledger.basis(header.basis_hash) is not None
@@ -60,6 +76,7 @@ def _commit_statistics(ledger: Ledger, uploads: Uploads, member: str, planned: P
                                 lambda sha: uploads.blob_path(planned, sha))
     uploads.adopt(planned)
     with ledger.transaction():
+        still_authorised()
         ledger.set_statistics(Statistics(member, header.basis_hash, header.token_count, planned.plan.manifest))
         ledger.audit("upload", member, what="statistics", basis_hash=header.basis_hash, tokens=header.token_count)
     log.info("%s uploaded statistics under basis %s (%d tokens)", member, header.basis_hash[:12],

@@ -130,23 +130,24 @@ class Coordinator:
         log.info("enrolled %s", node)
         return certificate, node
 
-    def leave(self, member: str) -> int:
+    def leave(self, identity: pki.Identity) -> int:
         """Takes a member out of the federation; returns the version published without it (0 if none)."""
         with self.ledger.transaction():
-            self.ledger.set_state(member, "left")
+            member = self.authorise(identity)  # inside the transaction: a revocation cannot be turned into a leave
+            self.ledger.set_state(member, "left", expected=("enrolled", "active"))
             self.ledger.audit("leave", member)
         log.info("%s left", member)
         return self._publish_now()
 
     def revoke(self, node: str, reason: str) -> int:
         """Removes a member's contribution and refuses its certificate; returns the version published without it."""
-        member = self.ledger.member(node)
-        if member is None:
-            raise Refused("not_found", f"no member {node!r}: see `dume-coordinator status`")
-        if member.state == "revoked":
-            raise Refused("precondition", f"{node!r} is already revoked")
         with self.ledger.transaction():
-            self.ledger.set_state(member.name, "revoked", reason)
+            member = self.ledger.member(node)
+            if member is None:
+                raise Refused("not_found", f"no member {node!r}: see `dume-coordinator status`")
+            if member.state == "revoked":
+                raise Refused("precondition", f"{node!r} is already revoked")
+            self.ledger.set_state(member.name, "revoked", reason, expected=(member.state,))
             self.ledger.audit("revoke", member.name, reason=reason)
         log.info("revoked %s (%s)", member.name, reason)
         return self._publish_now()
@@ -157,9 +158,15 @@ class Coordinator:
             raise Refused("precondition", "upload the model before its statistics")
         return self.uploads.begin(member, plan)
 
-    def commit_upload(self, member: str, upload_id: str) -> str:
-        """Records a complete upload and asks for publication; returns the current basis hash ("" if none)."""
-        commit_upload(self.ledger, self.uploads, member, self.uploads.planned(member, upload_id))
+    def commit_upload(self, identity: pki.Identity, upload_id: str) -> str:
+        """Records a complete upload and asks for publication; returns the current basis hash ("" if none).
+
+        The caller is authorised again inside the transaction that records the upload: a revocation or a leave
+        landing while the upload is validated wins, and the upload is refused.
+        """
+        member = self.authorise(identity)
+        commit_upload(self.ledger, self.uploads, member, self.uploads.planned(member, upload_id),
+                      lambda: self.authorise(identity))
         self.publisher.request()
         return self.ledger.get_meta("current_basis") or ""
 

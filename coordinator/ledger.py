@@ -45,6 +45,10 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 
+class StateChanged(Exception):
+    """A conditional change found the row in another state than it expected: someone else's change came first."""
+
+
 class Ledger:
     """The one owner of the coordinator's durable state (besides the blobs its rows name)."""
 
@@ -78,9 +82,10 @@ class Ledger:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
-    def _run(self, sql: str, *args: Any) -> None:
+    def _run(self, sql: str, *args: Any) -> int:
+        """Runs one statement in a transaction; returns the number of rows it changed."""
         with self.transaction():
-            self._db.execute(sql, args)
+            return self._db.execute(sql, args).rowcount
 
     # -- settings -------------------------------------------------------------------------------------------------
     def get_meta(self, key: str) -> Any:
@@ -136,22 +141,35 @@ class Ledger:
         self._run("UPDATE members SET cert_serial = ? WHERE name = ?", cert_serial, name)
 
     def set_model(self, name: str, plan: federation_pb2.UploadPlan) -> None:
-        """Records a member's model as uploaded (its tensors and files), which makes the member active."""
-        self._run("UPDATE members SET state = 'active', model = ? WHERE name = ?",
-                  plan.SerializeToString(deterministic=True), name)
+        """Records a member's model as uploaded (its tensors and files), which makes the member active; only a
+        member that is enrolled or active (never one revoked or gone)."""
+        changed = self._run("UPDATE members SET state = 'active', model = ? WHERE name = ? "
+                            "AND state IN ('enrolled', 'active')", plan.SerializeToString(deterministic=True), name)
+        if changed != 1:
+            raise StateChanged(f"member {name!r} is no longer enrolled or active")
 
-    def set_state(self, name: str, state: str, reason: str = "") -> None:
-        self._run("UPDATE members SET state = ?, reason = ? WHERE name = ?", state, reason, name)
-        if state in ("left", "revoked"):
-            self._run("DELETE FROM statistics WHERE member = ?", name)
+    def set_state(self, name: str, state: str, reason: str = "", expected: tuple[str, ...] = ()) -> None:
+        """Moves a member to ``state``, only from one of the ``expected`` states when they are given."""
+        with self.transaction():
+            condition = f" AND state IN ({', '.join('?' * len(expected))})" if expected else ""
+            if self._run(f"UPDATE members SET state = ?, reason = ? WHERE name = ?{condition}",
+                         state, reason, name, *expected) != 1:
+                raise StateChanged(f"member {name!r} is not in state {' or '.join(expected) or 'any'}")
+            if state in ("left", "revoked"):
+                self._run("DELETE FROM statistics WHERE member = ?", name)
 
     # -- statistics -----------------------------------------------------------------------------------------------
     def set_statistics(self, statistics: Statistics) -> None:
-        self._run(
-            "INSERT OR REPLACE INTO statistics (member, basis_hash, token_count, manifest, at) VALUES (?, ?, ?, ?, ?)",
-            statistics.member, statistics.basis_hash, statistics.token_count,
-            statistics.manifest.SerializeToString(deterministic=True), time.time(),
-        )
+        """Records a member's statistics; only an active member's."""
+        with self.transaction():
+            if not self._rows("SELECT 1 FROM members WHERE name = ? AND state = 'active'", statistics.member):
+                raise StateChanged(f"member {statistics.member!r} is not active")
+            self._run(
+                "INSERT OR REPLACE INTO statistics (member, basis_hash, token_count, manifest, at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                statistics.member, statistics.basis_hash, statistics.token_count,
+                statistics.manifest.SerializeToString(deterministic=True), time.time(),
+            )
 
     def statistics(self) -> dict[str, Statistics]:
         rows = self._rows("SELECT member, basis_hash, token_count, manifest FROM statistics ORDER BY member")

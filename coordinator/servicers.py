@@ -104,7 +104,7 @@ class FederationService(rpc.FederationServicer):
 
     @refusals_abort
     def CommitUpload(self, request: pb.CommitRequest, context: grpc.ServicerContext) -> pb.CommitResponse:
-        return pb.CommitResponse(basis_hash=self.c.commit_upload(self._member(context), request.upload_id))
+        return pb.CommitResponse(basis_hash=self.c.commit_upload(peer_identity(context), request.upload_id))
 
     @refusals_abort
     def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.Event]:
@@ -139,7 +139,7 @@ class FederationService(rpc.FederationServicer):
 
     @refusals_abort
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
-        return pb.LeaveResponse(version=self.c.leave(self._member(context)))
+        return pb.LeaveResponse(version=self.c.leave(peer_identity(context)))
 
 
 class AdminService(rpc.AdminServicer):
