@@ -90,6 +90,8 @@ def run_status(args: argparse.Namespace) -> None:
     version = status["version"]
     print(f"version {version} ({'exact' if status['exact'] else 'provisional'})" if version else "no version yet")
     print(f"basis {status['basis_hash'] or '-'}; audit log: {status['audit_entries']} entries")
+    if status["publication_error"]:
+        print(f"publication failing, the latest version is behind the ledger: {status['publication_error']}")
     for member in status["members"]:
         flags = ["online" if member["online"] else "offline",
                  "statistics current" if member["stats_current"] else "statistics stale or missing"]
@@ -100,10 +102,13 @@ def run_status(args: argparse.Namespace) -> None:
 def run_revoke(args: argparse.Namespace) -> None:
     admin, _ = admin_stubs(StateDir(args.state))
     try:
-        version = admin.Revoke(pb.RevokeRequest(node=args.name, reason=args.reason)).version
+        response = admin.Revoke(pb.RevokeRequest(node=args.name, reason=args.reason))
     except grpc.RpcError as error:
         raise refusal(error, f"cannot revoke {args.name!r}") from None
-    print(f"revoked {args.name}; version {version} published without it" if version
+    if response.publication_error:
+        raise DumeError(f"revoked {args.name} (its certificate is refused), but {response.publication_error}: "
+                        "see `dume-coordinator status` and the daemon's log")
+    print(f"revoked {args.name}; version {response.version} published without it" if response.version
           else f"revoked {args.name}; no member with statistics remains, so no version was published")
 
 

@@ -9,18 +9,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import torch
+
 from dume.coordinator import messages, validation
 from dume.coordinator.errors import Refused
 from dume.coordinator.ledger import Ledger, StateChanged
-from dume.coordinator.records import Statistics
+from dume.coordinator.records import BasisRecord, Statistics
 from dume.coordinator.uploads import PlannedUpload, Uploads
 from dume.shared.errors import DumeError
+from dume.shared.method.families import detect_family
+from dume.shared.method.routers import MergeSettings
+from dume.shared.transport.blobs import BlobStore
+from dume.shared.transport.wire import tensor_from_bytes
 from dume.v1 import federation_pb2 as pb
 
 log = logging.getLogger("dume.coordinator")
 
 
-def commit_upload(ledger: Ledger, uploads: Uploads, member: str, planned: PlannedUpload,
+def commit_upload(ledger: Ledger, uploads: Uploads, settings: MergeSettings, member: str, planned: PlannedUpload,
                   still_authorised: Callable[[], object]) -> None:
     """Records a complete upload of ``member``; its staging is removed whether it is accepted or refused.
 
@@ -36,7 +42,7 @@ def commit_upload(ledger: Ledger, uploads: Uploads, member: str, planned: Planne
         if planned.plan.kind == pb.UPLOAD_KIND_MODEL:
             _commit_model(ledger, uploads, member, planned, still_authorised)
         else:
-            _commit_statistics(ledger, uploads, member, planned, still_authorised)
+            _commit_statistics(ledger, uploads, settings, member, planned, still_authorised)
     except Refused:
         uploads.discard(planned)
         raise
@@ -67,12 +73,13 @@ def _commit_model(ledger: Ledger, uploads: Uploads, member: str, planned: Planne
     log.info("%s uploaded its model (%d tensors)", member, len(plan.manifest.tensors))
 
 
-def _commit_statistics(ledger: Ledger, uploads: Uploads, member: str, planned: PlannedUpload,
+def _commit_statistics(ledger: Ledger, uploads: Uploads, settings: MergeSettings, member: str, planned: PlannedUpload,
                        still_authorised: Callable[[], object]) -> None:
     header = planned.plan.statistics
     config = ledger.get_meta("architecture")["config"]
-    known = ledger.basis(header.basis_hash) is not None
-    validation.check_statistics(header, planned.plan.manifest, config, known,
+    basis = ledger.basis(header.basis_hash)
+    norm_weight = _router_input_norms(basis, config, uploads.blobs) if basis is not None else None
+    validation.check_statistics(header, planned.plan.manifest, config, norm_weight, settings,
                                 lambda sha: uploads.blob_path(planned, sha))
     uploads.adopt(planned)
     with ledger.transaction():
@@ -81,3 +88,14 @@ def _commit_statistics(ledger: Ledger, uploads: Uploads, member: str, planned: P
         ledger.audit("upload", member, what="statistics", basis_hash=header.basis_hash, tokens=header.token_count)
     log.info("%s uploaded statistics under basis %s (%d tokens)", member, header.basis_hash[:12],
              header.token_count)
+
+
+def _router_input_norms(basis: BasisRecord, config: dict, blobs: BlobStore) -> Callable[[int], torch.Tensor]:
+    """``layer -> `` the basis's norm weight in front of that layer's router, read from its blob when asked."""
+    entries, family = {entry.name: entry for entry in basis.manifest.tensors}, detect_family(config)
+
+    def norm_weight(layer: int) -> torch.Tensor:
+        entry = entries[family.router_input_key(layer)]
+        return tensor_from_bytes(entry, blobs.read_bytes(entry.sha256))
+
+    return norm_weight

@@ -21,7 +21,7 @@ from dume.coordinator.commits import commit_upload
 from dume.coordinator.errors import Refused
 from dume.coordinator.ledger import Ledger
 from dume.coordinator.publication import Publisher
-from dume.coordinator.records import BasisRecord, MemberStatus, Published, Status, VersionRecord
+from dume.coordinator.records import BasisRecord, MemberStatus, Published, Removal, Status, VersionRecord
 from dume.coordinator.state_dir import ADMIN_NAME, StateDir
 from dume.coordinator.uploads import PlannedUpload, Uploads
 from dume.shared.errors import DumeError
@@ -130,17 +130,17 @@ class Coordinator:
         log.info("enrolled %s", node)
         return certificate, node
 
-    def leave(self, identity: pki.Identity) -> int:
-        """Takes a member out of the federation; returns the version published without it (0 if none)."""
+    def leave(self, identity: pki.Identity) -> Removal:
+        """Takes a member out of the federation; says what was published without it."""
         with self.ledger.transaction():
             member = self.authorise(identity)  # inside the transaction: a revocation cannot be turned into a leave
             self.ledger.set_state(member, "left", expected=("enrolled", "active"))
             self.ledger.audit("leave", member)
         log.info("%s left", member)
-        return self._publish_now()
+        return self._publish_without(member)
 
-    def revoke(self, node: str, reason: str) -> int:
-        """Removes a member's contribution and refuses its certificate; returns the version published without it."""
+    def revoke(self, node: str, reason: str) -> Removal:
+        """Removes a member's contribution and refuses its certificate; says what was published without it."""
         with self.ledger.transaction():
             member = self.ledger.member(node)
             if member is None:
@@ -150,7 +150,7 @@ class Coordinator:
             self.ledger.set_state(member.name, "revoked", reason, expected=(member.state,))
             self.ledger.audit("revoke", member.name, reason=reason)
         log.info("revoked %s (%s)", member.name, reason)
-        return self._publish_now()
+        return self._publish_without(member.name)
 
     # -- uploads --------------------------------------------------------------------------------------------------
     def begin_upload(self, member: str, plan: pb.UploadPlan) -> PlannedUpload:
@@ -165,7 +165,7 @@ class Coordinator:
         landing while the upload is validated wins, and the upload is refused.
         """
         member = self.authorise(identity)
-        commit_upload(self.ledger, self.uploads, member, self.uploads.planned(member, upload_id),
+        commit_upload(self.ledger, self.uploads, self.settings, member, self.uploads.planned(member, upload_id),
                       lambda: self.authorise(identity))
         self.publisher.request()
         return self.ledger.get_meta("current_basis") or ""
@@ -230,17 +230,22 @@ class Coordinator:
         ) for member in self.ledger.members()]
         latest = self.ledger.version()
         return Status(latest.number if latest else 0, bool(latest and latest.exact), current, members,
-                      len(self.ledger.audit_entries()), asdict(self.settings))
+                      len(self.ledger.audit_entries()), asdict(self.settings), self.publisher.error)
 
     def audit_entries(self) -> list[AuditEntry]:
         return self.ledger.audit_entries()
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
-    def _publish_now(self) -> int:
-        """Runs publication for a change just recorded and returns the latest version number (0 if none)."""
+    def _publish_without(self, member: str) -> Removal:
+        """Runs publication for a member just taken out, and checks that the latest version no longer contains it:
+        a removal is reported done only when what is served is without the member."""
         self.publisher.wait(self.publisher.request())
         latest = self.ledger.version()
-        return latest.number if latest else 0
+        if latest is None or member not in latest.members:
+            return Removal(latest.number if latest else 0)
+        why = self.publisher.error or "no other member has statistics yet"
+        return Removal(0, f"version {latest.number}, the latest, still contains {member}: no version without it "
+                          f"was published ({why})")
 
     def begin_drain(self) -> None:
         """Ends every Watch stream at its next poll."""

@@ -81,7 +81,8 @@ def status_message(status: Status) -> pb.StatusResponse:
                                token_count=member.token_count) for member in status.members]
     return pb.StatusResponse(version=status.version, exact=status.exact, basis_hash=status.basis_hash,
                              members=members, audit_entries=status.audit_entries,
-                             settings_json=json.dumps(status.settings, sort_keys=True))
+                             settings_json=json.dumps(status.settings, sort_keys=True),
+                             publication_error=status.publication_error)
 
 
 def status_dict(status: pb.StatusResponse) -> dict[str, Any]:
@@ -95,6 +96,7 @@ def status_dict(status: pb.StatusResponse) -> dict[str, Any]:
                     for m in status.members],
         "audit_entries": status.audit_entries,
         "settings": json.loads(status.settings_json),
+        "publication_error": status.publication_error or None,
     }
 
 

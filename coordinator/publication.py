@@ -153,6 +153,7 @@ class Publisher:
         self._condition = threading.Condition()
         self._wanted = self._done = 0
         self._stopping = False
+        self.error = ""  # why the last round failed; "" after a round that succeeded
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self._thread.start()
 
@@ -181,8 +182,10 @@ class Publisher:
                 ticket = self._wanted
             try:
                 self._refresh()
-            except Exception:  # a bad aggregate must not kill the daemon; the next change retries
-                log.exception("aggregation failed")
+                self.error = ""
+            except Exception as error:  # a bad aggregate must not kill the daemon; the next change retries
+                log.exception("publication failed")
+                self.error = f"{type(error).__name__}: {error}"
             with self._condition:
                 self._done = ticket
                 self._condition.notify_all()

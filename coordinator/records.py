@@ -92,3 +92,13 @@ class Status:
     members: list[MemberStatus]
     audit_entries: int
     settings: dict[str, Any]
+    publication_error: str  # why the last publication round failed; "" when it succeeded
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What a revocation or leave published: the latest version, which no longer contains the member (0 when none
+    was ever published), or, when the latest version still contains it, why no version without it was published."""
+
+    version: int
+    publication_error: str = ""

@@ -139,7 +139,8 @@ class FederationService(rpc.FederationServicer):
 
     @refusals_abort
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
-        return pb.LeaveResponse(version=self.c.leave(peer_identity(context)))
+        removal = self.c.leave(peer_identity(context))
+        return pb.LeaveResponse(version=removal.version, publication_error=removal.publication_error)
 
 
 class AdminService(rpc.AdminServicer):
@@ -163,7 +164,8 @@ class AdminService(rpc.AdminServicer):
     @refusals_abort
     def Revoke(self, request: pb.RevokeRequest, context: grpc.ServicerContext) -> pb.RevokeResponse:
         self._admin(context)
-        return pb.RevokeResponse(version=self.c.revoke(request.node, request.reason))
+        removal = self.c.revoke(request.node, request.reason)
+        return pb.RevokeResponse(version=removal.version, publication_error=removal.publication_error)
 
     @refusals_abort
     def Audit(self, request: pb.AuditRequest, context: grpc.ServicerContext) -> pb.AuditResponse:

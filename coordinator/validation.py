@@ -17,7 +17,9 @@ import torch
 
 from dume.shared.errors import DumeError
 from dume.shared.method.families import check_same_architecture, detect_family
-from dume.shared.method.statistics import expected_layout, from_upper_triangle
+from dume.shared.method.ridge import check_solvable
+from dume.shared.method.routers import MergeSettings
+from dume.shared.method.statistics import exceeds_norm_bound, expected_layout, from_upper_triangle
 from dume.shared.transport.blobs import read_range
 from dume.shared.transport.wire import DTYPES, tensor_from_bytes
 from dume.v1 import tensors_pb2
@@ -61,8 +63,11 @@ def check_finite(entry: tensors_pb2.TensorEntry, path: Path) -> None:
 
 
 def check_statistics(header: tensors_pb2.StatisticsHeader, manifest: tensors_pb2.TensorManifest,
-                     config: dict[str, Any], known_basis: bool, blob_path: Callable[[str], Path]) -> None:
-    if not known_basis:
+                     config: dict[str, Any], norm_weight: Callable[[int], torch.Tensor] | None,
+                     settings: MergeSettings, blob_path: Callable[[str], Path]) -> None:
+    """``norm_weight(layer)`` is the router-input norm weight of that layer in the basis the statistics name (None
+    when this coordinator never issued that basis); ``settings`` says how the routers will be solved."""
+    if norm_weight is None:
         raise DumeError(f"statistics were computed under basis {header.basis_hash[:12]}, which this coordinator "
                         "never issued: recompute them under the basis it names")
     hidden, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
@@ -82,6 +87,7 @@ def check_statistics(header: tensors_pb2.StatisticsHeader, manifest: tensors_pb2
         check_finite(entry, blob_path(entry.sha256))
         gram = from_upper_triangle(tensor_from_bytes(entry, blob_path(entry.sha256).read_bytes())[None], hidden + 1)[0]
         _check_gram(gram, entry.name, header.token_count)
+        _check_solvable(gram, entry.name, norm_weight(int(entry.name.rpartition(".")[2])), settings)
 
 
 def _check_gram(gram: torch.Tensor, name: str, token_count: int) -> None:
@@ -95,6 +101,17 @@ def _check_gram(gram: torch.Tensor, name: str, token_count: int) -> None:
     if bool((gram.abs() > bound * (1 + CAUCHY_SCHWARZ_TOLERANCE) + 1e-9).any()):
         raise DumeError(f"statistics {name} break Cauchy-Schwarz (|G_ij| > sqrt(G_ii G_jj)): they are not a "
                         "Gram matrix of hidden states")
+
+
+def _check_solvable(gram: torch.Tensor, name: str, norm_weight: torch.Tensor, settings: MergeSettings) -> None:
+    """What the router solve needs of one member's layer: bounded energy, and ``G + lambda I`` positive definite
+    (then every sum with other members' statistics is too, so one member cannot make the routers unsolvable)."""
+    if exceeds_norm_bound(gram, norm_weight):
+        raise DumeError(f"statistics {name} hold more than RMS-normalised hidden states of {float(gram[-1, -1]):.0f} "
+                        "tokens can: they were not collected from the model under the basis; recompute them")
+    if check_solvable(gram[None], settings.rho, settings.router_bias) is not None:
+        raise DumeError(f"statistics {name} are not positive definite even with the federation's ridge: they are "
+                        "not a Gram matrix of hidden states; recompute them")
 
 
 def read_config(files: dict[str, Path]) -> dict[str, Any]:

@@ -245,9 +245,12 @@ class Agent:
                 pause = min(pause * 2, 10.0)
 
     def leave(self) -> int:
+        """Leaves the federation; returns the version published without this node (0 if none was ever published)."""
         try:
-            version = self.stub.Leave(pb.LeaveRequest(), timeout=600).version
+            response = self.stub.Leave(pb.LeaveRequest(), timeout=600)
         except grpc.RpcError as error:
             raise refusal(error, "cannot leave") from None
         self.workdir.update(left=True)
-        return version
+        if response.publication_error:
+            raise DumeError(f"left the federation, but {response.publication_error}: tell the coordinator's admin")
+        return response.version

@@ -220,7 +220,8 @@ def test_bad_tokens_foreign_uploads_bad_models_and_bad_statistics_are_refused_an
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED and "belongs to 'code'" in denied.value.details()
 
     basis = fed.status()["basis_hash"]
-    for gram_fault, message in (("count", "count"), ("cauchy", "Cauchy-Schwarz"), ("basis", "never issued")):
+    for gram_fault, message in (("count", "count"), ("cauchy", "Cauchy-Schwarz"), ("basis", "never issued"),
+                                ("indefinite", "not positive definite"), ("inflated", "RMS-normalised")):
         with pytest.raises(DumeError, match=message):
             _upload_statistics(fed, code, basis, gram_fault, tmp_path / gram_fault)
     after = fed.status()
@@ -237,6 +238,10 @@ def _upload_statistics(fed: Federation, spec, basis: str, fault: str, path) -> N
         gram[1, -1, -1] = count + 1
     if fault == "cauchy":
         gram[0, 0, 1] = gram[0, 1, 0] = 5.0
+    if fault == "indefinite":  # every 2x2 minor is fine, yet an eigenvalue is -0.2
+        gram[0, :3, :3] = torch.full((3, 3), -0.6) + 1.6 * torch.eye(3)
+    if fault == "inflated":  # 200 per feature: more than 100 tokens of normalised hidden states can carry
+        gram[1, :hidden, :hidden] *= 200
     save_file(statistics_tensors(gram), str(path))
     entries, sources = described(safetensors_ranges(path))
     header = tensors_pb2.StatisticsHeader(basis_hash="f" * 64 if fault == "basis" else basis, hidden_size=hidden,

@@ -1,22 +1,30 @@
-"""State changes under concurrency: a revocation that lands while a member's upload is being validated wins.
+"""State changes the coordinator reports and the races around them: a revocation or leave that lands while a
+member's upload is being validated wins, and a revocation is reported done only when what is served is without it.
 
-The coordinator runs in process on a real state directory (real ledger, blobs, staging files, certificates); the
-race is made certain by having the revocation land from inside the validation step, the window in which it used
-to be overwritten (issue: "a revocation can be undone by the revoked member").
+The coordinator runs in process on a real state directory (real ledger, blobs, staging files, certificates, the
+publisher thread); a race is made certain by having the revocation land from inside the validation step, the
+window in which it used to be overwritten, and a full disk by having the checkpoint writer fail.
 """
 
 from __future__ import annotations
 
 import pytest
+from safetensors.torch import save_file
 
-from dume.coordinator import commits
+from dume.coordinator import commits, publication
 from dume.coordinator.errors import Refused
 from dume.coordinator.federation import Coordinator
 from dume.coordinator.state_dir import initialise
-from dume.node.agent import model_upload
+from dume.node.agent import Upload, described, model_upload
+from dume.shared.method.data import DocumentStream, load_tokenizer
+from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.routers import MergeSettings
+from dume.shared.method.statistics import statistics_tensors, statistics_under_basis, token_count
 from dume.shared.transport.blobs import read_range
+from dume.shared.transport.wire import safetensors_ranges, tensor_from_bytes
 from dume.shared.trust import pki
+from dume.v1 import federation_pb2 as pb
+from dume.v1 import tensors_pb2
 
 
 @pytest.fixture
@@ -38,14 +46,64 @@ def enrolled(coordinator: Coordinator, name: str) -> pki.Identity:
 
 def staged_model(coordinator: Coordinator, name: str, model_dir) -> str:
     """Begins the member's model upload and sends every blob, as a node does; returns the upload id."""
-    upload = model_upload(model_dir, name)
+    return staged(coordinator, name, model_upload(model_dir, name))
+
+
+def staged(coordinator: Coordinator, name: str, upload: Upload) -> str:
+    """Begins an upload and sends what the coordinator does not hold yet, as a node does; returns the upload id."""
     planned = coordinator.begin_upload(name, upload.plan)
-    for sha256 in planned.sizes:
-        where, offset = upload.sources[sha256], 0
-        for data in read_range(where.path, where.start, where.size):
+    for sha256, offset in coordinator.uploads.held(planned).items():
+        where = upload.sources[sha256]
+        for data in read_range(where.path, where.start + offset, where.size - offset):
             coordinator.uploads.write(planned, sha256, offset, data)
             offset += len(data)
     return planned.upload_id
+
+
+def contributed(coordinator: Coordinator, spec, tmp_path) -> pki.Identity:
+    """A member whose model and statistics (under the current basis, computed as a node computes them) are in."""
+    identity = enrolled(coordinator, spec.name)
+    coordinator.commit_upload(identity, staged_model(coordinator, spec.name, spec.model_dir))
+    coordinator.publisher.wait(coordinator.publisher.request())
+    basis = coordinator.basis("")
+    tensors = {entry.name: tensor_from_bytes(entry, coordinator.blobs.read_bytes(entry.sha256))
+               for entry in basis.manifest.tensors}
+    data = DocumentStream(spec.data_path, load_tokenizer(spec.model_dir), coordinator.settings.sequence_length)
+    gram = statistics_under_basis(ExpertDirectory(spec.model_dir), tensors, data, coordinator.settings.batch_size)
+    path = tmp_path / f"{spec.name}-statistics.safetensors"
+    save_file(statistics_tensors(gram), str(path))
+    entries, sources = described(safetensors_ranges(path))
+    header = tensors_pb2.StatisticsHeader(basis_hash=basis.hash, hidden_size=gram.shape[-1] - 1,
+                                          num_layers=gram.shape[0], token_count=token_count(gram),
+                                          sequence_length=coordinator.settings.sequence_length)
+    plan = pb.UploadPlan(kind=pb.UPLOAD_KIND_STATISTICS, manifest=tensors_pb2.TensorManifest(tensors=entries),
+                         statistics=header)
+    coordinator.commit_upload(identity, staged(coordinator, spec.name, Upload(plan, sources, "statistics")))
+    coordinator.publisher.wait(coordinator.publisher.request())
+    return identity
+
+
+def test_a_revocation_is_reported_done_only_when_the_latest_version_is_without_the_member(
+        coordinator, expert_factory, tmp_path, monkeypatch):
+    experts = expert_factory("llama")
+    for name in ("code", "math"):
+        contributed(coordinator, experts[name], tmp_path)
+    assert coordinator.ledger.version().members == ["code", "math"]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(publication, "write_moe_checkpoint", disk_full)
+    removal = coordinator.revoke("math", "contract ended")
+    assert removal.version == 0
+    assert "still contains math" in removal.publication_error and "No space left" in removal.publication_error
+    assert "No space left" in coordinator.status().publication_error
+
+    monkeypatch.undo()  # space is back: the next round publishes the version without math
+    coordinator.publisher.wait(coordinator.publisher.request())
+    assert coordinator.ledger.version().members == ["code"] and coordinator.status().publication_error == ""
+    removal = coordinator.revoke("code", "the last one")
+    assert removal.version == 0 and "no other member has statistics" in removal.publication_error
 
 
 def test_a_revocation_during_validation_wins_over_the_commit(coordinator, expert_factory, monkeypatch):

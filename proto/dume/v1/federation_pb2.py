@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from dume.v1 import tensors_pb2 as dume_dot_v1_dot_tensors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64ume/v1/federation.proto\x12\x07\x64ume.v1\x1a\x15\x64ume/v1/tensors.proto\"/\n\x0c\x45nrolRequest\x12\x0e\n\x06secret\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\"6\n\rEnrolResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x0c\n\x04node\x18\x02 \x01(\t\"=\n\tFileEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"\xac\x01\n\nUploadPlan\x12!\n\x04kind\x18\x01 \x01(\x0e\x32\x13.dume.v1.UploadKind\x12)\n\x08manifest\x18\x02 \x01(\x0b\x32\x17.dume.v1.TensorManifest\x12!\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x12.dume.v1.FileEntry\x12-\n\nstatistics\x18\x04 \x01(\x0b\x32\x19.dume.v1.StatisticsHeader\",\n\nBlobOffset\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"D\n\x0bUploadState\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\"\n\x05\x62lobs\x18\x02 \x03(\x0b\x32\x13.dume.v1.BlobOffset\"H\n\x05\x43hunk\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\"\n\rCommitRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"$\n\x0e\x43ommitResponse\x12\x12\n\nbasis_hash\x18\x01 \x01(\t\"\x0e\n\x0cWatchRequest\"R\n\x05\x45vent\x12\x12\n\nbasis_hash\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05\x65xact\x18\x03 \x01(\x08\x12\x15\n\rbasis_members\x18\x04 \x03(\t\"\"\n\x0c\x42\x61sisRequest\x12\x12\n\nbasis_hash\x18\x01 \x01(\t\"\x84\x01\n\x05\x42\x61sis\x12\x12\n\nbasis_hash\x18\x01 \x01(\t\x12\x0f\n\x07members\x18\x02 \x03(\t\x12)\n\x08manifest\x18\x03 \x01(\x0b\x32\x17.dume.v1.TensorManifest\x12\x17\n\x0fsequence_length\x18\x04 \x01(\x03\x12\x12\n\nbatch_size\x18\x05 \x01(\x03\"!\n\x0eVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"g\n\x0bVersionFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12&\n\x05shard\x18\x03 \x01(\x0b\x32\x17.dume.v1.TensorManifest\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\"\x89\x01\n\x07Version\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05\x65xact\x18\x02 \x01(\x08\x12\x12\n\nbasis_hash\x18\x03 \x01(\t\x12\x0f\n\x07members\x18\x04 \x03(\t\x12#\n\x05\x66iles\x18\x05 \x03(\x0b\x32\x14.dume.v1.VersionFile\x12\x14\n\x0cpublished_at\x18\x06 \x01(\x01\"-\n\x0b\x42lobRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\x0e\n\x0cLeaveRequest\" \n\rLeaveResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"1\n\x0cTokenRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x01\"2\n\rTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\"\x0f\n\rStatusRequest\"w\n\x0cMemberStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\x15\n\rstats_current\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x13\n\x0btoken_count\x18\x06 \x01(\x03\"\x9a\x01\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05\x65xact\x18\x02 \x01(\x08\x12\x12\n\nbasis_hash\x18\x03 \x01(\t\x12&\n\x07members\x18\x04 \x03(\x0b\x32\x15.dume.v1.MemberStatus\x12\x15\n\raudit_entries\x18\x05 \x01(\x03\x12\x15\n\rsettings_json\x18\x06 \x01(\t\"-\n\rRevokeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"!\n\x0eRevokeResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\x0e\n\x0c\x41uditRequest\"\x89\x01\n\nAuditEntry\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\n\n\x02\x61t\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65tail_json\x18\x05 \x01(\t\x12\x15\n\rprevious_hash\x18\x06 \x01(\t\x12\x12\n\nentry_hash\x18\x07 \x01(\t\"5\n\rAuditResponse\x12$\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x13.dume.v1.AuditEntry*\\\n\nUploadKind\x12\x1b\n\x17UPLOAD_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11UPLOAD_KIND_MODEL\x10\x01\x12\x1a\n\x16UPLOAD_KIND_STATISTICS\x10\x02\x32\x43\n\tEnrolment\x12\x36\n\x05\x45nrol\x12\x15.dume.v1.EnrolRequest\x1a\x16.dume.v1.EnrolResponse2\xc7\x03\n\nFederation\x12\x38\n\x0b\x42\x65ginUpload\x12\x13.dume.v1.UploadPlan\x1a\x14.dume.v1.UploadState\x12\x34\n\nSendChunks\x12\x0e.dume.v1.Chunk\x1a\x14.dume.v1.UploadState(\x01\x12?\n\x0c\x43ommitUpload\x12\x16.dume.v1.CommitRequest\x1a\x17.dume.v1.CommitResponse\x12\x30\n\x05Watch\x12\x15.dume.v1.WatchRequest\x1a\x0e.dume.v1.Event0\x01\x12\x31\n\x08GetBasis\x12\x15.dume.v1.BasisRequest\x1a\x0e.dume.v1.Basis\x12\x37\n\nGetVersion\x12\x17.dume.v1.VersionRequest\x1a\x10.dume.v1.Version\x12\x32\n\x08ReadBlob\x12\x14.dume.v1.BlobRequest\x1a\x0e.dume.v1.Chunk0\x01\x12\x36\n\x05Leave\x12\x15.dume.v1.LeaveRequest\x1a\x16.dume.v1.LeaveResponse2\xf3\x01\n\x05\x41\x64min\x12<\n\x0b\x43reateToken\x12\x15.dume.v1.TokenRequest\x1a\x16.dume.v1.TokenResponse\x12\x39\n\x06Status\x12\x16.dume.v1.StatusRequest\x1a\x17.dume.v1.StatusResponse\x12\x39\n\x06Revoke\x12\x16.dume.v1.RevokeRequest\x1a\x17.dume.v1.RevokeResponse\x12\x36\n\x05\x41udit\x12\x15.dume.v1.AuditRequest\x1a\x16.dume.v1.AuditResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64ume/v1/federation.proto\x12\x07\x64ume.v1\x1a\x15\x64ume/v1/tensors.proto\"/\n\x0c\x45nrolRequest\x12\x0e\n\x06secret\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\"6\n\rEnrolResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x0c\n\x04node\x18\x02 \x01(\t\"=\n\tFileEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"\xac\x01\n\nUploadPlan\x12!\n\x04kind\x18\x01 \x01(\x0e\x32\x13.dume.v1.UploadKind\x12)\n\x08manifest\x18\x02 \x01(\x0b\x32\x17.dume.v1.TensorManifest\x12!\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x12.dume.v1.FileEntry\x12-\n\nstatistics\x18\x04 \x01(\x0b\x32\x19.dume.v1.StatisticsHeader\",\n\nBlobOffset\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"D\n\x0bUploadState\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\"\n\x05\x62lobs\x18\x02 \x03(\x0b\x32\x13.dume.v1.BlobOffset\"H\n\x05\x43hunk\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\"\n\rCommitRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"$\n\x0e\x43ommitResponse\x12\x12\n\nbasis_hash\x18\x01 \x01(\t\"\x0e\n\x0cWatchRequest\"R\n\x05\x45vent\x12\x12\n\nbasis_hash\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05\x65xact\x18\x03 \x01(\x08\x12\x15\n\rbasis_members\x18\x04 \x03(\t\"\"\n\x0c\x42\x61sisRequest\x12\x12\n\nbasis_hash\x18\x01 \x01(\t\"\x84\x01\n\x05\x42\x61sis\x12\x12\n\nbasis_hash\x18\x01 \x01(\t\x12\x0f\n\x07members\x18\x02 \x03(\t\x12)\n\x08manifest\x18\x03 \x01(\x0b\x32\x17.dume.v1.TensorManifest\x12\x17\n\x0fsequence_length\x18\x04 \x01(\x03\x12\x12\n\nbatch_size\x18\x05 \x01(\x03\"!\n\x0eVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"g\n\x0bVersionFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12&\n\x05shard\x18\x03 \x01(\x0b\x32\x17.dume.v1.TensorManifest\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\"\x89\x01\n\x07Version\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05\x65xact\x18\x02 \x01(\x08\x12\x12\n\nbasis_hash\x18\x03 \x01(\t\x12\x0f\n\x07members\x18\x04 \x03(\t\x12#\n\x05\x66iles\x18\x05 \x03(\x0b\x32\x14.dume.v1.VersionFile\x12\x14\n\x0cpublished_at\x18\x06 \x01(\x01\"-\n\x0b\x42lobRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\x0e\n\x0cLeaveRequest\";\n\rLeaveResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x19\n\x11publication_error\x18\x02 \x01(\t\"1\n\x0cTokenRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x01\"2\n\rTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\"\x0f\n\rStatusRequest\"w\n\x0cMemberStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\x15\n\rstats_current\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x13\n\x0btoken_count\x18\x06 \x01(\x03\"\xb5\x01\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05\x65xact\x18\x02 \x01(\x08\x12\x12\n\nbasis_hash\x18\x03 \x01(\t\x12&\n\x07members\x18\x04 \x03(\x0b\x32\x15.dume.v1.MemberStatus\x12\x15\n\raudit_entries\x18\x05 \x01(\x03\x12\x15\n\rsettings_json\x18\x06 \x01(\t\x12\x19\n\x11publication_error\x18\x07 \x01(\t\"-\n\rRevokeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"<\n\x0eRevokeResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x19\n\x11publication_error\x18\x02 \x01(\t\"\x0e\n\x0c\x41uditRequest\"\x89\x01\n\nAuditEntry\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\n\n\x02\x61t\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65tail_json\x18\x05 \x01(\t\x12\x15\n\rprevious_hash\x18\x06 \x01(\t\x12\x12\n\nentry_hash\x18\x07 \x01(\t\"5\n\rAuditResponse\x12$\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x13.dume.v1.AuditEntry*\\\n\nUploadKind\x12\x1b\n\x17UPLOAD_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11UPLOAD_KIND_MODEL\x10\x01\x12\x1a\n\x16UPLOAD_KIND_STATISTICS\x10\x02\x32\x43\n\tEnrolment\x12\x36\n\x05\x45nrol\x12\x15.dume.v1.EnrolRequest\x1a\x16.dume.v1.EnrolResponse2\xc7\x03\n\nFederation\x12\x38\n\x0b\x42\x65ginUpload\x12\x13.dume.v1.UploadPlan\x1a\x14.dume.v1.UploadState\x12\x34\n\nSendChunks\x12\x0e.dume.v1.Chunk\x1a\x14.dume.v1.UploadState(\x01\x12?\n\x0c\x43ommitUpload\x12\x16.dume.v1.CommitRequest\x1a\x17.dume.v1.CommitResponse\x12\x30\n\x05Watch\x12\x15.dume.v1.WatchRequest\x1a\x0e.dume.v1.Event0\x01\x12\x31\n\x08GetBasis\x12\x15.dume.v1.BasisRequest\x1a\x0e.dume.v1.Basis\x12\x37\n\nGetVersion\x12\x17.dume.v1.VersionRequest\x1a\x10.dume.v1.Version\x12\x32\n\x08ReadBlob\x12\x14.dume.v1.BlobRequest\x1a\x0e.dume.v1.Chunk0\x01\x12\x36\n\x05Leave\x12\x15.dume.v1.LeaveRequest\x1a\x16.dume.v1.LeaveResponse2\xf3\x01\n\x05\x41\x64min\x12<\n\x0b\x43reateToken\x12\x15.dume.v1.TokenRequest\x1a\x16.dume.v1.TokenResponse\x12\x39\n\x06Status\x12\x16.dume.v1.StatusRequest\x1a\x17.dume.v1.StatusResponse\x12\x39\n\x06Revoke\x12\x16.dume.v1.RevokeRequest\x1a\x17.dume.v1.RevokeResponse\x12\x36\n\x05\x41udit\x12\x15.dume.v1.AuditRequest\x1a\x16.dume.v1.AuditResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dume.v1.federation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UPLOADKIND']._serialized_start=2006
-  _globals['_UPLOADKIND']._serialized_end=2098
+  _globals['_UPLOADKIND']._serialized_start=2087
+  _globals['_UPLOADKIND']._serialized_end=2179
   _globals['_ENROLREQUEST']._serialized_start=60
   _globals['_ENROLREQUEST']._serialized_end=107
   _globals['_ENROLRESPONSE']._serialized_start=109
@@ -71,31 +71,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LEAVEREQUEST']._serialized_start=1265
   _globals['_LEAVEREQUEST']._serialized_end=1279
   _globals['_LEAVERESPONSE']._serialized_start=1281
-  _globals['_LEAVERESPONSE']._serialized_end=1313
-  _globals['_TOKENREQUEST']._serialized_start=1315
-  _globals['_TOKENREQUEST']._serialized_end=1364
-  _globals['_TOKENRESPONSE']._serialized_start=1366
-  _globals['_TOKENRESPONSE']._serialized_end=1416
-  _globals['_STATUSREQUEST']._serialized_start=1418
-  _globals['_STATUSREQUEST']._serialized_end=1433
-  _globals['_MEMBERSTATUS']._serialized_start=1435
-  _globals['_MEMBERSTATUS']._serialized_end=1554
-  _globals['_STATUSRESPONSE']._serialized_start=1557
-  _globals['_STATUSRESPONSE']._serialized_end=1711
-  _globals['_REVOKEREQUEST']._serialized_start=1713
-  _globals['_REVOKEREQUEST']._serialized_end=1758
-  _globals['_REVOKERESPONSE']._serialized_start=1760
-  _globals['_REVOKERESPONSE']._serialized_end=1793
-  _globals['_AUDITREQUEST']._serialized_start=1795
-  _globals['_AUDITREQUEST']._serialized_end=1809
-  _globals['_AUDITENTRY']._serialized_start=1812
-  _globals['_AUDITENTRY']._serialized_end=1949
-  _globals['_AUDITRESPONSE']._serialized_start=1951
-  _globals['_AUDITRESPONSE']._serialized_end=2004
-  _globals['_ENROLMENT']._serialized_start=2100
-  _globals['_ENROLMENT']._serialized_end=2167
-  _globals['_FEDERATION']._serialized_start=2170
-  _globals['_FEDERATION']._serialized_end=2625
-  _globals['_ADMIN']._serialized_start=2628
-  _globals['_ADMIN']._serialized_end=2871
+  _globals['_LEAVERESPONSE']._serialized_end=1340
+  _globals['_TOKENREQUEST']._serialized_start=1342
+  _globals['_TOKENREQUEST']._serialized_end=1391
+  _globals['_TOKENRESPONSE']._serialized_start=1393
+  _globals['_TOKENRESPONSE']._serialized_end=1443
+  _globals['_STATUSREQUEST']._serialized_start=1445
+  _globals['_STATUSREQUEST']._serialized_end=1460
+  _globals['_MEMBERSTATUS']._serialized_start=1462
+  _globals['_MEMBERSTATUS']._serialized_end=1581
+  _globals['_STATUSRESPONSE']._serialized_start=1584
+  _globals['_STATUSRESPONSE']._serialized_end=1765
+  _globals['_REVOKEREQUEST']._serialized_start=1767
+  _globals['_REVOKEREQUEST']._serialized_end=1812
+  _globals['_REVOKERESPONSE']._serialized_start=1814
+  _globals['_REVOKERESPONSE']._serialized_end=1874
+  _globals['_AUDITREQUEST']._serialized_start=1876
+  _globals['_AUDITREQUEST']._serialized_end=1890
+  _globals['_AUDITENTRY']._serialized_start=1893
+  _globals['_AUDITENTRY']._serialized_end=2030
+  _globals['_AUDITRESPONSE']._serialized_start=2032
+  _globals['_AUDITRESPONSE']._serialized_end=2085
+  _globals['_ENROLMENT']._serialized_start=2181
+  _globals['_ENROLMENT']._serialized_end=2248
+  _globals['_FEDERATION']._serialized_start=2251
+  _globals['_FEDERATION']._serialized_end=2706
+  _globals['_ADMIN']._serialized_start=2709
+  _globals['_ADMIN']._serialized_end=2952
 # @@protoc_insertion_point(module_scope)

@@ -178,10 +178,12 @@ class LeaveRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LeaveResponse(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "publication_error")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    PUBLICATION_ERROR_FIELD_NUMBER: _ClassVar[int]
     version: int
-    def __init__(self, version: _Optional[int] = ...) -> None: ...
+    publication_error: str
+    def __init__(self, version: _Optional[int] = ..., publication_error: _Optional[str] = ...) -> None: ...
 
 class TokenRequest(_message.Message):
     __slots__ = ("node", "ttl_seconds")
@@ -220,20 +222,22 @@ class MemberStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., online: _Optional[bool] = ..., stats_current: _Optional[bool] = ..., reason: _Optional[str] = ..., token_count: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "exact", "basis_hash", "members", "audit_entries", "settings_json")
+    __slots__ = ("version", "exact", "basis_hash", "members", "audit_entries", "settings_json", "publication_error")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EXACT_FIELD_NUMBER: _ClassVar[int]
     BASIS_HASH_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     AUDIT_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    PUBLICATION_ERROR_FIELD_NUMBER: _ClassVar[int]
     version: int
     exact: bool
     basis_hash: str
     members: _containers.RepeatedCompositeFieldContainer[MemberStatus]
     audit_entries: int
     settings_json: str
-    def __init__(self, version: _Optional[int] = ..., exact: _Optional[bool] = ..., basis_hash: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., audit_entries: _Optional[int] = ..., settings_json: _Optional[str] = ...) -> None: ...
+    publication_error: str
+    def __init__(self, version: _Optional[int] = ..., exact: _Optional[bool] = ..., basis_hash: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., audit_entries: _Optional[int] = ..., settings_json: _Optional[str] = ..., publication_error: _Optional[str] = ...) -> None: ...
 
 class RevokeRequest(_message.Message):
     __slots__ = ("node", "reason")
@@ -244,10 +248,12 @@ class RevokeRequest(_message.Message):
     def __init__(self, node: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RevokeResponse(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "publication_error")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    PUBLICATION_ERROR_FIELD_NUMBER: _ClassVar[int]
     version: int
-    def __init__(self, version: _Optional[int] = ...) -> None: ...
+    publication_error: str
+    def __init__(self, version: _Optional[int] = ..., publication_error: _Optional[str] = ...) -> None: ...
 
 class AuditRequest(_message.Message):
     __slots__ = ()
