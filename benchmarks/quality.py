@@ -32,7 +32,6 @@ import hashlib
 import json
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -44,15 +43,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dume.shared.errors import DumeError
-from dume.shared.lab.demo import (
-    FEDERATION_THREADS,
-    Federation,
-    converged,
-    differing_files,
-    quiet_loading,
-    torch_threads,
-)
-from dume.shared.lab.domains import DOMAINS, HELD_OUT_EVERY, write_domain
+from dume.shared.lab.domains import DOMAINS, HELD_OUT_EVERY, write_domains
+from dume.shared.lab.harness import FEDERATION_THREADS, Federation, cli, differing_files, quiet_loading, torch_threads
 from dume.shared.lab.tiny import build_tiny_model, trained_tokenizer
 from dume.shared.method.averaging import compute_basis
 from dume.shared.method.data import PackedData, load_tokenizer, pack_documents, read_documents
@@ -97,17 +89,20 @@ CONFIGS = {
     "5m": Config(256, 768, 6, 8, 4, 8192, 256, 8000, 1e-3, 2000, 3e-4, 1000, batch_size=32),
     "115m": Config(768, 2048, 12, 12, 4, 16384, 512, 30000, 6e-4, 5000, 1e-4, 2000, batch_size=32),
 }
-# Where models train and evaluate (--device); statistics are always collected on the CPU, as nodes do.
-DEVICE = "cpu"
 RHOS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
 DYNAMIC_LATE = "unicode"  # the domain that joins the running three-domain federation
 
 
 class Bench:
-    """The work directory, the configuration and the clock of each stage."""
+    """The work directory, the configuration, the device and the clock of each stage.
 
-    def __init__(self, workdir: Path, config_name: str) -> None:
+    ``device`` is where models train and evaluate (--device); statistics are always collected on the CPU, as
+    nodes do.
+    """
+
+    def __init__(self, workdir: Path, config_name: str, device: str) -> None:
         self.workdir, self.config_name, self.config = workdir, config_name, CONFIGS[config_name]
+        self.device = device
         self.started = time.monotonic()
         self.seconds: dict[str, float] = {}
         self.domains = sorted(DOMAINS)
@@ -133,16 +128,6 @@ def mark_cached(path: Path, settings: dict[str, Any]) -> None:
     (path / "benchmark-settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
-def prepare_data(bench: Bench) -> dict[str, tuple[Path, Path]]:
-    data = bench.workdir / "data"
-    splits = {name: write_domain(name, data) for name in bench.domains}
-    mixture = data / "mixture"
-    mixture.mkdir(exist_ok=True)
-    for name in bench.domains:
-        shutil.copyfile(splits[name][0], mixture / f"{name}.jsonl")
-    return splits
-
-
 def train_base(bench: Bench) -> Path:
     config, base = bench.config, bench.workdir / "base"
     mixture = bench.workdir / "data" / "mixture"
@@ -161,7 +146,7 @@ def train_base(bench: Bench) -> Path:
     shutil.rmtree(base, ignore_errors=True)
     train(init, mixture, base, TrainSettings(steps=config.base_steps, learning_rate=config.base_learning_rate,
                                              batch_size=config.batch_size, sequence_length=config.sequence_length,
-                                             trainable="all", device=DEVICE))
+                                             trainable="all", device=bench.device))
     shutil.rmtree(init)
     mark_cached(base, settings)
     return base
@@ -178,15 +163,10 @@ def train_experts(bench: Bench, base: Path, splits: dict[str, tuple[Path, Path]]
             bench.say(f"expert {name} ({trainable}): cached")
         else:
             bench.say(f"expert {name}: dume-node train --trainable {trainable} ({config.expert_steps} steps)")
-            command = [sys.executable, "-m", "dume.node", "train", "--base", str(base), "--data", str(splits[name][0]),
-                       "--out", str(out), "--steps", str(config.expert_steps),
-                       "--learning-rate", str(config.expert_learning_rate), "--batch-size", str(config.batch_size),
-                       "--sequence-length", str(config.sequence_length), "--seed", str(seed),
-                       "--trainable", trainable, "--device", DEVICE]
-            result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-            if result.returncode != 0:
-                lines = (result.stderr or result.stdout).strip().splitlines()
-                raise DumeError(f"`dume-node train` for {name} failed: {lines[-1] if lines else 'no output'}")
+            cli("node", "train", "--base", str(base), "--data", str(splits[name][0]), "--out", str(out),
+                "--steps", str(config.expert_steps), "--learning-rate", str(config.expert_learning_rate),
+                "--batch-size", str(config.batch_size), "--sequence-length", str(config.sequence_length),
+                "--seed", str(seed), "--trainable", trainable, "--device", bench.device)
             mark_cached(out, settings)
         specs.append(ExpertSpec(name, out, splits[name][0]))
     return specs
@@ -200,32 +180,22 @@ def federate(bench: Bench, specs: list[ExpertSpec]) -> tuple[dict[str, Path], li
     """
     root = bench.workdir / "federation"
     shutil.rmtree(root, ignore_errors=True)
-    federation = Federation(root, bench.started)
-    state, early = federation.state, [spec for spec in specs if spec.name != DYNAMIC_LATE]
+    federation = Federation(root, threads=FEDERATION_THREADS, say=bench.say)
+    names = [spec.name for spec in specs]
+    early = [spec for spec in specs if spec.name != DYNAMIC_LATE]
     late = next(spec for spec in specs if spec.name == DYNAMIC_LATE)
-
-    def join(spec: ExpertSpec, token: str) -> None:
-        federation.start(f"node-{spec.name}", "node", "join", "--token", token, "--model", str(spec.model_dir),
-                         "--data", str(spec.data_path), "--workdir", str(root / "nodes" / spec.name))
-
-    def export(version: int, label: str) -> Path:
-        out = root / "versions" / label
-        federation.run("coordinator", "export", "--state", str(state), "--version", str(version), "--out", str(out))
-        return out
-
     try:
-        federation.serve("--sequence-length", str(bench.config.sequence_length))
-        tokens = federation.run_all([("coordinator", "token", "--state", str(state), "--node", spec.name)
-                                     for spec in specs])
-        tokens = {spec.name: token.strip() for spec, token in zip(specs, tokens, strict=True)}
+        federation.init("--sequence-length", str(bench.config.sequence_length))
+        federation.serve()
+        tokens = federation.tokens(names)
         for spec in early:
-            join(spec, tokens[spec.name])
-        three = federation.wait_for("the three-domain exact version", converged([spec.name for spec in early]))
-        join(late, tokens[late.name])
-        four = federation.wait_for("the four-domain exact version", converged([spec.name for spec in specs]))
+            federation.join(spec.name, spec.model_dir, spec.data_path, tokens[spec.name])
+        three = federation.wait_exact([spec.name for spec in early])["version"]
+        federation.join(late.name, late.model_dir, late.data_path, tokens[late.name])
+        four = federation.wait_exact(names)["version"]
         exported, versions = {}, []
         for version in range(three, four + 1):
-            out = export(version, f"v{version}")
+            out = federation.export(root / "versions" / f"v{version}", version)
             block = json.loads((out / "config.json").read_text())["dume"]
             versions.append({"version": version, **{key: block[key] for key in ("exact", "members", "basis_hash")}})
             if version == three:
@@ -243,7 +213,7 @@ def subsample(documents: list[str], fraction: float) -> list[str]:
     return documents[:: round(1 / fraction)]
 
 
-def router_choices(model: torch.nn.Module, data: PackedData) -> list[torch.Tensor]:
+def router_choices(model: torch.nn.Module, data: PackedData, device: str) -> list[torch.Tensor]:
     """Per layer, the router's first choice (argmax of its logits) for each real token, whatever the routing mode."""
     blocks = [layer.mlp for layer in model.model.layers]
     chosen: list[list[torch.Tensor]] = [[] for _ in blocks]
@@ -257,7 +227,7 @@ def router_choices(model: torch.nn.Module, data: PackedData) -> list[torch.Tenso
     try:
         with torch.inference_mode():
             for input_ids, attention_mask in data.batches(8):
-                model(input_ids=input_ids.to(DEVICE), attention_mask=attention_mask.to(DEVICE))
+                model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
     finally:
         for hook in hooks:
             hook.remove()
@@ -265,35 +235,37 @@ def router_choices(model: torch.nn.Module, data: PackedData) -> list[torch.Tenso
     return [torch.cat(layer)[real] for layer in chosen]
 
 
-def routing_accuracy(model: torch.nn.Module, held_out: dict[str, PackedData], names: list[str]) -> dict[str, list]:
+def routing_accuracy(model: torch.nn.Module, held_out: dict[str, PackedData], names: list[str],
+                     device: str) -> dict[str, list]:
     """Per domain and layer, the share of real held-out tokens whose first routed expert is the domain's own."""
     return {domain: [round(float((layer == names.index(domain)).float().mean()), 4)
-                     for layer in router_choices(model, data)] for domain, data in held_out.items()}
+                     for layer in router_choices(model, data, device)] for domain, data in held_out.items()}
 
 
-def oracle_path_accuracy(experts: dict, basis: dict, routers: list[LayerRouter],
-                         held_out: dict[str, PackedData]) -> dict[str, list]:
+def oracle_path_accuracy(experts: dict, basis: dict, routers: list[LayerRouter], held_out: dict[str, PackedData],
+                         device: str) -> dict[str, list]:
     """Routing accuracy on the hidden states the statistics describe: each domain sent through its own expert in
     every layer while the routers only watch. Its gap to ``routing_accuracy`` is what earlier misrouting costs."""
     names = list(routers[0].experts)
     result = {}
     for domain, data in held_out.items():
-        model = build_routed_model(experts, basis, routers, mode="oracle", oracle_expert=domain).to(DEVICE).eval()
+        model = build_routed_model(experts, basis, routers, mode="oracle", oracle_expert=domain).to(device).eval()
         result[domain] = [round(float((layer == names.index(domain)).float().mean()), 4)
-                          for layer in router_choices(model, data)]
+                          for layer in router_choices(model, data, device)]
     return result
 
 
-def evaluate(model: torch.nn.Module, held_out: dict[str, PackedData], domains: list[str] | None = None):
-    model.to(DEVICE).eval()
+def evaluate(model: torch.nn.Module, held_out: dict[str, PackedData], device: str,
+             domains: list[str] | None = None) -> dict[str, float]:
+    model.to(device).eval()
     return {name: round(perplexity(model, data), 4) for name, data in held_out.items()
             if domains is None or name in domains}
 
 
 def run(bench: Bench, out_dir: Path) -> dict[str, Any]:
-    config, domains = bench.config, bench.domains
+    config, domains, device = bench.config, bench.domains, bench.device
     mark = time.monotonic()
-    splits = prepare_data(bench)
+    splits = write_domains(bench.domains, bench.workdir / "data")
     base = train_base(bench)
     mark = bench.stage("base", mark)
     specs = train_experts(bench, base, splits, "mlp")
@@ -314,17 +286,17 @@ def run(bench: Bench, out_dir: Path) -> dict[str, Any]:
     ppl: dict[str, dict[str, float]] = {}
     accuracy: dict[str, dict[str, list]] = {}
     bench.say("evaluating the base, the experts, weight averaging, oracle and random routing, federated versions")
-    ppl["base"] = evaluate(load_model(base), held_out)
+    ppl["base"] = evaluate(load_model(base), held_out, device)
     for spec in specs:
-        ppl[f"expert:{spec.name}"] = evaluate(load_model(spec.model_dir), held_out)
+        ppl[f"expert:{spec.name}"] = evaluate(load_model(spec.model_dir), held_out, device)
     experts = open_experts(specs)
     names = sorted(experts)
-    ppl["weight-average"] = evaluate(build_weight_averaged_model(experts), held_out)
+    ppl["weight-average"] = evaluate(build_weight_averaged_model(experts), held_out, device)
     basis = compute_basis(experts)
-    ppl["oracle"] = oracle_perplexity(experts, basis, held_out)
-    ppl["random"] = evaluate(build_routed_model(experts, basis, mode="random", top_k=1), held_out)
+    ppl["oracle"] = oracle_perplexity(experts, basis, held_out, device)
+    ppl["random"] = evaluate(build_routed_model(experts, basis, mode="random", top_k=1), held_out, device)
     for label, path in federated.items():
-        ppl[label] = evaluate(load_model(path), held_out)
+        ppl[label] = evaluate(load_model(path), held_out, device)
     mark = bench.stage("baselines", mark)
 
     bench.say("statistics under the basis from 1%, 10% and 100% of each member's training documents")
@@ -354,30 +326,30 @@ def run(bench: Bench, out_dir: Path) -> dict[str, Any]:
     for label, layer_routers in routers.items():
         top_k = variants[label][2] if label in variants else 1
         model = build_routed_model(experts, basis, layer_routers, top_k)
-        ppl[label] = evaluate(model, held_out)
-        accuracy[label] = routing_accuracy(model, held_out, names)
-    accuracy["dume:local (oracle path)"] = oracle_path_accuracy(experts, basis, routers["dume:local"], held_out)
+        ppl[label] = evaluate(model, held_out, device)
+        accuracy[label] = routing_accuracy(model, held_out, names, device)
+    accuracy["dume:local (oracle path)"] = oracle_path_accuracy(experts, basis, routers["dume:local"], held_out, device)
     rho_sweep = []
     for bias in (False, True):
         for rho in RHOS:
             model = build_routed_model(experts, basis, solve_routers(statistics[1.0], rho, bias), 1)
-            rho_sweep.append({"router_bias": bias, "rho": rho, "perplexity": evaluate(model, held_out),
-                              "routing_accuracy": routing_accuracy(model, held_out, names)})
+            rho_sweep.append({"router_bias": bias, "rho": rho, "perplexity": evaluate(model, held_out, device),
+                              "routing_accuracy": routing_accuracy(model, held_out, names, device)})
     mark = bench.stage("dume variants", mark)
 
     bench.say(f"trained routers (BTX-style): {config.router_steps} AdamW steps on the pooled mixture, k=2")
     mixture = pack_documents(read_documents(bench.workdir / "data" / "mixture"), tokenizer, config.sequence_length)
     router_losses = {}
     for label, random_init in (("btx:random", True), ("btx:dume", False)):
-        model = build_routed_model(experts, basis, solve_routers(statistics[1.0]), 2).to(DEVICE)
+        model = build_routed_model(experts, basis, solve_routers(statistics[1.0]), 2).to(device)
         router_losses[label] = train_routers(model, mixture, RouterTraining(config.router_steps,
                                                                             batch_size=config.batch_size), random_init)
-        ppl[label] = evaluate(model, held_out)
-        accuracy[label] = routing_accuracy(model, held_out, names)
+        ppl[label] = evaluate(model, held_out, device)
+        accuracy[label] = routing_accuracy(model, held_out, names, device)
     mark = bench.stage("trained routers", mark)
 
     bench.say("experts fine-tuned in full (the paper's setting): experts, weight averaging, oracle, DUME")
-    full = full_finetuning(full_specs, held_out, tokenizer, config)
+    full = full_finetuning(full_specs, held_out, tokenizer, config, device)
     bench.stage("full fine-tuning", mark)
     bench.seconds["total"] = round(time.monotonic() - bench.started, 1)
 
@@ -405,10 +377,10 @@ def run(bench: Bench, out_dir: Path) -> dict[str, Any]:
     return results
 
 
-def oracle_perplexity(experts: dict, basis: dict, held_out: dict[str, PackedData]) -> dict[str, float]:
+def oracle_perplexity(experts: dict, basis: dict, held_out: dict[str, PackedData], device: str) -> dict[str, float]:
     """Each domain through its own expert's MLPs with the shared basis: what perfect routing would give."""
     return {name: evaluate(build_routed_model(experts, basis, mode="oracle", oracle_expert=name), held_out,
-                           [name])[name] for name in held_out}
+                           device, [name])[name] for name in held_out}
 
 
 def all_statistics(experts: dict, basis: dict, specs: list[ExpertSpec], tokenizer, config: Config,
@@ -423,24 +395,24 @@ def all_statistics(experts: dict, basis: dict, specs: list[ExpertSpec], tokenize
     return statistics
 
 
-def full_finetuning(specs: list[ExpertSpec], held_out: dict[str, PackedData], tokenizer,
-                    config: Config) -> dict[str, dict[str, float]]:
+def full_finetuning(specs: list[ExpertSpec], held_out: dict[str, PackedData], tokenizer, config: Config,
+                    device: str) -> dict[str, dict[str, float]]:
     """The same methods on experts fine-tuned in every parameter, whose shared weights drift apart.
 
     Also the provisional version of a late join, built as the coordinator builds it: the four-member basis, the
     three earlier members' statistics under their three-member basis, the late member masked out.
     """
     experts = open_experts(specs)
-    ppl = {f"expert:{spec.name}": evaluate(load_model(spec.model_dir), held_out) for spec in specs}
-    ppl["weight-average"] = evaluate(build_weight_averaged_model(experts), held_out)
+    ppl = {f"expert:{spec.name}": evaluate(load_model(spec.model_dir), held_out, device) for spec in specs}
+    ppl["weight-average"] = evaluate(build_weight_averaged_model(experts), held_out, device)
     basis = compute_basis(experts)
-    ppl["oracle"] = oracle_perplexity(experts, basis, held_out)
+    ppl["oracle"] = oracle_perplexity(experts, basis, held_out, device)
     routers = solve_routers(all_statistics(experts, basis, specs, tokenizer, config))
-    ppl["dume"] = evaluate(build_routed_model(experts, basis, routers, 1), held_out)
+    ppl["dume"] = evaluate(build_routed_model(experts, basis, routers, 1), held_out, device)
     early = [spec for spec in specs if spec.name != DYNAMIC_LATE]
     early_experts = {spec.name: experts[spec.name] for spec in early}
     stale = all_statistics(early_experts, compute_basis(early_experts), early, tokenizer, config)
-    ppl["dynamic:provisional"] = evaluate(build_routed_model(experts, basis, solve_routers(stale), 1), held_out)
+    ppl["dynamic:provisional"] = evaluate(build_routed_model(experts, basis, solve_routers(stale), 1), held_out, device)
     return ppl
 
 
@@ -468,11 +440,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--device", default="cpu", help="torch device for training and evaluation, e.g. cuda")
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = args.device
     workdir = (args.workdir or Path(".bench") / args.config).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    bench = Bench(workdir, args.config)
+    bench = Bench(workdir, args.config, args.device)
     try:
         with quiet_loading():
             results = run(bench, args.out)

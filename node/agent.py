@@ -147,6 +147,7 @@ class Agent:
                 pause = min(pause * 2, 10.0)
         seconds = time.monotonic() - started
         say(f"uploaded {upload.what}: {total / 1e6:.2f} MB ({sent / 1e6:.2f} MB sent) in {seconds:.2f} s")
+        self.workdir.record_transfer("upload", what=upload.what, bytes=total, sent_bytes=sent, seconds=seconds)
         return response
 
     def _chunks(self, upload_id: str, upload: Upload, held: dict[str, int], bar: tqdm,
@@ -210,8 +211,9 @@ class Agent:
                               int(basis.sequence_length))
         started = time.monotonic()
         gram = statistics_under_basis(expert, tensors, data, int(basis.batch_size))
-        say(f"statistics under basis {basis.basis_hash[:12]}: {token_count(gram)} tokens in "
-            f"{time.monotonic() - started:.2f} s")
+        seconds, tokens = time.monotonic() - started, token_count(gram)
+        say(f"statistics under basis {basis.basis_hash[:12]}: {tokens} tokens in {seconds:.2f} s")
+        self.workdir.record_transfer("statistics", basis=basis.basis_hash, tokens=tokens, seconds=seconds)
         with atomic_path(path) as partial:
             save_file(statistics_tensors(gram), str(partial))
 

@@ -5,6 +5,7 @@
     blobs/                               downloaded bases and model versions (content-addressed)
     own-blobs.json                       sha256 -> where that blob lies in the node's own model files
     statistics/                          the statistics files uploaded, one per basis
+    transfers.jsonl                      one JSON object a line for each upload and statistics computation
 """
 
 from __future__ import annotations
@@ -84,6 +85,22 @@ class Workdir:
                 return handle.read(size)
         except OSError:
             return None
+
+    @property
+    def transfers_path(self) -> Path:
+        return self.root / "transfers.jsonl"
+
+    def record_transfer(self, event: str, **fields: Any) -> None:
+        """Appends one transfer as a JSON line, so tools read what the node sent and computed without parsing its
+        log (whose wording is for people and may change)."""
+        with open(self.transfers_path, "a") as handle:
+            handle.write(json.dumps({"event": event, **fields}) + "\n")
+
+    def transfers(self) -> list[dict[str, Any]]:
+        """The transfers recorded so far, oldest first."""
+        if not self.transfers_path.is_file():
+            return []
+        return [json.loads(line) for line in self.transfers_path.read_text().splitlines() if line]
 
     def record_own_blobs(self, index: dict[str, tuple[str, int, int]]) -> None:
         write_atomically(self.root / "own-blobs.json", json.dumps(index, sort_keys=True).encode())

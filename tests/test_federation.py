@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from dume.node.agent import Agent, Upload, described, model_upload
 from dume.node.workdir import Workdir
 from dume.shared.errors import DumeError
-from dume.shared.lab.demo import differing_files
+from dume.shared.lab.harness import Federation, cli, differing_files, wait_until
 from dume.shared.lab.tiny import build_tiny_model
 from dume.shared.method.merge import merge
 from dume.shared.method.routers import MergeSettings
@@ -30,8 +30,6 @@ from dume.shared.trust.join_token import JoinToken, new_secret
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 from dume.v1 import tensors_pb2
-
-from federation_harness import NODE, Federation, run, terminate, wait_until
 
 SETTINGS = MergeSettings(sequence_length=64)
 
@@ -59,7 +57,10 @@ def federation(tmp_path):
     created = []
 
     def make(*settings: str) -> Federation:
-        created.append(Federation(tmp_path / f"federation-{len(created)}", *settings))
+        """A coordinator initialised on fixed free ports (so that a restarted daemon listens where its nodes
+        expect it), whose nodes' output the tests read from pipes."""
+        created.append(Federation(tmp_path / f"federation-{len(created)}", pipe_nodes=True))
+        created[-1].init("--sequence-length", "64", *settings, fixed_ports=True)
         return created[-1]
 
     yield make
@@ -67,44 +68,39 @@ def federation(tmp_path):
         each.close()
 
 
-def export(fed: Federation, out, version: int | None = None):
-    fed.admin("export", "--out", str(out), *(["--version", str(version)] if version else []))
-    return out
-
-
 def test_concurrent_joins_give_the_merge_bytes_then_revocation_gives_the_never_joined_bytes(
         experts, reference, federation, tmp_path):
     fed = federation()
-    fed.start()
+    fed.serve()
     tokens = {name: fed.token(name) for name in experts}
     agents = {name: fed.join(name, spec.model_dir, spec.data_path, tokens[name]) for name, spec in experts.items()}
     status = fed.wait_exact(["code", "math", "prose"])
-    assert not differing_files(export(fed, tmp_path / "all"), reference(("code", "math", "prose")))
+    assert not differing_files(fed.export(tmp_path / "all"), reference(("code", "math", "prose")))
 
     revoked = fed.admin("revoke", "prose", "--reason", "left the consortium")
     assert f"version {status['version'] + 1}" in revoked.stdout  # published at once (provisional)
     assert agents["prose"].wait(timeout=60) != 0
     assert "revoked (left the consortium)" in agents["prose"].stderr.read()
     fed.wait_exact(["code", "math"])
-    assert not differing_files(export(fed, tmp_path / "after-revoke"), reference(("code", "math")))
+    assert not differing_files(fed.export(tmp_path / "after-revoke"), reference(("code", "math")))
 
-    refused = run([*NODE, "fetch", "--workdir", str(fed.workdir("prose")), "--out",
-                   str(tmp_path / "x")], check=False)
+    refused = cli("node", "fetch", "--workdir", str(fed.workdir("prose")), "--out", str(tmp_path / "x"),
+                  check=False)
     assert refused.returncode == 2 and "was revoked" in refused.stderr
     assert "was revoked" in fed.admin("token", "--node", "prose", check=False).stderr
-    fetched = run([*NODE, "fetch", "--workdir", str(fed.workdir("code")), "--out", str(tmp_path / "fetched")])
+    fetched = cli("node", "fetch", "--workdir", str(fed.workdir("code")), "--out", str(tmp_path / "fetched"))
     assert "wrote version" in fetched.stdout
     assert not differing_files(tmp_path / "fetched", reference(("code", "math")))
     assert "intact" in fed.admin("audit", "--verify").stdout
     for name in ("code", "math"):
-        terminate(agents[name])
+        fed.stop(f"node-{name}")
     assert fed.stop() == 0
 
 
 def test_a_member_joining_later_gets_a_provisional_version_then_an_exact_one_with_the_same_bytes(
         experts, reference, federation, tmp_path):
     fed = federation()
-    fed.start()
+    fed.serve()
     joined = []
     for name in ("prose", "math"):  # the reverse of the first test's order, one at a time
         spec = experts[name]
@@ -118,7 +114,7 @@ def test_a_member_joining_later_gets_a_provisional_version_then_an_exact_one_wit
     after_join = [p for p in fed.publications() if p["version"] > before]
     assert after_join[0]["exact"] is False and "code" in after_join[0]["members"]
     assert after_join[-1]["exact"] is True
-    assert not differing_files(export(fed, tmp_path / "all"), reference(("code", "math", "prose")))
+    assert not differing_files(fed.export(tmp_path / "all"), reference(("code", "math", "prose")))
     fed.close()
 
 
@@ -128,11 +124,11 @@ def test_experts_sharing_their_non_mlp_weights_join_without_moving_the_basis(exp
     specs = []
     for name in ("code", "math"):
         out = tmp_path / name
-        run([*NODE, "train", "--base", str(base), "--data", str(experts[name].data_path), "--out", str(out),
-             "--steps", "3", "--sequence-length", "64", "--trainable", "mlp"])
+        cli("node", "train", "--base", str(base), "--data", str(experts[name].data_path), "--out", str(out),
+            "--steps", "3", "--sequence-length", "64", "--trainable", "mlp")
         specs.append(replace(experts[name], model_dir=out))
     fed = federation()
-    fed.start()
+    fed.serve()
     fed.join("code", specs[0].model_dir, specs[0].data_path, fed.token("code"))
     first = fed.wait_exact(["code"])
     fed.join("math", specs[1].model_dir, specs[1].data_path, fed.token("math"))
@@ -140,27 +136,27 @@ def test_experts_sharing_their_non_mlp_weights_join_without_moving_the_basis(exp
     after_join = [p for p in fed.publications() if p["version"] > first["version"]]
     assert [p["exact"] for p in after_join] == [True]  # code's statistics stayed current: nothing provisional
     assert after_join[0]["basis_hash"] == first["basis_hash"]
-    assert not differing_files(export(fed, tmp_path / "both"), merge(specs, tmp_path / "reference", SETTINGS))
+    assert not differing_files(fed.export(tmp_path / "both"), merge(specs, tmp_path / "reference", SETTINGS))
 
 
 def test_an_upload_resumes_after_the_coordinator_is_killed_and_restarted(experts, reference, federation, tmp_path):
     fed = federation()
-    fed.start()
+    fed.serve()
     spec = experts["math"]
     node = fed.join("math", spec.model_dir, spec.data_path, fed.token("math"), "--once",
                     "--chunk-kib", "8", "--max-rate-kib", "48")  # ~0.15 MB model: about 3 s of upload
     uploads = fed.state / "uploads"
     wait_until(lambda: any(part.stat().st_size > 16384 for part in uploads.glob("*/*.part")), 60,
                "the upload to be under way")
-    assert fed.stop(signal.SIGKILL) == -signal.SIGKILL
-    fed.start()
+    assert fed.stop(signum=signal.SIGKILL) == -signal.SIGKILL
+    fed.serve()
     assert node.wait(timeout=180) == 0
     log = node.stderr.read()
     assert "model upload interrupted" in log
     total, sent = (float(x) for x in re.search(r"uploaded model: ([\d.]+) MB \(([\d.]+) MB sent\)", log).groups())
     assert sent < 1.5 * total  # resumed from the durable offset, not from zero
     fed.wait_exact(["math"])
-    assert not differing_files(export(fed, tmp_path / "out"), reference(("math",)))
+    assert not differing_files(fed.export(tmp_path / "out"), reference(("math",)))
     assert "intact" in fed.admin("audit", "--verify").stdout
 
 
@@ -179,7 +175,7 @@ def _stable(status: dict) -> dict:
 def test_bad_tokens_foreign_uploads_bad_models_and_bad_statistics_are_refused_and_change_nothing(
         experts, federation, tmp_path):
     fed = federation()
-    fed.start()
+    fed.serve()
     code, math = experts["code"], experts["math"]
     token = fed.token("code")
     assert fed.join("code", code.model_dir, code.data_path, token, "--once").wait(timeout=120) == 0

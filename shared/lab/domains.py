@@ -19,6 +19,7 @@ import importlib
 import inspect
 import json
 import random
+import shutil
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
@@ -113,3 +114,14 @@ def write_domain(name: str, out_dir: Path) -> tuple[Path, Path]:
     test.write_text("".join(json.dumps({"text": d}) + "\n" for i, d in enumerate(documents)
                             if not i % HELD_OUT_EVERY))
     return train, test
+
+
+def write_domains(names: list[str], out_dir: Path) -> dict[str, tuple[Path, Path]]:
+    """Each domain's splits (``write_domain``), and ``out_dir/mixture`` holding their train splits, which a base
+    pretrains on."""
+    splits = {name: write_domain(name, out_dir) for name in names}
+    mixture = out_dir / "mixture"
+    mixture.mkdir(exist_ok=True)
+    for name, (train, _) in splits.items():
+        shutil.copyfile(train, mixture / f"{name}.jsonl")
+    return splits
