@@ -26,8 +26,9 @@ from dume.node.workdir import Workdir
 from dume.shared.errors import DumeError
 from dume.shared.files import atomic_path
 from dume.shared.method.averaging import tensors_hash
-from dume.shared.method.data import load_tokenizer, pack_documents, read_documents
+from dume.shared.method.data import DocumentStream, load_tokenizer
 from dume.shared.method.expert import ExpertDirectory
+from dume.shared.method.placement import CPU, Placement
 from dume.shared.method.statistics import layout_token_count, statistics_tensors, statistics_under_basis, token_count
 from dume.shared.method.writer import TOKENIZER_FILES
 from dume.shared.transport.blobs import read_range, sha256_file
@@ -113,12 +114,17 @@ def model_upload(model_dir: Path, name: str) -> Upload:
 
 
 class Agent:
-    def __init__(self, workdir: Workdir, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_rate: float = 0.0) -> None:
+    """One enrolled node talking to its coordinator; ``placement`` and ``max_tokens`` say how statistics run."""
+
+    def __init__(self, workdir: Workdir, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_rate: float = 0.0,
+                 placement: Placement = CPU, max_tokens: int | None = None) -> None:
         self.workdir = workdir
         self.state = workdir.state()
         self.stub = rpc.FederationStub(workdir.channel())
         self.chunk_bytes = chunk_bytes
         self.max_rate = max_rate
+        self.placement = placement
+        self.max_tokens = max_tokens
 
     # -- uploads --------------------------------------------------------------------------------------------------
     def upload(self, upload: Upload) -> pb.CommitResponse:
@@ -201,16 +207,18 @@ class Agent:
         self.state = self.workdir.update(statistics_basis=basis.basis_hash)
 
     def _inputs_tag(self) -> str:
-        """Names the model and data the statistics came from, so changed inputs are never served from the cache."""
+        """Names the model, data and settings the statistics came from, so that changed inputs are never served
+        from the cache."""
         stamps = [(path, os.stat(path).st_mtime_ns, os.stat(path).st_size)
                   for path in (self.state["model"], self.state["data"])]
+        stamps.append([self.placement.device, self.placement.dtype, self.max_tokens])
         return hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:12]
 
     def _collect(self, expert: ExpertDirectory, basis: pb.Basis, tensors: dict, path: Path) -> None:
-        data = pack_documents(read_documents(Path(self.state["data"])), load_tokenizer(expert.path),
-                              int(basis.sequence_length))
+        data = DocumentStream(Path(self.state["data"]), load_tokenizer(expert.path), int(basis.sequence_length),
+                              self.max_tokens)
         started = time.monotonic()
-        gram = statistics_under_basis(expert, tensors, data, int(basis.batch_size))
+        gram = statistics_under_basis(expert, tensors, data, int(basis.batch_size), self.placement)
         seconds, tokens = time.monotonic() - started, token_count(gram)
         say(f"statistics under basis {basis.basis_hash[:12]}: {tokens} tokens in {seconds:.2f} s")
         self.workdir.record_transfer("statistics", basis=basis.basis_hash, tokens=tokens, seconds=seconds)

@@ -12,8 +12,10 @@ from pathlib import Path
 
 from dume.node.agent import DEFAULT_CHUNK_BYTES, Agent, enrol, say
 from dume.node.workdir import Workdir
-from dume.shared.commandline import positive_float, positive_int, run_cli
+from dume.shared.commandline import add_placement, placement, positive_float, positive_int, run_cli
 from dume.shared.errors import DumeError
+from dume.shared.method.data import check_documents
+from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.training import TRAINABLE, TrainSettings, train
 from dume.shared.transport.download import fetch_version
 from dume.shared.trust.join_token import JoinToken
@@ -25,6 +27,10 @@ def run_join(args: argparse.Namespace) -> None:
     for path, what in ((args.model, "--model"), (args.data, "--data")):
         if not path.exists():
             raise DumeError(f"{what} {path} does not exist: give the expert's model directory and its data")
+    # Everything that can be wrong here is refused before enrolling or sending a byte.
+    ExpertDirectory(args.model)
+    check_documents(args.data)
+    chosen = placement(args)
     if args.token:
         token = JoinToken.decode(args.token)
         if workdir.enrolled() and workdir.state().get("name") not in (token.node, None):
@@ -35,7 +41,8 @@ def run_join(args: argparse.Namespace) -> None:
         raise DumeError(f"{args.workdir} holds no enrolled node: pass --token (from `dume-coordinator token`)")
     else:
         workdir.update(model=str(args.model.resolve()), data=str(args.data.resolve()))
-    agent = Agent(workdir, args.chunk_kib * 1024, args.max_rate_kib * 1024 if args.max_rate_kib else 0.0)
+    agent = Agent(workdir, args.chunk_kib * 1024, args.max_rate_kib * 1024 if args.max_rate_kib else 0.0,
+                  chosen, args.max_tokens)
     agent.run(once=args.once)
     if args.once:
         say("contribution complete; statistics are current")
@@ -67,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--chunk-kib", type=positive_int, default=DEFAULT_CHUNK_BYTES // 1024,
                       help="upload chunk size in KiB (default 1024, the most the coordinator takes)")
     join.add_argument("--max-rate-kib", type=positive_int, help="upload bandwidth limit in KiB/s")
+    add_placement(join)
+    join.add_argument("--max-tokens", type=positive_int,
+                      help="statistics from at most this many tokens of the data (default: all of it)")
     join.set_defaults(run=run_join)
     fetch = commands.add_parser("fetch", help="download a published version as a Hugging Face directory")
     fetch.add_argument("--workdir", type=Path, required=True, help="the node's working directory")

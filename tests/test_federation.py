@@ -201,6 +201,9 @@ def test_bad_tokens_foreign_uploads_bad_models_and_bad_statistics_are_refused_an
     weights["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
     save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
     assert "NaN" in _refused_join(fed, "poisoned", poisoned, math.data_path, fed.token("poisoned"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")  # refused before enrolling: no member "empty" appears below
+    assert "no non-empty documents" in _refused_join(fed, "empty", code.model_dir, empty, fed.token("empty"))
     assert _stable(fed.status())["members"] == before["members"] + [
         {"name": name, "online": None, "state": "enrolled", "stats_current": False, "token_count": 0}
         for name in ("poisoned", "wide")]
