@@ -13,7 +13,7 @@ batches, side by side in one run:
   the share of held-out tokens (three synthetic members with different token ranges) that the routers solved from
   each G send to the same expert (target >= 0.999).
 
-    python benchmarks/statistics_throughput.py [--device cpu] [--layers 2] [--batches 4]
+    python benchmarks/statistics_throughput.py [--device cpu] [--layers 4] [--batches 4]
 
 Prints a table and writes ``benchmarks/results/statistics_throughput.json``.
 """
@@ -35,7 +35,7 @@ from dume.shared.method.statistics import collect_statistics
 
 SHAPES = {1024: 3072, 2048: 8192}  # hidden size -> MLP size
 MEMBERS = 3
-SEQUENCE, ROWS = 128, 4  # tokens per row, rows per batch
+SEQUENCE, ROWS = 256, 8  # tokens per row, rows per batch: the federation's defaults
 
 
 def random_model(hidden: int, layers: int, dtype: torch.dtype, device: str) -> torch.nn.Module:
@@ -143,7 +143,7 @@ def measure(hidden: int, dtype: torch.dtype, layers: int, batches: int, device: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batches", type=int, default=4, help="timed batches per measurement")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/statistics_throughput.json"))
     args = parser.parse_args()
