@@ -8,6 +8,8 @@ window in which it used to be overwritten, and a full disk by having the checkpo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from safetensors.torch import save_file
 
@@ -106,16 +108,21 @@ def test_a_revocation_is_reported_done_only_when_the_latest_version_is_without_t
     assert removal.version == 0 and "no other member has statistics" in removal.publication_error
 
 
+def during_validation(monkeypatch, change: Callable[[], object]) -> None:
+    """Makes ``change`` land while the next model upload is validated: after its authorisation, before its commit."""
+    validate = commits.validation.check_model
+
+    def validate_then_change(*args, **kwargs):
+        validate(*args, **kwargs)
+        change()
+
+    monkeypatch.setattr(commits.validation, "check_model", validate_then_change)
+
+
 def test_a_revocation_during_validation_wins_over_the_commit(coordinator, expert_factory, monkeypatch):
     identity = enrolled(coordinator, "code")
     upload_id = staged_model(coordinator, "code", expert_factory("llama")["code"].model_dir)
-    validate = commits.validation.check_model
-
-    def revoked_meanwhile(*args, **kwargs):
-        validate(*args, **kwargs)
-        coordinator.revoke("code", "revoked while its upload was validated")
-
-    monkeypatch.setattr(commits.validation, "check_model", revoked_meanwhile)
+    during_validation(monkeypatch, lambda: coordinator.revoke("code", "revoked while its upload was validated"))
     with pytest.raises(Refused, match="was revoked") as refused:
         coordinator.commit_upload(identity, upload_id)
     assert refused.value.kind == "permission"
@@ -131,13 +138,7 @@ def test_a_revocation_during_validation_wins_over_the_commit(coordinator, expert
 def test_a_leave_during_validation_wins_over_the_commit(coordinator, expert_factory, monkeypatch):
     identity = enrolled(coordinator, "math")
     upload_id = staged_model(coordinator, "math", expert_factory("llama")["math"].model_dir)
-    validate = commits.validation.check_model
-
-    def left_meanwhile(*args, **kwargs):
-        validate(*args, **kwargs)
-        coordinator.leave(identity)
-
-    monkeypatch.setattr(commits.validation, "check_model", left_meanwhile)
+    during_validation(monkeypatch, lambda: coordinator.leave(identity))
     with pytest.raises(Refused, match="has left"):
         coordinator.commit_upload(identity, upload_id)
     assert coordinator.ledger.member("math").state == "left"
