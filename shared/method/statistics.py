@@ -39,7 +39,7 @@ def collect_statistics(
     """``G`` for every layer, shape (layers, d+1, d+1), float64 on the CPU; padding positions are masked out.
 
     Each batch's ``X^T X`` is a float32 product (TF32 off) over the upper triangle only, added into a float64
-    accumulator on the model's device; the feature sums and the count are summed in float64. Relative to an
+    accumulator on the layer's device; the feature sums and the count are summed in float64. Relative to an
     all-float64 computation G moves by about 1e-7 (benchmarks/statistics_throughput.py measures it, and the
     routing agreement that follows). The same code, settings and machine give the same bytes.
     """
@@ -85,7 +85,7 @@ def collect_statistics(
     return from_upper_triangle(upper_triangle(gram), hidden + 1)
 
 
-# Column blocks of the upper-triangle product: fewer blocks waste less of the lower triangle's work, more blocks
+# Column blocks of the upper-triangle product: more blocks skip more of the lower triangle's work, fewer blocks
 # keep each GEMM large; at 4 blocks the product costs 62.5% of a full X^T X.
 GRAM_BLOCKS = 4
 
