@@ -23,6 +23,7 @@ from dume.v1 import federation_pb2
 
 MAX_CHUNK_BYTES = 1 << 20
 MAX_BLOBS = 100_000
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 @dataclass(frozen=True)
@@ -52,17 +53,19 @@ def planned_sizes(plan: federation_pb2.UploadPlan) -> dict[str, int]:
         if entry.size_bytes != expected_size(entry):
             raise Refused("invalid", f"tensor {entry.name} declares {entry.size_bytes} bytes, its shape and dtype "
                           f"make {expected_size(entry)}")
-        sizes[_checked_sha(entry.sha256, entry.name)] = entry.size_bytes
+        sizes[_checked_sha(entry.sha256, entry.name, entry.size_bytes)] = entry.size_bytes
     for file in plan.files:
         if "/" in file.name or file.name.startswith(".") or file.size_bytes < 0:
             raise Refused("invalid", f"file name {file.name!r} is not a plain file name")
-        sizes[_checked_sha(file.sha256, file.name)] = file.size_bytes
+        sizes[_checked_sha(file.sha256, file.name, file.size_bytes)] = file.size_bytes
     return sizes
 
 
-def _checked_sha(sha256: str, name: str) -> str:
+def _checked_sha(sha256: str, name: str, size: int) -> str:
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
         raise Refused("invalid", f"{name} has no valid SHA-256 (64 lowercase hex digits)")
+    if size == 0 and sha256 != EMPTY_SHA256:
+        raise Refused("invalid", f"{name} declares 0 bytes but not the SHA-256 of no bytes: describe it again")
     return sha256
 
 
@@ -78,6 +81,8 @@ class Uploads:
 
     def begin(self, member: str, plan: federation_pb2.UploadPlan) -> PlannedUpload:
         planned = PlannedUpload(upload_id(member, plan), member, plan, planned_sizes(plan))
+        if EMPTY_SHA256 in planned.sizes:
+            self.blobs.put_bytes(b"")  # nothing is ever sent for an empty file: the store holds it from the start
         (self.root / planned.upload_id).mkdir(exist_ok=True)
         with self._lock:
             self._plans[planned.upload_id] = planned
@@ -142,13 +147,18 @@ class Uploads:
         return [sha for sha, size in sorted(planned.sizes.items()) if self._held(planned, sha) != size]
 
     def adopt(self, planned: PlannedUpload) -> None:
-        """Moves the upload's complete blobs into the store (before the ledger row that names them)."""
+        """Moves the upload's complete blobs into the store, and checks that the store then holds every blob the
+        upload names: the ledger row that names them is written only after this returns."""
         for sha256 in sorted(planned.sizes):
             staged = self.complete_path(planned, sha256)
             if staged.exists():
                 with open(staged, "rb") as handle:
                     os.fsync(handle.fileno())
                 self.blobs.adopt(staged, sha256)
+        missing = [sha256 for sha256 in sorted(planned.sizes) if not self.blobs.has(sha256)]
+        if missing:
+            raise Refused("precondition", f"{len(missing)} blobs of the upload are not held (the first is "
+                          f"{missing[0][:12]}): send them again")
 
     def discard(self, planned: PlannedUpload) -> None:
         with self._lock:

@@ -8,7 +8,9 @@ window in which it used to be overwritten, and a full disk by having the checkpo
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 from safetensors.torch import save_file
@@ -106,6 +108,19 @@ def test_a_revocation_is_reported_done_only_when_the_latest_version_is_without_t
     assert coordinator.ledger.version().members == ["code"] and coordinator.status().publication_error == ""
     removal = coordinator.revoke("code", "the last one")
     assert removal.version == 0 and "no other member has statistics" in removal.publication_error
+
+
+def test_an_empty_file_in_a_model_is_held_and_publication_goes_on(coordinator, expert_factory, tmp_path):
+    spec = expert_factory("llama")["code"]
+    model = tmp_path / "with-an-empty-template"
+    shutil.copytree(spec.model_dir, model)
+    (model / "chat_template.jinja").write_bytes(b"")  # listed as a blob, yet no byte of it is ever sent
+    contributed(coordinator, replace(spec, model_dir=model), tmp_path)
+    assert coordinator.status().publication_error == ""
+    version = coordinator.ledger.version()
+    assert version is not None and version.members == ["code"]
+    template = next(file for file in version.files if file.name == "chat_template.jinja")
+    assert coordinator.blobs.read_bytes(template.sha256) == b""
 
 
 def during_validation(monkeypatch, change: Callable[[], object]) -> None:
