@@ -134,7 +134,7 @@ class Coordinator:
         """Takes a member out of the federation; says what was published without it."""
         with self.ledger.transaction():
             member = self.authorise(identity)  # inside the transaction: a revocation cannot be turned into a leave
-            self.ledger.set_state(member, "left", expected=("enrolled", "active"))
+            self.ledger.set_state(member, "left", ("enrolled", "active"))
             self.ledger.audit("leave", member)
         log.info("%s left", member)
         return self._publish_without(member)
@@ -147,7 +147,7 @@ class Coordinator:
                 raise Refused("not_found", f"no member {node!r}: see `dume-coordinator status`")
             if member.state == "revoked":
                 raise Refused("precondition", f"{node!r} is already revoked")
-            self.ledger.set_state(member.name, "revoked", reason, expected=(member.state,))
+            self.ledger.set_state(member.name, "revoked", (member.state,), reason)
             self.ledger.audit("revoke", member.name, reason=reason)
         log.info("revoked %s (%s)", member.name, reason)
         return self._publish_without(member.name)

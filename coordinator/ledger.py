@@ -148,13 +148,13 @@ class Ledger:
         if changed != 1:
             raise StateChanged(f"member {name!r} is no longer enrolled or active")
 
-    def set_state(self, name: str, state: str, reason: str = "", expected: tuple[str, ...] = ()) -> None:
-        """Moves a member to ``state``, only from one of the ``expected`` states when they are given."""
+    def set_state(self, name: str, state: str, expected: tuple[str, ...], reason: str = "") -> None:
+        """Moves a member to ``state``, only from one of the ``expected`` states."""
         with self.transaction():
-            condition = f" AND state IN ({', '.join('?' * len(expected))})" if expected else ""
-            if self._run(f"UPDATE members SET state = ?, reason = ? WHERE name = ?{condition}",
+            placeholders = ", ".join("?" * len(expected))
+            if self._run(f"UPDATE members SET state = ?, reason = ? WHERE name = ? AND state IN ({placeholders})",
                          state, reason, name, *expected) != 1:
-                raise StateChanged(f"member {name!r} is not in state {' or '.join(expected) or 'any'}")
+                raise StateChanged(f"member {name!r} is not in state {' or '.join(expected)}")
             if state in ("left", "revoked"):
                 self._run("DELETE FROM statistics WHERE member = ?", name)
 

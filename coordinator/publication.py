@@ -1,10 +1,11 @@
 """Publication: one worker brings the basis over the active members, and the model version built from it, up to
 date with the ledger.
 
-Nothing here is specific to the federation's math: the basis is ``dume.shared.method.averaging.compute_basis``, the
-routers ``dume.shared.method.ridge.solve_routers`` and the checkpoint ``dume.shared.method.writer.write_moe_checkpoint``,
-reading each member's tensors from its blobs in canonical (member-name) order. So the same member set and inputs
-give the same bytes as ``dume merge``, whatever the order members joined, left or were revoked in.
+Nothing here is specific to the federation's math: the basis is ``dume.shared.method.averaging.compute_basis``,
+the routers and the ``dume`` block ``dume.shared.method.routers.solve_for_checkpoint`` and the checkpoint
+``dume.shared.method.writer.write_moe_checkpoint``, reading each member's tensors from its blobs in canonical
+(member-name) order. So the same member set and inputs give the same bytes as ``dume merge``, whatever the order
+members joined, left or were revoked in.
 """
 
 from __future__ import annotations

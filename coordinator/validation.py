@@ -19,7 +19,7 @@ from dume.shared.errors import DumeError
 from dume.shared.method.families import check_same_architecture, detect_family
 from dume.shared.method.ridge import check_solvable
 from dume.shared.method.routers import MergeSettings
-from dume.shared.method.statistics import exceeds_norm_bound, expected_layout, from_upper_triangle
+from dume.shared.method.statistics import exceeds_norm_bound, expected_layout, from_upper_triangle, layer_index
 from dume.shared.transport.blobs import read_range
 from dume.shared.transport.wire import DTYPES, tensor_from_bytes
 from dume.v1 import tensors_pb2
@@ -87,7 +87,7 @@ def check_statistics(header: tensors_pb2.StatisticsHeader, manifest: tensors_pb2
         check_finite(entry, blob_path(entry.sha256))
         gram = from_upper_triangle(tensor_from_bytes(entry, blob_path(entry.sha256).read_bytes())[None], hidden + 1)[0]
         _check_gram(gram, entry.name, header.token_count)
-        _check_solvable(gram, entry.name, norm_weight(int(entry.name.rpartition(".")[2])), settings)
+        _check_solvable(gram, entry.name, norm_weight(layer_index(entry.name)), settings)
 
 
 def _check_gram(gram: torch.Tensor, name: str, token_count: int) -> None:

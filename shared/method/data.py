@@ -75,16 +75,20 @@ def iter_documents(path: Path | str) -> Iterator[str]:
 
 def check_documents(path: Path | str) -> int:
     """Reads every document once without keeping any (bad data fails before heavy work); returns their number."""
-    count = sum(1 for _ in iter_documents(path))
-    if not count:
-        raise DumeError(f"data at {path} holds no non-empty documents: add text to it")
-    return count
+    return _some(sum(1 for _ in iter_documents(path)), path)
 
 
 def read_documents(path: Path | str) -> list[str]:
     """All documents under ``path`` in memory (for training and evaluation; statistics stream them instead)."""
-    check_documents(path)
-    return list(iter_documents(path))
+    documents = list(iter_documents(path))
+    _some(len(documents), path)
+    return documents
+
+
+def _some(count: int, path: Path | str) -> int:
+    if not count:
+        raise DumeError(f"data at {path} holds no non-empty documents: add text to it")
+    return count
 
 
 class Batches(Protocol):
@@ -122,7 +126,7 @@ def pack_documents(documents: Iterable[str], tokenizer, sequence_length: int) ->
     rows = list(_rows(documents, tokenizer, sequence_length))
     if not rows:
         raise DumeError("the data produced no tokens with this tokenizer: check the data and the model's tokenizer")
-    return PackedData(torch.stack([ids for ids, _ in rows]), torch.stack([mask for _, mask in rows]))
+    return PackedData(*_stacked(rows))
 
 
 @dataclass(frozen=True)
@@ -143,14 +147,14 @@ class DocumentStream:
         return self.max_tokens
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batch: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for row in _rows(iter_documents(self.path), self.tokenizer, self.sequence_length, self.max_tokens):
-            batch.append(row)
-            if len(batch) == batch_size:
-                yield torch.stack([ids for ids, _ in batch]), torch.stack([mask for _, mask in batch])
-                batch = []
-        if batch:
-            yield torch.stack([ids for ids, _ in batch]), torch.stack([mask for _, mask in batch])
+        rows = _rows(iter_documents(self.path), self.tokenizer, self.sequence_length, self.max_tokens)
+        while batch := list(itertools.islice(rows, batch_size)):
+            yield _stacked(batch)
+
+
+def _stacked(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) rows stacked into two (rows, sequence_length) tensors."""
+    return torch.stack([ids for ids, _ in rows]), torch.stack([mask for _, mask in rows])
 
 
 TOKENIZE_DOCUMENTS = 256  # documents tokenized per call: batched for speed, bounded for memory

@@ -49,10 +49,6 @@ class DenseWeights(ABC):
     def shared_names(self) -> list[str]:
         return [name for name in self.parameter_names if self.family.mlp_location(name) is None]
 
-    @cached_property
-    def mlp_names(self) -> list[str]:
-        return [name for name in self.parameter_names if self.family.mlp_location(name) is not None]
-
     def mlp_tensor(self, layer: int, projection: str) -> torch.Tensor:
         return self.tensor(self.family.mlp_key(layer, projection))
 
@@ -107,7 +103,7 @@ class ExpertDirectory(DenseWeights):
     def tensor_layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Name -> (shape, dtype) of every tensor, read from the headers without loading data."""
         layout = {}
-        for file in sorted(set(self._file_of.values())):
+        for file in self.weight_files:
             try:
                 with safe_open(file, framework="pt") as handle:
                     for key in handle.keys():
@@ -121,13 +117,8 @@ class ExpertDirectory(DenseWeights):
 def load_dense_model(expert: ExpertDirectory, placement: Placement = CPU) -> torch.nn.Module:
     """The expert's dense model in evaluation mode, where and in the precision ``placement`` says (by default on
     the CPU in its own dtype)."""
-    arguments = placement.loading_arguments()
-    if "device_map" in arguments:
-        try:
-            import accelerate  # noqa: F401  (from_pretrained needs it for a device map)
-        except ImportError:
-            raise DumeError("running on a GPU needs accelerate: pip install accelerate") from None
-    model = AutoModelForCausalLM.from_pretrained(str(expert.path), local_files_only=True, **arguments)
+    model = AutoModelForCausalLM.from_pretrained(str(expert.path), local_files_only=True,
+                                                 **placement.loading_arguments())
     return model.eval()
 
 

@@ -54,6 +54,10 @@ class Placement:
         """Keyword arguments for ``from_pretrained``: the dtype, and on a GPU the accelerate device map."""
         device, arguments = self.torch_device(), {"dtype": self.torch_dtype()}
         if device.type == "cuda":
+            try:
+                import accelerate  # noqa: F401  (from_pretrained needs it for a device map)
+            except ImportError:
+                raise DumeError("running on a GPU needs accelerate: pip install accelerate") from None
             arguments["device_map"] = "auto" if device.index is None else {"": device.index}
         return arguments
 

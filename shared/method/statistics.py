@@ -160,6 +160,11 @@ def layer_name(layer: int) -> str:
     return f"layers.{layer}"
 
 
+def layer_index(name: str) -> int:
+    """The layer a statistics tensor named by ``layer_name`` holds."""
+    return int(name.removeprefix("layers."))
+
+
 def triangle_size(hidden_size: int) -> int:
     """Entries of one layer's upper triangle of the (d+1)x(d+1) G."""
     return (hidden_size + 1) * (hidden_size + 2) // 2
