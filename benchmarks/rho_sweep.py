@@ -2,7 +2,8 @@
 
 Three tiny Llama experts (perturbed copies of one base) on three synthetic domains; statistics come from the first
 half of each domain's documents, accuracy (share of domain-d tokens routed to expert d, per layer) from the second.
-This is the measurement behind dume.shared.method.ridge.DEFAULT_RHO; the quality benchmark re-tunes it on trained experts.
+This is the measurement behind dume.shared.method.ridge.DEFAULT_RHO; the quality benchmark re-tunes it on trained
+experts.
 
     python benchmarks/rho_sweep.py [--out benchmarks/results/rho_sweep.json]
 """
@@ -19,7 +20,7 @@ import torch
 
 from dume.shared.lab.tiny import SYNTHETIC_TEMPLATES, build_tiny_model, perturb_mlps, synthetic_documents
 from dume.shared.method.averaging import compute_basis
-from dume.shared.method.data import load_tokenizer, pack_documents
+from dume.shared.method.data import PackedData, load_tokenizer, pack_documents
 from dume.shared.method.expert import load_dense_model, overwrite_parameters
 from dume.shared.method.merge import ExpertSpec, open_experts
 from dume.shared.method.ridge import solve_routers
@@ -28,18 +29,24 @@ from dume.shared.method.statistics import collect_statistics
 RHOS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
-def router_inputs(model: torch.nn.Module, data) -> list[torch.Tensor]:
-    """Each layer's router input for the real tokens of ``data``."""
-    captured: list[torch.Tensor] = []
-    mask = data.attention_mask.reshape(-1).bool()
+def router_inputs(model: torch.nn.Module, data: PackedData, batch_size: int | None = None,
+                  device: str = "cpu") -> list[torch.Tensor]:
+    """Each layer's router input for the real tokens of ``data``, in float64: one forward over all rows, or one per
+    ``batch_size`` rows."""
+    captured: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
+    mask: torch.Tensor | None = None
     handles = [layer.post_attention_layernorm.register_forward_hook(
-        lambda _m, _i, output: captured.append(output.reshape(-1, output.shape[-1])[mask].double()))
-        for layer in model.model.layers]
-    with torch.no_grad():
-        model.model(input_ids=data.input_ids, attention_mask=data.attention_mask)
-    for handle in handles:
-        handle.remove()
-    return captured
+        lambda _m, _i, output, into=captured[index]: into.append(output.reshape(-1, output.shape[-1])[mask].double()))
+        for index, layer in enumerate(model.model.layers)]
+    try:
+        with torch.inference_mode():
+            for input_ids, attention_mask in data.batches(batch_size or len(data.input_ids)):
+                mask = attention_mask.reshape(-1).bool().to(device)
+                model.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [torch.cat(layer) for layer in captured]
 
 
 def main() -> None:

@@ -29,9 +29,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from dume.shared.lab.harness import torch_threads
 from dume.shared.method.data import PackedData
 from dume.shared.method.ridge import solve_routers
 from dume.shared.method.statistics import collect_statistics
+
+from rho_sweep import router_inputs
 
 SHAPES = {1024: 3072, 2048: 8192}  # hidden size -> MLP size
 MEMBERS = 3
@@ -54,34 +57,14 @@ def member_batches(member: int, batches: int, seed: int) -> PackedData:
     return PackedData(ids, torch.ones_like(ids))
 
 
-def router_inputs(model: torch.nn.Module, data: PackedData, device: str) -> list[torch.Tensor]:
-    """Every layer's router input for ``data`` in float64, captured from the plain forward."""
-    captured: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
-    handles = [layer.post_attention_layernorm.register_forward_hook(
-        lambda _m, _i, output, into=captured[index]: into.append(output.reshape(-1, output.shape[-1]).double()))
-        for index, layer in enumerate(model.model.layers)]
-    try:
-        with torch.inference_mode():
-            for input_ids, attention_mask in data.batches(ROWS):
-                model.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [torch.cat(layer) for layer in captured]
-
-
 def float64_reference(inputs: list[torch.Tensor]) -> torch.Tensor:
     """The previous method's G: [x;1]^T [x;1] of every layer in float64, full matrix, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         grams = []
         for x in inputs:
             augmented = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
             grams.append((augmented.T @ augmented).cpu())
         return torch.stack(grams)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def seconds_per_batch(run, batches: int) -> float:
@@ -104,14 +87,14 @@ def measure(hidden: int, dtype: torch.dtype, layers: int, batches: int, device: 
     timings = {"forward": seconds_per_batch(forward, batches),
                "statistics": seconds_per_batch(lambda: collect_statistics(model, data, ROWS), batches),
                "float64_reference": seconds_per_batch(
-                   lambda: float64_reference(router_inputs(model, data, device)), batches)}
+                   lambda: float64_reference(router_inputs(model, data, ROWS, device)), batches)}
 
     statistics, references, held_out = {}, {}, {}
     for member in range(MEMBERS):
         train = member_batches(member, batches, seed=10 + member)
         statistics[f"m{member}"] = collect_statistics(model, train, ROWS)
-        references[f"m{member}"] = float64_reference(router_inputs(model, train, device))
-        held_out[member] = router_inputs(model, member_batches(member, 1, seed=100 + member), device)
+        references[f"m{member}"] = float64_reference(router_inputs(model, train, ROWS, device))
+        held_out[member] = router_inputs(model, member_batches(member, 1, seed=100 + member), ROWS, device)
     errors = []
     for name in statistics:
         gram, exact = statistics[name], references[name]
