@@ -16,8 +16,9 @@ from pathlib import Path
 import grpc
 
 from dume.coordinator import health, messages
+from dume.coordinator.backup import backup, restore
 from dume.coordinator.daemon import serve
-from dume.coordinator.state_dir import StateDir, initialise
+from dume.coordinator.state_dir import StateDir, initialise, split_address
 from dume.shared.commandline import add_merge_settings, duration, merge_settings, positive_int, run_cli
 from dume.shared.errors import DumeError
 from dume.shared.method.expert import ExpertDirectory
@@ -139,6 +140,24 @@ def run_health(args: argparse.Namespace) -> None:
     print(status)
 
 
+def run_backup(args: argparse.Namespace) -> None:
+    count, size = backup(StateDir(args.state), args.out)
+    print(f"backed up {args.state} to {args.out}: ledger snapshot, identity and {count} blobs ({size / 1e6:.2f} MB)")
+
+
+def run_restore(args: argparse.Namespace) -> None:
+    for address in (args.listen, args.enrolment_listen):
+        if address:
+            split_address(address)  # refused before anything is unpacked
+    count = restore(args.source, args.state)
+    moved = {key: value for key, value in (("listen", args.listen), ("enrolment_listen", args.enrolment_listen))
+             if value}
+    if moved:
+        StateDir(args.state).update_config(**moved)
+    print(f"restored {args.source} into {args.state} ({count} blobs, each checked); start it with "
+          f"`dume-coordinator serve --state {args.state}`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dume-coordinator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     export.add_argument("--version", type=positive_int, default=0, help="version number (default: the latest)")
     command("health", "ask the running daemon's gRPC health service; exit 0 when it is SERVING", run_health)
+    saved = command("backup", "write a consistent copy of the state directory, also while the daemon runs",
+                    run_backup)
+    saved.add_argument("--out", type=Path, required=True, help="the archive to write (a new .tar file)")
+    restored = command("restore", "recreate a state directory from a backup (--state must be new or empty)",
+                       run_restore)
+    restored.add_argument("--from", dest="source", type=Path, required=True, help="the archive `backup` wrote")
+    restored.add_argument("--listen", help="HOST:PORT to listen on instead of the backed-up one (a new host)")
+    restored.add_argument("--enrolment-listen", help="HOST:PORT for enrolment instead of the backed-up one")
     audit = command("audit", "show the hash-chained audit log, or verify it", run_audit)
     audit.add_argument("--verify", action="store_true", help="check every entry's hash chain")
     return parser
