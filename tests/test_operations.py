@@ -163,6 +163,10 @@ def test_sigterm_mid_upload_then_metrics_status_backup_restore_and_the_join_dead
         assert mine["federation"] == {"reachable": True, "version": status["version"], "exact": True,
                                       "basis_hash": status["basis_hash"], "in_basis": True,
                                       "statistics_current": True, "in_version": True}
+        assert node_cli.main(["status", "--workdir", str(fed.workdir("math"))]) == 0
+        said = capsys.readouterr().out
+        assert f"statistics: {tokens} tokens under basis {status['basis_hash'][:12]}" in said
+        assert f"version {status['version']} (exact) includes this node; this node's statistics are current" in said
 
         archive = tmp_path / "backup.tar"
         assert coordinator_cli.main(["backup", "--state", str(fed.state), "--out", str(archive)]) == 0
@@ -174,6 +178,8 @@ def test_sigterm_mid_upload_then_metrics_status_backup_restore_and_the_join_dead
         assert restored.status()["version"] == status["version"]
 
         assert fed.stop() == 0
+        assert node_cli.main(["status", "--workdir", str(fed.workdir("math")), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["federation"]["reachable"] is False
         gave_up = subprocess.run([*rejoin, "--once", "--deadline", "3s"], env=fed.env, stdin=subprocess.DEVNULL,
                                  capture_output=True, text=True, timeout=120)
         assert gave_up.returncode == 2
