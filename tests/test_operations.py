@@ -172,6 +172,8 @@ def test_sigterm_mid_upload_then_metrics_status_backup_restore_and_the_join_dead
         assert coordinator_cli.main(["backup", "--state", str(fed.state), "--out", str(archive)]) == 0
         assert coordinator_cli.main(["restore", "--from", str(archive), "--state", str(restored.state),
                                      "--listen", "127.0.0.1:0", "--enrolment-listen", "127.0.0.1:0"]) == 0
+        said = capsys.readouterr().out
+        assert f"backed up {fed.state} to {archive}" in said and f"restored {archive} into {restored.state}" in said
         restored.serve()
         assert not differing_files(export_latest(fed.state, tmp_path / "original-export"),
                                    export_latest(restored.state, tmp_path / "restored-export"))
@@ -179,7 +181,8 @@ def test_sigterm_mid_upload_then_metrics_status_backup_restore_and_the_join_dead
 
         assert fed.stop() == 0
         assert node_cli.main(["status", "--workdir", str(fed.workdir("math")), "--json"]) == 0
-        assert json.loads(capsys.readouterr().out)["federation"]["reachable"] is False
+        down = json.loads(capsys.readouterr().out.splitlines()[-1])["federation"]
+        assert down["reachable"] is False and down["error"].startswith("UNAVAILABLE")
         gave_up = subprocess.run([*rejoin, "--once", "--deadline", "3s"], env=fed.env, stdin=subprocess.DEVNULL,
                                  capture_output=True, text=True, timeout=120)
         assert gave_up.returncode == 2
