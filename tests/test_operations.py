@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from dume.coordinator import cli as coordinator_cli
+from dume.coordinator.ledger import Ledger
 from dume.coordinator.state_dir import StateDir
 from dume.node import cli as node_cli
 from dume.node.agent import described, model_upload
@@ -203,3 +204,31 @@ def staged_bytes(uploads: Path) -> int:
         except FileNotFoundError:  # renamed from .part to its hash meanwhile
             pass
     return total
+
+
+def test_backup_and_restore_refuse_what_they_cannot_do_and_leave_nothing_behind(tmp_path, capsys):
+    fed = initialised(tmp_path / "original")
+    Ledger(fed.state / "ledger.sqlite").close()  # the ledger as `serve` creates it, without starting a daemon
+    archive = tmp_path / "backup.tar"
+
+    def refused(*args: str) -> str:
+        assert coordinator_cli.main(list(args)) == 2
+        return capsys.readouterr().err.strip()
+
+    assert coordinator_cli.main(["backup", "--state", str(fed.state), "--out", str(archive)]) == 0
+    assert refused("backup", "--state", str(fed.state), "--out", str(archive)) == (
+        f"dume-coordinator: error: {archive} exists: choose a new --out file (a backup never overwrites one)")
+    occupied = tmp_path / "occupied"
+    (occupied / "something").mkdir(parents=True)
+    assert "is not empty: restore into a new --state directory" in refused(
+        "restore", "--from", str(archive), "--state", str(occupied))
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(archive.read_bytes()[:700])
+    assert "is not a readable coordinator backup" in refused("restore", "--from", str(truncated), "--state",
+                                                             str(tmp_path / "new"))
+    assert "is not HOST:PORT" in refused("restore", "--from", str(archive), "--state", str(tmp_path / "new"),
+                                         "--listen", "nowhere")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["backup.tar", "occupied", "original", "truncated.tar"]
+    assert coordinator_cli.main(["restore", "--from", str(archive), "--state", str(tmp_path / "new")]) == 0
+    assert (tmp_path / "new" / "ca" / "key.pem").read_bytes() == (fed.state / "ca" / "key.pem").read_bytes()
+    assert (tmp_path / "new" / "ca" / "key.pem").stat().st_mode & 0o077 == 0
