@@ -9,17 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 
-from dume.coordinator import messages
+from dume.coordinator import health, messages
+from dume.coordinator.backup import backup, restore
 from dume.coordinator.daemon import serve
-from dume.coordinator.state_dir import StateDir, initialise
-from dume.shared.commandline import add_merge_settings, merge_settings, positive_int, run_cli
+from dume.coordinator.state_dir import StateDir, initialise, split_address
+from dume.shared.commandline import add_merge_settings, duration, merge_settings, positive_int, run_cli
 from dume.shared.errors import DumeError
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.transport.blobs import BlobStore
@@ -30,23 +30,17 @@ from dume.shared.trust.audit import verify_chain
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 
-DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
-UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
-
-def duration(value: str) -> float:
-    match = DURATION.match(value.strip())
-    if not match or float(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a duration such as 90s, 30m, 12h or 7d")
-    return float(match.group(1)) * UNIT_SECONDS[match.group(2)]
+def admin_channel(state: StateDir) -> grpc.Channel:
+    state.config()  # fails first with "not a state directory" where that is the problem
+    address = state.daemon_addresses()["listen"]
+    return mutual_tls_channel(address, pki.read_bytes(state.ca_cert, "the CA certificate"),
+                              pki.read_bytes(state.admin_key, "the admin key"),
+                              pki.read_bytes(state.admin_cert, "the admin certificate"))
 
 
 def admin_stubs(state: StateDir) -> tuple[rpc.AdminStub, rpc.FederationStub]:
-    state.config()  # fails first with "not a state directory" where that is the problem
-    address = state.daemon_addresses()["listen"]
-    channel = mutual_tls_channel(address, pki.read_bytes(state.ca_cert, "the CA certificate"),
-                                 pki.read_bytes(state.admin_key, "the admin key"),
-                                 pki.read_bytes(state.admin_cert, "the admin certificate"))
+    channel = admin_channel(state)
     return rpc.AdminStub(channel), rpc.FederationStub(channel)
 
 
@@ -62,7 +56,7 @@ def run_init(args: argparse.Namespace) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return serve(StateDir(args.state))
+    return serve(StateDir(args.state), args.drain_seconds, args.metrics_listen)
 
 
 def run_token(args: argparse.Namespace) -> None:
@@ -138,6 +132,32 @@ def run_audit(args: argparse.Namespace) -> None:
               f"{entry.entry_hash[:16]}")
 
 
+def run_health(args: argparse.Namespace) -> None:
+    status = health.check(admin_channel(StateDir(args.state)))
+    if status != "SERVING":
+        raise DumeError(f"the coordinator on {args.state} is {status} (starting, catching up, or draining): "
+                        "wait, or see its log")
+    print(status)
+
+
+def run_backup(args: argparse.Namespace) -> None:
+    count, size = backup(StateDir(args.state), args.out)
+    print(f"backed up {args.state} to {args.out}: ledger snapshot, identity and {count} blobs ({size / 1e6:.2f} MB)")
+
+
+def run_restore(args: argparse.Namespace) -> None:
+    for address in (args.listen, args.enrolment_listen):
+        if address:
+            split_address(address)  # refused before anything is unpacked
+    count = restore(args.source, args.state)
+    moved = {key: value for key, value in (("listen", args.listen), ("enrolment_listen", args.enrolment_listen))
+             if value}
+    if moved:
+        StateDir(args.state).update_config(**moved)
+    print(f"restored {args.source} into {args.state} ({count} blobs, each checked); start it with "
+          f"`dume-coordinator serve --state {args.state}`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dume-coordinator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -156,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--architecture", type=Path, help="a model directory fixing the federation's architecture "
                       "(default: the first member's)")
     add_merge_settings(init)
-    command("serve", "run the coordinator daemon in the foreground (SIGTERM drains and exits 0)", run_serve)
+    served = command("serve", "run the coordinator daemon in the foreground (SIGTERM drains and exits 0)", run_serve)
+    served.add_argument("--drain-seconds", type=duration, default=10.0,
+                        help="on SIGTERM, how long calls in flight may take to finish (default 10s)")
+    served.add_argument("--metrics-listen", metavar="HOST:PORT",
+                        help="serve Prometheus metrics over HTTP on this address (default: no metrics endpoint)")
     token = command("token", "print a one-time join token for a node", run_token)
     token.add_argument("--node", required=True, help="the node's name in the federation")
     token.add_argument("--expires", type=duration, default=86400.0, help="lifetime, e.g. 30m, 12h, 7d (default 1d)")
@@ -168,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     export = command("export", "write a published version as a Hugging Face directory", run_export)
     export.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     export.add_argument("--version", type=positive_int, default=0, help="version number (default: the latest)")
+    command("health", "ask the running daemon's gRPC health service; exit 0 when it is SERVING", run_health)
+    saved = command("backup", "write a consistent copy of the state directory, also while the daemon runs",
+                    run_backup)
+    saved.add_argument("--out", type=Path, required=True, help="the archive to write (a new .tar file)")
+    restored = command("restore", "recreate a state directory from a backup (--state must be new or empty)",
+                       run_restore)
+    restored.add_argument("--from", dest="source", type=Path, required=True, help="the archive `backup` wrote")
+    restored.add_argument("--listen", help="HOST:PORT to listen on instead of the backed-up one (a new host)")
+    restored.add_argument("--enrolment-listen", help="HOST:PORT for enrolment instead of the backed-up one")
     audit = command("audit", "show the hash-chained audit log, or verify it", run_audit)
     audit.add_argument("--verify", action="store_true", help="check every entry's hash chain")
     return parser

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -27,7 +28,8 @@ log = logging.getLogger("dume.coordinator")
 
 
 def commit_upload(ledger: Ledger, uploads: Uploads, settings: MergeSettings, member: str, planned: PlannedUpload,
-                  still_authorised: Callable[[], object]) -> None:
+                  still_authorised: Callable[[], object],
+                  validating: Callable[[], AbstractContextManager] = nullcontext) -> None:
     """Records a complete upload of ``member``; its staging is removed whether it is accepted or refused.
 
     ``still_authorised`` is called inside the transaction that records the upload and raises ``Refused`` when the
@@ -42,7 +44,7 @@ def commit_upload(ledger: Ledger, uploads: Uploads, settings: MergeSettings, mem
         if planned.plan.kind == pb.UPLOAD_KIND_MODEL:
             _commit_model(ledger, uploads, member, planned, still_authorised)
         else:
-            _commit_statistics(ledger, uploads, settings, member, planned, still_authorised)
+            _commit_statistics(ledger, uploads, settings, member, planned, still_authorised, validating)
     except Refused:
         uploads.discard(planned)
         raise
@@ -74,13 +76,15 @@ def _commit_model(ledger: Ledger, uploads: Uploads, member: str, planned: Planne
 
 
 def _commit_statistics(ledger: Ledger, uploads: Uploads, settings: MergeSettings, member: str, planned: PlannedUpload,
-                       still_authorised: Callable[[], object]) -> None:
+                       still_authorised: Callable[[], object],
+                       validating: Callable[[], AbstractContextManager] = nullcontext) -> None:
     header = planned.plan.statistics
     config = ledger.get_meta("architecture")["config"]
     basis = ledger.basis(header.basis_hash)
     norm_weight = _router_input_norms(basis, config, uploads.blobs) if basis is not None else None
-    validation.check_statistics(header, planned.plan.manifest, config, norm_weight, settings,
-                                lambda sha: uploads.blob_path(planned, sha))
+    with validating():
+        validation.check_statistics(header, planned.plan.manifest, config, norm_weight, settings,
+                                    lambda sha: uploads.blob_path(planned, sha))
     uploads.adopt(planned)
     with ledger.transaction():
         still_authorised()

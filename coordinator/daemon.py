@@ -1,5 +1,9 @@
 """``dume-coordinator serve``: the daemon. Two listeners (mutual TLS for members and admins, server TLS for
-enrolment) in front of one ``Coordinator`` and its publisher thread, and a clean drain on SIGTERM or SIGINT."""
+enrolment) in front of one ``Coordinator`` and its publisher thread, and a clean drain on SIGTERM or SIGINT.
+
+It holds the state directory's lock for its whole life (one daemon per state directory), reports its health on
+both ports (``health``), and serves Prometheus metrics when asked to (``metrics``).
+"""
 
 from __future__ import annotations
 
@@ -13,15 +17,20 @@ from concurrent import futures
 import grpc
 
 from dume.coordinator.federation import Coordinator
+from dume.coordinator.health import Health
+from dume.coordinator.lock import StateLock
+from dume.coordinator.metrics import Metrics, MetricsInterceptor
 from dume.coordinator.servicers import AdminService, EnrolmentService, FederationService
-from dume.coordinator.state_dir import StateDir
+from dume.coordinator.state_dir import StateDir, split_address
 from dume.shared.errors import DumeError
 from dume.shared.transport.channels import MESSAGE_BYTES
 from dume.shared.trust.pki import write_private
 from dume.v1 import federation_pb2_grpc as rpc
 
 log = logging.getLogger("dume.coordinator")
-SERVER_OPTIONS = [("grpc.max_receive_message_length", MESSAGE_BYTES), ("grpc.max_send_message_length", MESSAGE_BYTES)]
+# so_reuseport off: a second daemon (or anything else) on the same port fails to bind instead of sharing it.
+SERVER_OPTIONS = [("grpc.max_receive_message_length", MESSAGE_BYTES), ("grpc.max_send_message_length", MESSAGE_BYTES),
+                  ("grpc.so_reuseport", 0)]
 DRAIN_SECONDS = 10.0
 
 
@@ -36,15 +45,28 @@ def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials
     return f"{address.rpartition(':')[0]}:{port}"
 
 
-def serve(state: StateDir) -> int:
+def serve(state: StateDir, drain_seconds: float = DRAIN_SECONDS, metrics_listen: str | None = None) -> int:
     config = state.config()
-    coordinator = Coordinator(state)
+    metrics_address = split_address(metrics_listen) if metrics_listen else None
+    with StateLock(state.root / "daemon.lock"):
+        return _serve_locked(state, config, drain_seconds, metrics_address)
+
+
+def _serve_locked(state: StateDir, config: dict, drain_seconds: float,
+                  metrics_address: tuple[str, int] | None) -> int:
+    metrics, health = Metrics(), Health()
+    coordinator = Coordinator(state, metrics)
     key, cert = coordinator.ca_key, coordinator.ca_cert
-    members = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS)
+    interceptors = [MetricsInterceptor(metrics)]
+    members = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS,
+                          interceptors=interceptors)
     rpc.add_FederationServicer_to_server(FederationService(coordinator), members)
     rpc.add_AdminServicer_to_server(AdminService(coordinator), members)
-    enrolment = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
+    enrolment = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS,
+                            interceptors=interceptors)
     rpc.add_EnrolmentServicer_to_server(EnrolmentService(coordinator), enrolment)
+    health.add_to(members)
+    health.add_to(enrolment)
     listen = _bind(members, config["listen"],
                    grpc.ssl_server_credentials([(key, cert)], root_certificates=cert, require_client_auth=True),
                    "members")
@@ -53,20 +75,28 @@ def serve(state: StateDir) -> int:
         state.update_config(listen=listen, enrolment_listen=enrol)  # port 0: keep the port picked, for restarts
     coordinator.addresses = {"listen": config.get("advertise") or listen,
                              "enrolment": config.get("enrolment_advertise") or enrol}
+    addresses = {"pid": os.getpid(), "listen": listen, "enrolment": enrol}
+    if metrics_address:
+        port = metrics.serve_http(*metrics_address)
+        addresses["metrics"] = f"{metrics_address[0]}:{port}"
+        log.info("serving metrics on http://%s/metrics", addresses["metrics"])
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     members.start()
     enrolment.start()
-    write_private(state.daemon, json.dumps({"pid": os.getpid(), "listen": listen, "enrolment": enrol}).encode())
+    write_private(state.daemon, json.dumps(addresses).encode())
     log.info("serving members on %s and enrolment on %s", listen, enrol)
-    coordinator.publisher.request()  # catch up with anything recorded before a restart
+    caught_up = coordinator.publisher.request()  # catch up with anything recorded before a restart
+    threading.Thread(target=lambda: (coordinator.publisher.wait(caught_up), health.serving()), daemon=True).start()
     while not stop.wait(0.5):  # a timed wait lets the signal handlers run promptly
         pass
-    log.info("draining")
+    log.info("draining: calls in flight have %.0f s to finish", drain_seconds)
+    health.draining()
     coordinator.begin_drain()
-    enrolment.stop(DRAIN_SECONDS)
-    members.stop(DRAIN_SECONDS).wait()
+    enrolment.stop(drain_seconds)
+    members.stop(drain_seconds).wait()
+    metrics.stop_http()
     coordinator.close()
     state.daemon.unlink(missing_ok=True)
     log.info("stopped")

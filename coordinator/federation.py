@@ -20,6 +20,7 @@ from pathlib import Path
 from dume.coordinator.commits import commit_upload
 from dume.coordinator.errors import Refused
 from dume.coordinator.ledger import Ledger
+from dume.coordinator.metrics import Metrics
 from dume.coordinator.publication import Publisher
 from dume.coordinator.records import BasisRecord, MemberStatus, Published, Removal, Status, VersionRecord
 from dume.coordinator.state_dir import ADMIN_NAME, StateDir
@@ -38,7 +39,8 @@ log = logging.getLogger("dume.coordinator")
 class Coordinator:
     """Owns the ledger, the blobs, the uploads in progress and the publisher; the servicers are thin views on it."""
 
-    def __init__(self, state: StateDir) -> None:
+    def __init__(self, state: StateDir, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or Metrics()
         self.config = state.config()
         self.settings = state.settings()
         self.ledger = Ledger(state.ledger)
@@ -53,7 +55,10 @@ class Coordinator:
         self._online: Counter[str] = Counter()  # open Watch streams per member
         self._online_lock = threading.Lock()
         self._changed = threading.Condition()
-        self.publisher = Publisher(self.ledger, self.blobs, self.settings, self.notify)
+        self.publisher = Publisher(self.ledger, self.blobs, self.settings, self.notify, self.metrics)
+        latest = self.ledger.version()
+        self.metrics.latest_version.set(latest.number if latest else 0)
+        self.metrics.watch_members(lambda: dict(Counter(member.state for member in self.ledger.members())))
 
     # -- authorisation --------------------------------------------------------------------------------------------
     def authorise(self, identity: pki.Identity, allow_admin: bool = False) -> str:
@@ -165,8 +170,13 @@ class Coordinator:
         landing while the upload is validated wins, and the upload is refused.
         """
         member = self.authorise(identity)
-        commit_upload(self.ledger, self.uploads, self.settings, member, self.uploads.planned(member, upload_id),
-                      lambda: self.authorise(identity))
+        planned = self.uploads.planned(member, upload_id)
+        metrics = self.metrics
+        commit_upload(self.ledger, self.uploads, self.settings, member, planned, lambda: self.authorise(identity),
+                      lambda: metrics.timed(metrics.statistics_validation_seconds))
+        kind = "model" if planned.plan.kind == pb.UPLOAD_KIND_MODEL else "statistics"
+        metrics.uploads.labels(kind).inc()
+        metrics.upload_bytes.labels(kind).inc(sum(planned.sizes.values()))
         self.publisher.request()
         return self.ledger.get_meta("current_basis") or ""
 

@@ -196,6 +196,16 @@ class Ledger:
         """Whether a blob is part of some basis or version (the only blobs nodes and admins may read)."""
         return bool(self._rows("SELECT 1 FROM published_blobs WHERE sha256 = ?", sha256))
 
+    def referenced_blobs(self) -> set[str]:
+        """Every blob a row names: members' models and files, statistics, bases and versions (for backups)."""
+        hashes = {row[0] for row in self._rows("SELECT sha256 FROM published_blobs")}
+        for member in self.members():
+            hashes.update(entry.sha256 for entry in member.model.tensors if member.model is not None)
+            hashes.update(member.files.values())
+        for statistics in self.statistics().values():
+            hashes.update(entry.sha256 for entry in statistics.manifest.tensors)
+        return hashes
+
     def basis(self, basis_hash: str) -> BasisRecord | None:
         rows = self._rows("SELECT hash, members, manifest FROM bases WHERE hash = ?", basis_hash)
         if not rows:

@@ -14,11 +14,14 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
 from dume.coordinator.ledger import Ledger
+from dume.coordinator.metrics import Metrics
 from dume.coordinator.records import BasisRecord, Member, Statistics, VersionFile
 from dume.shared.method.averaging import compute_basis, tensors_hash
 from dume.shared.method.expert import DenseWeights
@@ -108,7 +111,8 @@ def refresh_basis(ledger: Ledger, blobs: BlobStore) -> BasisRecord | None:
     return record
 
 
-def publish_if_due(ledger: Ledger, blobs: BlobStore, settings: MergeSettings) -> int | None:
+def publish_if_due(ledger: Ledger, blobs: BlobStore, settings: MergeSettings,
+                   solving: Callable[[], AbstractContextManager] = nullcontext) -> int | None:
     """Publishes the next version when one is due; returns its number.
 
     Due means: the basis moved since the latest version (a provisional one, from the statistics at hand), or every
@@ -133,7 +137,8 @@ def publish_if_due(ledger: Ledger, blobs: BlobStore, settings: MergeSettings) ->
     grams = {name: (statistics_tensor(statistics[name], blobs, hidden_size) if name in statistics else None)
              for name in sorted(active)}
     stale = sorted(name for name, stats in statistics.items() if stats.basis_hash != basis_hash)
-    solved = solve_for_checkpoint(grams, settings, basis_hash, stale)
+    with solving():
+        solved = solve_for_checkpoint(grams, settings, basis_hash, stale)
     sink = BlobSink(blobs)
     write_moe_checkpoint(sink, members, solved.routers, solved.top_k, solved.dume_block)
     with ledger.transaction():
@@ -149,8 +154,9 @@ class Publisher:
     """
 
     def __init__(self, ledger: Ledger, blobs: BlobStore, settings: MergeSettings,
-                 on_change: Callable[[], None]) -> None:
+                 on_change: Callable[[], None], metrics: Metrics | None = None) -> None:
         self._ledger, self._blobs, self._settings, self._on_change = ledger, blobs, settings, on_change
+        self._metrics = metrics or Metrics()
         self._condition = threading.Condition()
         self._wanted = self._done = 0
         self._stopping = False
@@ -182,22 +188,29 @@ class Publisher:
                     return
                 ticket = self._wanted
             try:
-                self._refresh()
+                with self._metrics.timed(self._metrics.publication_seconds):
+                    self._refresh()
                 self.error = ""
             except Exception as error:  # a bad aggregate must not kill the daemon; the next change retries
                 log.exception("publication failed")
                 self.error = f"{type(error).__name__}: {error}"
+                self._metrics.publication_failures.inc()
             with self._condition:
                 self._done = ticket
                 self._condition.notify_all()
 
     def _refresh(self) -> None:
+        metrics, started = self._metrics, time.monotonic()
         basis = refresh_basis(self._ledger, self._blobs)
         if basis is not None:
+            metrics.basis_seconds.observe(time.monotonic() - started)
             log.info("basis %s over %s", basis.hash[:12], ", ".join(basis.members))
-        number = publish_if_due(self._ledger, self._blobs, self._settings)
+        number = publish_if_due(self._ledger, self._blobs, self._settings,
+                                lambda: metrics.timed(metrics.solve_seconds))
         if number is not None:
             version = self._ledger.version(number)
+            metrics.versions.labels(str(version.exact).lower()).inc()
+            metrics.latest_version.set(number)
             log.info("published version %d (%s) over %s", number, "exact" if version.exact else "provisional",
                      ", ".join(version.members))
         self._on_change()

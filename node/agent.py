@@ -22,6 +22,7 @@ import grpc
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from dume.node.lifecycle import Reconnect
 from dume.node.workdir import Workdir
 from dume.shared.errors import DumeError
 from dume.shared.files import atomic_path
@@ -42,7 +43,6 @@ from dume.v1 import federation_pb2_grpc as rpc
 from dume.v1 import tensors_pb2
 
 DEFAULT_CHUNK_BYTES = 1 << 20
-RETRY_SECONDS = 600.0
 
 
 def say(message: str) -> None:
@@ -114,10 +114,12 @@ def model_upload(model_dir: Path, name: str) -> Upload:
 
 
 class Agent:
-    """One enrolled node talking to its coordinator; ``placement`` and ``max_tokens`` say how statistics run."""
+    """One enrolled node talking to its coordinator; ``placement`` and ``max_tokens`` say how statistics run, and
+    ``give_up_after`` how long the coordinator may stay unreachable before the agent gives up (None: never)."""
 
     def __init__(self, workdir: Workdir, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_rate: float = 0.0,
-                 placement: Placement = CPU, max_tokens: int | None = None) -> None:
+                 placement: Placement = CPU, max_tokens: int | None = None,
+                 give_up_after: float | None = None) -> None:
         self.workdir = workdir
         self.state = workdir.state()
         self.stub = rpc.FederationStub(workdir.channel())
@@ -125,11 +127,13 @@ class Agent:
         self.max_rate = max_rate
         self.placement = placement
         self.max_tokens = max_tokens
+        self.give_up_after = give_up_after
 
     # -- uploads --------------------------------------------------------------------------------------------------
     def upload(self, upload: Upload) -> pb.CommitResponse:
         """Sends what the coordinator lacks and commits, resuming after transient failures."""
-        started, sent, deadline, pause = time.monotonic(), 0, time.monotonic() + RETRY_SECONDS, 1.0
+        started, sent = time.monotonic(), 0
+        reconnect = Reconnect(self.state["coordinator"], self.give_up_after)
         total = sum(entry.size_bytes for entry in upload.plan.manifest.tensors) + sum(
             file.size_bytes for file in upload.plan.files)
         while True:
@@ -140,17 +144,18 @@ class Agent:
                 with tqdm(total=missing, desc=f"upload {upload.what}", unit="B", unit_scale=True,
                           disable=None) as bar:
                     counter = [0]
-                    self.stub.SendChunks(self._chunks(state.upload_id, upload, held, bar, counter))
-                    sent += counter[0]
+                    try:
+                        self.stub.SendChunks(self._chunks(state.upload_id, upload, held, bar, counter))
+                    finally:
+                        sent += counter[0]
+                        if counter[0]:
+                            reconnect.succeeded()  # progress: the coordinator is back, the clock starts again
                 response = self.stub.CommitUpload(pb.CommitRequest(upload_id=state.upload_id), timeout=600)
                 break
             except grpc.RpcError as error:
-                if error.code() not in TRANSIENT or time.monotonic() > deadline:
+                if error.code() not in TRANSIENT:
                     raise refusal(error, f"the coordinator refused the {upload.what} upload") from None
-                say(f"{upload.what} upload interrupted ({error.code().name}: {error.details()}); "
-                    f"resuming in {pause:.0f}s")
-                time.sleep(pause)
-                pause = min(pause * 2, 10.0)
+                reconnect.failed(error, f"{upload.what} upload interrupted")
         seconds = time.monotonic() - started
         say(f"uploaded {upload.what}: {total / 1e6:.2f} MB ({sent / 1e6:.2f} MB sent) in {seconds:.2f} s")
         self.workdir.record_transfer("upload", what=upload.what, bytes=total, sent_bytes=sent, seconds=seconds)
@@ -233,11 +238,11 @@ class Agent:
         """
         if not self.state.get("model_upload"):
             self.contribute_model()
-        pause, seen_version = 1.0, None
+        seen_version, reconnect = None, Reconnect(self.state["coordinator"], self.give_up_after)
         while True:
             try:
                 for event in self.stub.Watch(pb.WatchRequest()):
-                    pause = 1.0
+                    reconnect.succeeded()
                     if event.version and event.version != seen_version:
                         seen_version = event.version
                         say(f"version {event.version} published ({'exact' if event.exact else 'provisional'})")
@@ -250,9 +255,7 @@ class Agent:
             except grpc.RpcError as error:
                 if error.code() not in TRANSIENT:
                     raise refusal(error, "the coordinator ended this node's session") from None
-                say(f"lost the coordinator ({error.code().name}); reconnecting in {pause:.0f}s")
-                time.sleep(pause)
-                pause = min(pause * 2, 10.0)
+                reconnect.failed(error, "lost the coordinator")
 
     def leave(self) -> int:
         """Leaves the federation; returns the version published without this node (0 if none was ever published)."""

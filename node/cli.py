@@ -7,12 +7,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from dume.node.agent import DEFAULT_CHUNK_BYTES, Agent, enrol, say
+from dume.node.lifecycle import StopRequested, stop_on_signals
+from dume.node.status import describe_status, node_status
 from dume.node.workdir import Workdir
-from dume.shared.commandline import add_placement, placement, positive_float, positive_int, run_cli
+from dume.shared.commandline import add_placement, duration, placement, positive_float, positive_int, run_cli
 from dume.shared.errors import DumeError
 from dume.shared.method.data import check_documents
 from dume.shared.method.expert import ExpertDirectory
@@ -23,6 +26,15 @@ from dume.v1 import federation_pb2_grpc as rpc
 
 
 def run_join(args: argparse.Namespace) -> None:
+    """SIGTERM or SIGINT at any point ends the join cleanly with exit 0."""
+    try:
+        with stop_on_signals():
+            _join(args)
+    except StopRequested as stop:  # the step in progress is abandoned cleanly: uploads resume, files are atomic
+        say(f"stopped on {stop.signal_name}; run `dume-node join` again (no token needed) to carry on")
+
+
+def _join(args: argparse.Namespace) -> None:
     workdir = Workdir(args.workdir)
     for path, what in ((args.model, "--model"), (args.data, "--data")):
         if not path.exists():
@@ -42,7 +54,7 @@ def run_join(args: argparse.Namespace) -> None:
     else:
         workdir.update(model=str(args.model.resolve()), data=str(args.data.resolve()))
     agent = Agent(workdir, args.chunk_kib * 1024, args.max_rate_kib * 1024 if args.max_rate_kib else 0.0,
-                  chosen, args.max_tokens)
+                  chosen, args.max_tokens, args.deadline if args.once else None)
     agent.run(once=args.once)
     if args.once:
         say("contribution complete; statistics are current")
@@ -54,6 +66,11 @@ def run_fetch(args: argparse.Namespace) -> None:
     version, count, total = fetch_version(stub, args.version, workdir.blobs(), args.out, workdir.own_blob)
     print(f"wrote version {version.version} ({'exact' if version.exact else 'provisional'}) to {args.out}; "
           f"downloaded {count} blobs ({total / 1e6:.2f} MB), the rest was already here")
+
+
+def run_status(args: argparse.Namespace) -> None:
+    status = node_status(Workdir(args.workdir))
+    print(json.dumps(status, sort_keys=True) if args.json else describe_status(status))
 
 
 def run_leave(args: argparse.Namespace) -> None:
@@ -71,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--data", type=Path, required=True, help="its domain data (.jsonl, .txt or a directory)")
     join.add_argument("--workdir", type=Path, required=True, help="the node's working directory")
     join.add_argument("--once", action="store_true", help="exit once statistics are current instead of following")
+    join.add_argument("--deadline", type=duration, default=600.0,
+                      help="with --once, give up when the coordinator stays unreachable this long, e.g. 90s, 10m "
+                           "(default 10m; without --once the agent keeps retrying, backing off up to 30s)")
     join.add_argument("--chunk-kib", type=positive_int, default=DEFAULT_CHUNK_BYTES // 1024,
                       help="upload chunk size in KiB (default 1024, the most the coordinator takes)")
     join.add_argument("--max-rate-kib", type=positive_int, help="upload bandwidth limit in KiB/s")
@@ -83,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     fetch.add_argument("--version", type=positive_int, default=0, help="version number (default: the latest)")
     fetch.set_defaults(run=run_fetch)
+    status = commands.add_parser("status", help="what this node contributed, and to which version")
+    status.add_argument("--workdir", type=Path, required=True, help="the node's working directory")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(run=run_status)
     leave = commands.add_parser("leave", help="take this node's contribution out of the federation")
     leave.add_argument("--workdir", type=Path, required=True, help="the node's working directory")
     leave.set_defaults(run=run_leave)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -28,6 +29,18 @@ def positive_int(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
     return int(value)
+
+
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(value: str) -> float:
+    """Seconds from "90s", "30m", "12h", "7d" or a plain number of seconds."""
+    match = DURATION.match(value.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a duration such as 90s, 30m, 12h or 7d")
+    return float(match.group(1)) * UNIT_SECONDS[match.group(2)]
 
 
 def add_merge_settings(parser: argparse.ArgumentParser) -> None:

@@ -92,8 +92,9 @@ def test_concurrent_joins_give_the_merge_bytes_then_revocation_gives_the_never_j
     assert "wrote version" in fetched.stdout
     assert not differing_files(tmp_path / "fetched", reference(("code", "math")))
     assert "intact" in fed.admin("audit", "--verify").stdout
-    for name in ("code", "math"):
-        fed.stop(f"node-{name}")
+    for name in ("code", "math"):  # following the federation, they stop cleanly on SIGTERM
+        assert fed.stop(f"node-{name}") == 0
+        assert "stopped on SIGTERM" in agents[name].stderr.read()
     assert fed.stop() == 0
 
 

@@ -204,10 +204,10 @@ class Federation:
     def log(self, label: str) -> Path:
         return self.logs / f"{label}.log"
 
-    def serve(self) -> None:
-        """``dume-coordinator serve`` in the background; returns once the daemon listens."""
+    def serve(self, *extra: str) -> None:
+        """``dume-coordinator serve [extra]`` in the background; returns once the daemon listens."""
         (self.state / "daemon.json").unlink(missing_ok=True)
-        self._start(COORDINATOR, COORDINATOR, "serve", "--state", str(self.state))
+        self._start(COORDINATOR, COORDINATOR, "serve", "--state", str(self.state), *extra)
         wait_until(self._listening, START_SECONDS, f"the coordinator to listen (see {self.log(COORDINATOR)})")
 
     def _listening(self) -> bool:
