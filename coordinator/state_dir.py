@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dume.shared.errors import DumeError
+from dume.shared.errors import CoordinatorUnreachable, DumeError
 from dume.shared.method.routers import MergeSettings
 from dume.shared.trust import pki
 
@@ -82,8 +82,8 @@ class StateDir:
         try:
             return json.loads(self.daemon.read_text())
         except (OSError, ValueError):
-            raise DumeError(f"no coordinator daemon is running on {self.root}: start `dume-coordinator serve --state "
-                            f"{self.root}`") from None
+            raise CoordinatorUnreachable(f"no coordinator daemon is running on {self.root}: start `dume-coordinator "
+                                         f"serve --state {self.root}`") from None
 
 
 def split_address(value: str) -> tuple[str, int]:

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dume.node.workdir import Workdir
-from dume.shared.errors import DumeError
+from dume.shared.errors import CoordinatorUnreachable, DumeError
 from dume.shared.files import atomic_path
 from dume.shared.method.averaging import tensors_hash
 from dume.shared.method.data import DocumentStream, load_tokenizer
@@ -55,8 +55,8 @@ def enrol(token: JoinToken, workdir: Workdir, model: Path, data: Path) -> None:
     try:
         ca_pem = ssl.get_server_certificate((host, int(port)), timeout=15).encode()
     except (OSError, ValueError) as error:
-        raise DumeError(f"cannot reach the coordinator's enrolment service at {token.enrolment} ({error}): check "
-                        "that the coordinator runs and the address is reachable") from None
+        raise CoordinatorUnreachable(f"cannot reach the coordinator's enrolment service at {token.enrolment} "
+                                     f"({error}): check that the coordinator runs and is reachable") from None
     if pki.fingerprint(ca_pem) != token.ca_fingerprint:
         raise DumeError(f"the coordinator at {token.enrolment} presents CA {pki.fingerprint(ca_pem)[:16]}..., the "
                         f"token expects {token.ca_fingerprint[:16]}...: this token is for another coordinator")

@@ -8,7 +8,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 
-from dume.shared.errors import DumeError
+from dume.shared.errors import INTERRUPTED, DumeError
 from dume.shared.method.placement import DTYPES, Placement
 from dume.shared.method.ridge import DEFAULT_RHO
 from dume.shared.method.routers import MergeSettings
@@ -64,15 +64,16 @@ def merge_settings(args: argparse.Namespace) -> MergeSettings:
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    """Parse and run; a DumeError becomes one line on stderr and exit code 2, never a traceback."""
+    """Parse and run; a DumeError becomes one line on stderr and its exit code (README, "Exit codes"), never a
+    traceback."""
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int | None] = args.run
     try:
         code = run(args)
     except DumeError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     return code or 0
