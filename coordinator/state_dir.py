@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dume.shared.errors import CoordinatorUnreachable, DumeError
-from dume.shared.method.routers import MergeSettings
+from dume.shared.method.settings import MergeSettings
 from dume.shared.trust import pki
 
 ADMIN_NAME = "admin"

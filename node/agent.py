@@ -32,7 +32,7 @@ from dume.shared.method.placement import CPU, Placement
 from dume.shared.method.statistics import layout_token_count, statistics_tensors, statistics_under_basis, token_count
 from dume.shared.method.writer import TOKENIZER_FILES
 from dume.shared.transport.blobs import read_range, sha256_file
-from dume.shared.transport.channels import TRANSIENT, refusal, server_tls_channel
+from dume.shared.transport.channels import DEFAULT_CHUNK_BYTES, TRANSIENT, refusal, server_tls_channel
 from dume.shared.transport.download import fetch_missing
 from dume.shared.transport.wire import FileRange, safetensors_ranges, tensor_from_bytes
 from dume.shared.trust import pki
@@ -41,7 +41,6 @@ from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 from dume.v1 import tensors_pb2
 
-DEFAULT_CHUNK_BYTES = 1 << 20
 RETRY_SECONDS = 600.0
 
 

@@ -5,6 +5,7 @@ The reference for every exact version is `dume merge` over the same experts and 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -77,12 +78,14 @@ def test_concurrent_joins_give_the_merge_bytes_then_revocation_gives_the_never_j
     status = fed.wait_exact(["code", "math", "prose"])
     assert not differing_files(fed.export(tmp_path / "all"), reference(("code", "math", "prose")))
 
-    revoked = fed.admin("revoke", "prose", "--reason", "left the consortium")
-    assert f"version {status['version'] + 1}" in revoked.stdout  # published at once (provisional)
+    revoked = json.loads(fed.admin("revoke", "prose", "--reason", "left the consortium", "--json").stdout)
+    assert revoked == {"revoked": "prose", "version": status["version"] + 1}  # published at once (provisional)
     assert agents["prose"].wait(timeout=60) == 5  # exit code 5: this node's identity is refused
     assert "revoked (left the consortium)" in agents["prose"].stderr.read()
-    fed.wait_exact(["code", "math"])
-    assert not differing_files(fed.export(tmp_path / "after-revoke"), reference(("code", "math")))
+    exact = fed.wait_exact(["code", "math"])
+    exported = json.loads(fed.admin("export", "--out", str(tmp_path / "after-revoke"), "--json").stdout)
+    assert exported == {"version": exact["version"], "exact": True, "out": str(tmp_path / "after-revoke")}
+    assert not differing_files(tmp_path / "after-revoke", reference(("code", "math")))
 
     refused = cli("node", "fetch", "--workdir", str(fed.workdir("prose")), "--out", str(tmp_path / "x"),
                   check=False)
@@ -91,10 +94,22 @@ def test_concurrent_joins_give_the_merge_bytes_then_revocation_gives_the_never_j
     assert declined.returncode == 3 and "was revoked" in declined.stderr
     unknown = fed.admin("revoke", "nobody", check=False)
     assert unknown.returncode == 3 and "no member 'nobody'" in unknown.stderr
-    fetched = cli("node", "fetch", "--workdir", str(fed.workdir("code")), "--out", str(tmp_path / "fetched"))
-    assert "wrote version" in fetched.stdout
+    fetched = json.loads(cli("node", "fetch", "--workdir", str(fed.workdir("code")), "--out",
+                             str(tmp_path / "fetched"), "--json").stdout)
+    assert fetched["version"] == exact["version"] and fetched["exact"] is True
+    assert fetched["downloaded_blobs"] > 0 and fetched["downloaded_bytes"] > 0
     assert not differing_files(tmp_path / "fetched", reference(("code", "math")))
-    assert "intact" in fed.admin("audit", "--verify").stdout
+    issued = json.loads(fed.admin("token", "--node", "later", "--expires", "1h", "--json").stdout)
+    assert issued["node"] == "later" and JoinToken.decode(issued["token"]).node == "later"
+    assert 3500 < issued["expires_at"] - time.time() <= 3600
+    log = json.loads(fed.admin("audit", "--json").stdout)["entries"]
+    assert [entry["sequence"] for entry in log] == list(range(1, len(log) + 1))
+    revocations = [(entry["subject"], entry["detail"]) for entry in log if entry["kind"] == "revoke"]
+    assert revocations == [("prose", {"reason": "left the consortium"})]
+    verified = json.loads(fed.admin("audit", "--verify", "--json").stdout)
+    assert verified == {"intact": True, "entries": len(log), "last_hash": log[-1]["entry_hash"]}
+    left = json.loads(cli("node", "leave", "--workdir", str(fed.workdir("math")), "--json").stdout)
+    assert left == {"left": True, "version": fed.status()["version"]}
     for name in ("code", "math"):
         fed.stop(f"node-{name}")
     assert fed.stop() == 0

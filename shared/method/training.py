@@ -10,7 +10,6 @@ equals the base, and the merged model with oracle routing is exactly each expert
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,21 +19,8 @@ from dume.shared.errors import DumeError
 from dume.shared.method.data import load_tokenizer, pack_documents, read_documents
 from dume.shared.method.families import detect_family
 from dume.shared.method.placement import Placement
+from dume.shared.method.settings import TRAINABLE, TrainSettings
 from dume.shared.progress import progress
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    steps: int = 200
-    learning_rate: float = 3e-3
-    batch_size: int = 16
-    sequence_length: int = 128
-    seed: int = 0
-    trainable: str = "mlp"  # the "mlp" weights only (DUME keeps them per expert), or "all" parameters
-    device: str = "cpu"  # where the model trains (e.g. "cuda"); it is saved from the CPU either way
-
-
-TRAINABLE = ("all", "mlp")
 
 
 def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from dume.shared.errors import CoordinatorRefused, CoordinatorUnreachable, DumeE
 from dume.shared.trust.pki import TLS_SERVER_NAME
 
 MESSAGE_BYTES = 8 << 20
+DEFAULT_CHUNK_BYTES = 1 << 20  # an upload's chunk: the most the coordinator takes
 CHANNEL_OPTIONS = [
     ("grpc.ssl_target_name_override", TLS_SERVER_NAME),
     ("grpc.max_receive_message_length", MESSAGE_BYTES),
