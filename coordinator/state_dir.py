@@ -98,6 +98,8 @@ def initialise(root: Path, listen: str, enrolment_listen: str, advertise: str | 
                architecture: dict[str, Any] | None) -> StateDir:
     """Creates a new state directory with its CA and admin identity; refuses to overwrite one."""
     state = StateDir(root)
+    if root.exists() and not root.is_dir():
+        raise DumeError(f"--state {root} is a file, not a directory: choose a new or empty directory")
     if state.config_path.exists():
         raise DumeError(f"{root} already holds a coordinator: use another --state or remove it first")
     for address in (listen, enrolment_listen, advertise, enrolment_advertise):

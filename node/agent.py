@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from dume.node.workdir import Workdir
 from dume.shared.errors import CoordinatorUnreachable, DumeError
@@ -29,8 +29,15 @@ from dume.shared.method.averaging import tensors_hash
 from dume.shared.method.data import DocumentStream, load_tokenizer
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.placement import CPU, Placement
-from dume.shared.method.statistics import layout_token_count, statistics_tensors, statistics_under_basis, token_count
+from dume.shared.method.statistics import (
+    check_enough_tokens,
+    layout_token_count,
+    statistics_tensors,
+    statistics_under_basis,
+    token_count,
+)
 from dume.shared.method.writer import TOKENIZER_FILES
+from dume.shared.progress import byte_progress
 from dume.shared.transport.blobs import read_range, sha256_file
 from dume.shared.transport.channels import DEFAULT_CHUNK_BYTES, TRANSIENT, refusal, server_tls_channel
 from dume.shared.transport.download import fetch_missing
@@ -136,8 +143,7 @@ class Agent:
                 state = self.stub.BeginUpload(upload.plan, timeout=60)
                 held = {blob.sha256: blob.offset for blob in state.blobs}
                 missing = sum(upload.sources[sha].size - offset for sha, offset in held.items())
-                with tqdm(total=missing, desc=f"upload {upload.what}", unit="B", unit_scale=True,
-                          disable=None) as bar:
+                with byte_progress(missing, f"upload {upload.what}") as bar:
                     counter = [0]
                     self.stub.SendChunks(self._chunks(state.upload_id, upload, held, bar, counter))
                     sent += counter[0]
@@ -218,6 +224,7 @@ class Agent:
                               self.max_tokens)
         started = time.monotonic()
         gram = statistics_under_basis(expert, tensors, data, int(basis.batch_size), self.placement)
+        check_enough_tokens(gram, self.state["name"])
         seconds, tokens = time.monotonic() - started, token_count(gram)
         say(f"statistics under basis {basis.basis_hash[:12]}: {tokens} tokens in {seconds:.2f} s")
         self.workdir.record_transfer("statistics", basis=basis.basis_hash, tokens=tokens, seconds=seconds)

@@ -17,6 +17,7 @@ from dume.shared.commandline import (
     report,
     run_cli,
 )
+from dume.shared.errors import DumeError
 from dume.shared.method.settings import ExpertSpec
 
 
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The run functions import torch and the method on first use, so that `--help` and bad arguments answer at once.
 def run_merge(args: argparse.Namespace) -> None:
+    if len(args.expert) < 2:
+        raise DumeError("a merge needs at least two experts (a one-expert MoE is the expert itself): pass --expert "
+                        "NAME=MODEL_DIR:DATA once per expert")
     from dume.shared.method.merge import merge
 
     out = merge(args.expert, args.out, merge_settings(args), placement(args), args.max_tokens)

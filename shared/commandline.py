@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from dume.shared.errors import INTERRUPTED, DumeError
 from dume.shared.method.settings import DEFAULT_RHO, DTYPE_NAMES, MergeSettings
+from dume.shared.progress import no_bars_unless_terminal
 
 if TYPE_CHECKING:
     from dume.shared.method.placement import Placement
@@ -92,6 +93,7 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     traceback. Every command answers ``--version``."""
     parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     args = parser.parse_args(argv)
+    no_bars_unless_terminal()
     run: Callable[[argparse.Namespace], int | None] = args.run
     try:
         code = run(args)

@@ -18,16 +18,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dume.shared.method.merge import ExpertSpec, merge
+    from dume.shared.method.merge import merge
     from dume.shared.method.registration import load_merged, register
     from dume.shared.method.ridge import solve_routers
-    from dume.shared.method.settings import MergeSettings
+    from dume.shared.method.settings import ExpertSpec, MergeSettings
     from dume.shared.method.statistics import collect_statistics
 
 # The public API: name -> the module that defines it, imported when the name is first used.
 _EXPORTS = {
     "merge": "dume.shared.method.merge",
-    "ExpertSpec": "dume.shared.method.merge",
+    "ExpertSpec": "dume.shared.method.settings",
     "MergeSettings": "dume.shared.method.settings",
     "collect_statistics": "dume.shared.method.statistics",
     "solve_routers": "dume.shared.method.ridge",

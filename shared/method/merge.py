@@ -30,7 +30,7 @@ from dume.shared.method.families import check_same_architecture
 from dume.shared.method.placement import CPU, Placement
 from dume.shared.method.routers import solve_for_checkpoint
 from dume.shared.method.settings import ExpertSpec, MergeSettings
-from dume.shared.method.statistics import statistics_under_basis
+from dume.shared.method.statistics import check_enough_tokens, statistics_under_basis
 from dume.shared.method.writer import write_moe_checkpoint
 
 MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -95,5 +95,8 @@ def member_statistics(specs: list[ExpertSpec], experts: dict[str, ExpertDirector
         check_documents(spec.data_path)
         streams[spec.name] = DocumentStream(spec.data_path, load_tokenizer(spec.model_dir), settings.sequence_length,
                                             max_tokens)
-    return {name: statistics_under_basis(experts[name], basis, streams[name], settings.batch_size, placement)
-            for name in sorted(experts)}
+    statistics = {}
+    for name in sorted(experts):
+        statistics[name] = statistics_under_basis(experts[name], basis, streams[name], settings.batch_size, placement)
+        check_enough_tokens(statistics[name], name)
+    return statistics
