@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--expires", type=duration, default=86400.0, help="lifetime, e.g. 30m, 12h, 7d (default 1d)")
     add_json(token)
     status = command("status", "show the published version and the members", run_status)
-    status.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(status)
     revoke = command("revoke", "remove a member's contribution exactly and refuse its certificate", run_revoke)
     revoke.add_argument("name", help="the member to revoke")
     revoke.add_argument("--reason", default="", help="recorded in the ledger and the audit log")
