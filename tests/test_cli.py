@@ -4,10 +4,14 @@ input refused with one line and exit code 2. Every case runs the real command in
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 from importlib.metadata import version
 
 import pytest
@@ -96,6 +100,31 @@ def test_merge_prints_json_and_no_progress_bars_off_a_terminal(expert_factory, t
     # stderr is a pipe: neither our bars nor transformers' "Loading weights" bars may be drawn into it.
     for bar in ("Loading weights", "%|", "it/s", "\r"):
         assert bar not in result.stderr, result.stderr
+
+
+def test_merge_draws_its_bars_on_a_terminal(expert_factory, tmp_path):
+    """The other side of the rule: with stderr on a terminal the statistics bar (tokens/s) is drawn."""
+    specs = expert_factory("llama")
+    experts = [f"--expert={name}={spec.model_dir}:{spec.data_path}" for name, spec in sorted(specs.items())[:2]]
+    code = f"import sys; from {MODULES['dume']} import main; sys.exit(main())"
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 columns wide
+    process = subprocess.Popen([sys.executable, "-c", code, "merge", *experts, "--out", str(tmp_path / "merged"),
+                                "--sequence-length", "64"], stdout=subprocess.DEVNULL, stderr=terminal,
+                               stdin=subprocess.DEVNULL, env=environment())
+    os.close(terminal)
+    drawn = bytearray()
+    while True:  # read until the command closes the terminal (EIO), so that it never blocks on a full buffer
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(controller)
+    assert process.wait(timeout=300) == 0, drawn.decode(errors="replace")
+    assert b"statistics code" in drawn and b"tok/s" in drawn
 
 
 def test_merge_of_one_expert_is_refused(expert_factory, tmp_path):
