@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from dume.shared.errors import DumeError
 from dume.shared.lab.domains import DOMAINS, HELD_OUT_EVERY, write_domains
@@ -50,6 +49,7 @@ from dume.shared.method.averaging import compute_basis
 from dume.shared.method.data import PackedData, load_tokenizer, pack_documents, read_documents
 from dume.shared.method.evaluation import perplexity
 from dume.shared.method.merge import ExpertSpec, merge, open_experts
+from dume.shared.method.registration import load_merged
 from dume.shared.method.ridge import LayerRouter, solve_routers
 from dume.shared.method.routers import MergeSettings
 from dume.shared.method.routing import build_routed_model, build_weight_averaged_model
@@ -417,7 +417,7 @@ def full_finetuning(specs: list[ExpertSpec], held_out: dict[str, PackedData], to
 
 
 def load_model(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+    return load_merged(path)  # a dense expert or a merged checkpoint, router-bias ones included
 
 
 def retention_table(perplexities: dict[str, dict[str, float]], domains: list[str]) -> dict[str, dict[str, float]]:

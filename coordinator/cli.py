@@ -11,22 +11,22 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import grpc
 
 from dume.coordinator import health, messages
 from dume.coordinator.backup import backup, restore
-from dume.coordinator.daemon import serve
 from dume.coordinator.state_dir import StateDir, initialise, split_address
-from dume.shared.commandline import add_merge_settings, duration, merge_settings, positive_int, run_cli
+from dume.shared.commandline import (add_json, add_merge_settings, duration, merge_settings, positive_int, report,
+                                     run_cli)
 from dume.shared.errors import DumeError
-from dume.shared.method.expert import ExpertDirectory
 from dume.shared.transport.blobs import BlobStore
 from dume.shared.transport.channels import mutual_tls_channel, refusal
-from dume.shared.transport.download import fetch_version
 from dume.shared.trust import pki
 from dume.shared.trust.audit import verify_chain
+from dume.shared.trust.join_token import JoinToken
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 
@@ -44,7 +44,10 @@ def admin_stubs(state: StateDir) -> tuple[rpc.AdminStub, rpc.FederationStub]:
     return rpc.AdminStub(channel), rpc.FederationStub(channel)
 
 
+# init, serve and export import torch on first use, so that `--help` and the admin calls answer at once.
 def run_init(args: argparse.Namespace) -> None:
+    from dume.shared.method.expert import ExpertDirectory
+
     architecture = None
     if args.architecture:
         expert = ExpertDirectory(args.architecture, "the architecture model")
@@ -55,6 +58,8 @@ def run_init(args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from dume.coordinator.daemon import serve
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     return serve(StateDir(args.state), args.drain_seconds, args.metrics_listen)
 
@@ -62,9 +67,10 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_token(args: argparse.Namespace) -> None:
     admin, _ = admin_stubs(StateDir(args.state))
     try:
-        print(admin.CreateToken(pb.TokenRequest(node=args.node, ttl_seconds=args.expires)).token)
+        token = admin.CreateToken(pb.TokenRequest(node=args.node, ttl_seconds=args.expires)).token
     except grpc.RpcError as error:
         raise refusal(error, f"cannot create a token for {args.node!r}") from None
+    report(args, {"node": args.node, "token": token, "expires_at": JoinToken.decode(token).expires_at}, token)
 
 
 def status_object(state: StateDir) -> dict:
@@ -102,15 +108,19 @@ def run_revoke(args: argparse.Namespace) -> None:
     if response.publication_error:
         raise DumeError(f"revoked {args.name} (its certificate is refused), but {response.publication_error}: "
                         "see `dume-coordinator status` and the daemon's log")
-    print(f"revoked {args.name}; version {response.version} published without it" if response.version
-          else f"revoked {args.name}; no member with statistics remains, so no version was published")
+    report(args, {"revoked": args.name, "version": response.version or None},
+           f"revoked {args.name}; version {response.version} published without it" if response.version
+           else f"revoked {args.name}; no member with statistics remains, so no version was published")
 
 
 def run_export(args: argparse.Namespace) -> None:
+    from dume.shared.transport.download import fetch_version
+
     state = StateDir(args.state)
     _, federation = admin_stubs(state)
     version, _, _ = fetch_version(federation, args.version, BlobStore(state.root / "export-cache"), args.out)
-    print(f"wrote version {version.version} ({'exact' if version.exact else 'provisional'}) to {args.out}")
+    report(args, {"version": version.version, "exact": version.exact, "out": str(args.out)},
+           f"wrote version {version.version} ({'exact' if version.exact else 'provisional'}) to {args.out}")
 
 
 def run_audit(args: argparse.Namespace) -> None:
@@ -124,7 +134,13 @@ def run_audit(args: argparse.Namespace) -> None:
             count = verify_chain(entries)
         except ValueError as error:
             raise DumeError(f"the audit log is broken: {error}") from None
-        print(f"audit log intact: {count} entries, last hash {entries[-1].entry_hash if entries else '-'}")
+        last = entries[-1].entry_hash if entries else None
+        report(args, {"intact": True, "entries": count, "last_hash": last},
+               f"audit log intact: {count} entries, last hash {last or '-'}")
+        return
+    if args.json:
+        print(json.dumps({"entries": [{**asdict(entry), "detail": json.loads(entry.detail_json)}
+                                      for entry in entries]}, sort_keys=True))
         return
     for entry in entries:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry.at))
@@ -184,14 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     token = command("token", "print a one-time join token for a node", run_token)
     token.add_argument("--node", required=True, help="the node's name in the federation")
     token.add_argument("--expires", type=duration, default=86400.0, help="lifetime, e.g. 30m, 12h, 7d (default 1d)")
+    add_json(token)
     status = command("status", "show the published version and the members", run_status)
-    status.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(status)
     revoke = command("revoke", "remove a member's contribution exactly and refuse its certificate", run_revoke)
     revoke.add_argument("name", help="the member to revoke")
     revoke.add_argument("--reason", default="", help="recorded in the ledger and the audit log")
+    add_json(revoke)
     export = command("export", "write a published version as a Hugging Face directory", run_export)
     export.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     export.add_argument("--version", type=positive_int, default=0, help="version number (default: the latest)")
+    add_json(export)
     command("health", "ask the running daemon's gRPC health service; exit 0 when it is SERVING", run_health)
     saved = command("backup", "write a consistent copy of the state directory, also while the daemon runs",
                     run_backup)
@@ -203,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     restored.add_argument("--enrolment-listen", help="HOST:PORT for enrolment instead of the backed-up one")
     audit = command("audit", "show the hash-chained audit log, or verify it", run_audit)
     audit.add_argument("--verify", action="store_true", help="check every entry's hash chain")
+    add_json(audit)
     return parser
 
 

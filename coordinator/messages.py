@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dume.coordinator.records import BasisRecord, Published, Status, VersionFile, VersionRecord
-from dume.shared.method.routers import MergeSettings
+from dume.shared.method.settings import MergeSettings
 from dume.shared.trust.audit import AuditEntry
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import tensors_pb2

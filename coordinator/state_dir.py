@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dume.shared.errors import DumeError
-from dume.shared.method.routers import MergeSettings
+from dume.shared.errors import CoordinatorUnreachable, DumeError
+from dume.shared.method.settings import MergeSettings
 from dume.shared.trust import pki
 
 ADMIN_NAME = "admin"
@@ -82,8 +82,8 @@ class StateDir:
         try:
             return json.loads(self.daemon.read_text())
         except (OSError, ValueError):
-            raise DumeError(f"no coordinator daemon is running on {self.root}: start `dume-coordinator serve --state "
-                            f"{self.root}`") from None
+            raise CoordinatorUnreachable(f"no coordinator daemon is running on {self.root}: start `dume-coordinator "
+                                         f"serve --state {self.root}`") from None
 
 
 def split_address(value: str) -> tuple[str, int]:
@@ -98,6 +98,8 @@ def initialise(root: Path, listen: str, enrolment_listen: str, advertise: str | 
                architecture: dict[str, Any] | None) -> StateDir:
     """Creates a new state directory with its CA and admin identity; refuses to overwrite one."""
     state = StateDir(root)
+    if root.exists() and not root.is_dir():
+        raise DumeError(f"--state {root} is a file, not a directory: choose a new or empty directory")
     if state.config_path.exists():
         raise DumeError(f"{root} already holds a coordinator: use another --state or remove it first")
     for address in (listen, enrolment_listen, advertise, enrolment_advertise):

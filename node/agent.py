@@ -20,20 +20,27 @@ from pathlib import Path
 
 import grpc
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from dume.node.lifecycle import Reconnect
 from dume.node.workdir import Workdir
-from dume.shared.errors import DumeError
+from dume.shared.errors import CoordinatorUnreachable, DumeError
 from dume.shared.files import atomic_path
 from dume.shared.method.averaging import tensors_hash
 from dume.shared.method.data import DocumentStream, load_tokenizer
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.placement import CPU, Placement
-from dume.shared.method.statistics import layout_token_count, statistics_tensors, statistics_under_basis, token_count
+from dume.shared.method.statistics import (
+    check_enough_tokens,
+    layout_token_count,
+    statistics_tensors,
+    statistics_under_basis,
+    token_count,
+)
 from dume.shared.method.writer import TOKENIZER_FILES
+from dume.shared.progress import byte_progress
 from dume.shared.transport.blobs import read_range, sha256_file
-from dume.shared.transport.channels import TRANSIENT, refusal, server_tls_channel
+from dume.shared.transport.channels import DEFAULT_CHUNK_BYTES, TRANSIENT, refusal, server_tls_channel
 from dume.shared.transport.download import fetch_missing
 from dume.shared.transport.wire import FileRange, safetensors_ranges, tensor_from_bytes
 from dume.shared.trust import pki
@@ -42,7 +49,6 @@ from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 from dume.v1 import tensors_pb2
 
-DEFAULT_CHUNK_BYTES = 1 << 20
 
 
 def say(message: str) -> None:
@@ -55,8 +61,8 @@ def enrol(token: JoinToken, workdir: Workdir, model: Path, data: Path) -> None:
     try:
         ca_pem = ssl.get_server_certificate((host, int(port)), timeout=15).encode()
     except (OSError, ValueError) as error:
-        raise DumeError(f"cannot reach the coordinator's enrolment service at {token.enrolment} ({error}): check "
-                        "that the coordinator runs and the address is reachable") from None
+        raise CoordinatorUnreachable(f"cannot reach the coordinator's enrolment service at {token.enrolment} "
+                                     f"({error}): check that the coordinator runs and is reachable") from None
     if pki.fingerprint(ca_pem) != token.ca_fingerprint:
         raise DumeError(f"the coordinator at {token.enrolment} presents CA {pki.fingerprint(ca_pem)[:16]}..., the "
                         f"token expects {token.ca_fingerprint[:16]}...: this token is for another coordinator")
@@ -141,8 +147,7 @@ class Agent:
                 state = self.stub.BeginUpload(upload.plan, timeout=60)
                 held = {blob.sha256: blob.offset for blob in state.blobs}
                 missing = sum(upload.sources[sha].size - offset for sha, offset in held.items())
-                with tqdm(total=missing, desc=f"upload {upload.what}", unit="B", unit_scale=True,
-                          disable=None) as bar:
+                with byte_progress(missing, f"upload {upload.what}") as bar:
                     counter = [0]
                     try:
                         self.stub.SendChunks(self._chunks(state.upload_id, upload, held, bar, counter))
@@ -224,6 +229,7 @@ class Agent:
                               self.max_tokens)
         started = time.monotonic()
         gram = statistics_under_basis(expert, tensors, data, int(basis.batch_size), self.placement)
+        check_enough_tokens(gram, self.state["name"])
         seconds, tokens = time.monotonic() - started, token_count(gram)
         say(f"statistics under basis {basis.basis_hash[:12]}: {tokens} tokens in {seconds:.2f} s")
         self.workdir.record_transfer("statistics", basis=basis.basis_hash, tokens=tokens, seconds=seconds)

@@ -11,22 +11,23 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from dume.node.agent import DEFAULT_CHUNK_BYTES, Agent, enrol, say
 from dume.node.lifecycle import StopRequested, stop_on_signals
 from dume.node.status import describe_status, node_status
 from dume.node.workdir import Workdir
-from dume.shared.commandline import add_placement, duration, placement, positive_float, positive_int, run_cli
+from dume.shared.commandline import (add_json, add_placement, duration, placement, positive_float, positive_int,
+                                     report, run_cli)
 from dume.shared.errors import DumeError
-from dume.shared.method.data import check_documents
-from dume.shared.method.expert import ExpertDirectory
-from dume.shared.method.training import TRAINABLE, TrainSettings, train
-from dume.shared.transport.download import fetch_version
+from dume.shared.method.settings import TRAINABLE, TrainSettings
+from dume.shared.transport.channels import DEFAULT_CHUNK_BYTES
 from dume.shared.trust.join_token import JoinToken
 from dume.v1 import federation_pb2_grpc as rpc
 
 
+# The run functions import torch and the agent on first use, so that `--help` and bad arguments answer at once.
 def run_join(args: argparse.Namespace) -> None:
     """SIGTERM or SIGINT at any point ends the join cleanly with exit 0."""
+    from dume.node.agent import say
+
     try:
         with stop_on_signals():
             _join(args)
@@ -35,6 +36,10 @@ def run_join(args: argparse.Namespace) -> None:
 
 
 def _join(args: argparse.Namespace) -> None:
+    from dume.node.agent import Agent, enrol, say
+    from dume.shared.method.data import check_documents
+    from dume.shared.method.expert import ExpertDirectory
+
     workdir = Workdir(args.workdir)
     for path, what in ((args.model, "--model"), (args.data, "--data")):
         if not path.exists():
@@ -61,11 +66,15 @@ def _join(args: argparse.Namespace) -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> None:
+    from dume.shared.transport.download import fetch_version
+
     workdir = Workdir(args.workdir)
     stub = rpc.FederationStub(workdir.channel())
     version, count, total = fetch_version(stub, args.version, workdir.blobs(), args.out, workdir.own_blob)
-    print(f"wrote version {version.version} ({'exact' if version.exact else 'provisional'}) to {args.out}; "
-          f"downloaded {count} blobs ({total / 1e6:.2f} MB), the rest was already here")
+    report(args, {"version": version.version, "exact": version.exact, "out": str(args.out),
+                  "downloaded_blobs": count, "downloaded_bytes": total},
+           f"wrote version {version.version} ({'exact' if version.exact else 'provisional'}) to {args.out}; "
+           f"downloaded {count} blobs ({total / 1e6:.2f} MB), the rest was already here")
 
 
 def run_status(args: argparse.Namespace) -> None:
@@ -74,9 +83,12 @@ def run_status(args: argparse.Namespace) -> None:
 
 
 def run_leave(args: argparse.Namespace) -> None:
+    from dume.node.agent import Agent
+
     version = Agent(Workdir(args.workdir)).leave()
-    print(f"left the federation; version {version} is published without this node" if version
-          else "left the federation; no member with statistics remains")
+    report(args, {"left": True, "version": version or None},
+           f"left the federation; version {version} is published without this node" if version
+           else "left the federation; no member with statistics remains")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,13 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--workdir", type=Path, required=True, help="the node's working directory")
     fetch.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     fetch.add_argument("--version", type=positive_int, default=0, help="version number (default: the latest)")
+    add_json(fetch)
     fetch.set_defaults(run=run_fetch)
     status = commands.add_parser("status", help="what this node contributed, and to which version")
     status.add_argument("--workdir", type=Path, required=True, help="the node's working directory")
-    status.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(status)
     status.set_defaults(run=run_status)
     leave = commands.add_parser("leave", help="take this node's contribution out of the federation")
     leave.add_argument("--workdir", type=Path, required=True, help="the node's working directory")
+    add_json(leave)
     leave.set_defaults(run=run_leave)
     training = commands.add_parser("train", help="fine-tune a domain expert from the shared base model")
     training.add_argument("--base", type=Path, required=True, help="the shared base model directory")
@@ -130,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    from dume.shared.method.training import train
+
     settings = TrainSettings(args.steps, args.learning_rate, args.batch_size, args.sequence_length, args.seed,
                              args.trainable, args.device)
     print(f"wrote {train(args.base, args.data, args.out, settings)}")

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import grpc
 
-from dume.shared.errors import DumeError
+from dume.shared.errors import CoordinatorRefused, CoordinatorUnreachable
 
 FIRST_PAUSE_SECONDS = 1.0
 MAX_PAUSE_SECONDS = 30.0
@@ -68,7 +68,9 @@ class Reconnect:
         if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
             limit = min(limit or PRECONDITION_RETRY_SECONDS, PRECONDITION_RETRY_SECONDS)
         if limit is not None and elapsed >= limit:
-            raise DumeError(f"gave up after {elapsed:.0f} s: the coordinator at {self.address} kept failing "
+            declined = error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            gave_up = CoordinatorRefused if declined else CoordinatorUnreachable
+            raise gave_up(f"gave up after {elapsed:.0f} s: the coordinator at {self.address} kept failing "
                             f"({error.code().name}: {error.details()}); check that it runs and is reachable, then run "
                             "`dume-node join` again (without --once it keeps trying)")
         pause = self.pause if limit is None else min(self.pause, limit - elapsed)

@@ -7,9 +7,18 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from dume.shared.commandline import add_merge_settings, add_placement, merge_settings, placement, positive_int, run_cli
-from dume.shared.lab.demo import format_table, run_demo
-from dume.shared.method.merge import ExpertSpec, merge
+from dume.shared.commandline import (
+    add_json,
+    add_merge_settings,
+    add_placement,
+    merge_settings,
+    placement,
+    positive_int,
+    report,
+    run_cli,
+)
+from dume.shared.errors import DumeError
+from dume.shared.method.settings import ExpertSpec
 
 
 def parse_expert(value: str) -> ExpertSpec:
@@ -31,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_placement(merge)
     merge.add_argument("--max-tokens", type=positive_int,
                        help="statistics from at most this many tokens of each expert's data (default: all of it)")
+    add_json(merge)
     merge.set_defaults(run=run_merge)
     demo = commands.add_parser("demo", help="train three tiny experts, federate them on loopback (coordinator and "
                                "three nodes), revoke one, and compare perplexities")
@@ -41,12 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The run functions import torch and the method on first use, so that `--help` and bad arguments answer at once.
 def run_merge(args: argparse.Namespace) -> None:
+    if len(args.expert) < 2:
+        raise DumeError("a merge needs at least two experts (a one-expert MoE is the expert itself): pass --expert "
+                        "NAME=MODEL_DIR:DATA once per expert")
+    from dume.shared.method.merge import merge
+
     out = merge(args.expert, args.out, merge_settings(args), placement(args), args.max_tokens)
-    print(f"wrote {out}")
+    report(args, {"out": str(out), "members": sorted(spec.name for spec in args.expert)}, f"wrote {out}")
 
 
 def run_demo_command(args: argparse.Namespace) -> None:
+    from dume.shared.lab.demo import format_table, run_demo
+
     table = run_demo(args.workdir, args.base_steps, args.expert_steps)
     results = json.loads((args.workdir / "results.json").read_text())
     print(format_table(table))

@@ -4,15 +4,20 @@ settings' flags, and the rule that a user's error is one line on stderr and a no
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
-from dume.shared.errors import DumeError
-from dume.shared.method.placement import DTYPES, Placement
-from dume.shared.method.ridge import DEFAULT_RHO
-from dume.shared.method.routers import MergeSettings
+from dume.shared.errors import INTERRUPTED, DumeError
+from dume.shared.method.settings import DEFAULT_RHO, DTYPE_NAMES, MergeSettings
+from dume.shared.progress import no_bars_unless_terminal
+
+if TYPE_CHECKING:
+    from dume.shared.method.placement import Placement
 
 
 def positive_float(value: str) -> float:
@@ -49,7 +54,7 @@ def add_merge_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rho", type=positive_float, default=DEFAULT_RHO,
                         help=f"ridge strength relative to trace(G)/dim (default {DEFAULT_RHO})")
     parser.add_argument("--router-bias", action="store_true",
-                        help="fit a router intercept (checkpoint then needs `import dume` to load)")
+                        help="fit a router intercept (the checkpoint then loads with dume.load_merged)")
     parser.add_argument("--temperature", type=positive_float, default=1.0, help="router temperature (default 1)")
     parser.add_argument("--no-normalize", action="store_true", help="keep raw ridge columns (no L2 normalisation)")
     parser.add_argument("--sequence-length", type=positive_int, default=256, help="tokens per packed row")
@@ -60,11 +65,13 @@ def add_placement(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--dtype``: where a command runs the model (``dume merge``, ``dume-node join``)."""
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N, or auto (default: the GPU if torch sees one, else the CPU)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPE_NAMES),
                         help="precision of the model's forward (default: the model's own, typically bfloat16)")
 
 
 def placement(args: argparse.Namespace) -> Placement:
+    from dume.shared.method.placement import Placement  # imports torch: only once a command runs
+
     chosen = Placement(args.device, args.dtype)
     chosen.torch_device()  # refuse a device this machine cannot use before any heavy work
     return chosen
@@ -76,16 +83,37 @@ def merge_settings(args: argparse.Namespace) -> MergeSettings:
                          sequence_length=args.sequence_length, batch_size=args.batch_size)
 
 
+def add_json(parser: argparse.ArgumentParser) -> None:
+    """``--json``, for a command whose output a script reads; its run function prints with ``report``."""
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of prose")
+
+
+def report(args: argparse.Namespace, result: dict[str, Any], prose: str) -> None:
+    """Prints ``result`` as one JSON object under ``--json``, else the prose line(s) for a person."""
+    print(json.dumps(result, sort_keys=True) if getattr(args, "json", False) else prose)
+
+
+def installed_version() -> str:
+    """The installed distribution's version (pyproject.toml is its one source)."""
+    try:
+        return version("dume")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    """Parse and run; a DumeError becomes one line on stderr and exit code 2, never a traceback."""
+    """Parse and run; a DumeError becomes one line on stderr and its exit code (README, "Exit codes"), never a
+    traceback. Every command answers ``--version``."""
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     args = parser.parse_args(argv)
+    no_bars_unless_terminal()
     run: Callable[[argparse.Namespace], int | None] = args.run
     try:
         code = run(args)
     except DumeError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     return code or 0

@@ -9,7 +9,6 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded from a model hub
 
-import dume  # noqa: E402,F401  (registers the router-bias classes)
 from dume.shared.lab.tiny import SYNTHETIC_TEMPLATES, build_tiny_model, perturb_mlps, synthetic_documents  # noqa: E402
 from dume.shared.method.merge import ExpertSpec  # noqa: E402
 

@@ -5,6 +5,7 @@ The reference for every exact version is `dume merge` over the same experts and 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -77,25 +78,47 @@ def test_concurrent_joins_give_the_merge_bytes_then_revocation_gives_the_never_j
     status = fed.wait_exact(["code", "math", "prose"])
     assert not differing_files(fed.export(tmp_path / "all"), reference(("code", "math", "prose")))
 
-    revoked = fed.admin("revoke", "prose", "--reason", "left the consortium")
-    assert f"version {status['version'] + 1}" in revoked.stdout  # published at once (provisional)
-    assert agents["prose"].wait(timeout=60) != 0
+    revoked = json.loads(fed.admin("revoke", "prose", "--reason", "left the consortium", "--json").stdout)
+    assert revoked == {"revoked": "prose", "version": status["version"] + 1}  # published at once (provisional)
+    assert agents["prose"].wait(timeout=60) == 5  # exit code 5: this node's identity is refused
     assert "revoked (left the consortium)" in agents["prose"].stderr.read()
-    fed.wait_exact(["code", "math"])
-    assert not differing_files(fed.export(tmp_path / "after-revoke"), reference(("code", "math")))
+    exact = fed.wait_exact(["code", "math"])
+    exported = json.loads(fed.admin("export", "--out", str(tmp_path / "after-revoke"), "--json").stdout)
+    assert exported == {"version": exact["version"], "exact": True, "out": str(tmp_path / "after-revoke")}
+    assert not differing_files(tmp_path / "after-revoke", reference(("code", "math")))
 
     refused = cli("node", "fetch", "--workdir", str(fed.workdir("prose")), "--out", str(tmp_path / "x"),
                   check=False)
-    assert refused.returncode == 2 and "was revoked" in refused.stderr
-    assert "was revoked" in fed.admin("token", "--node", "prose", check=False).stderr
-    fetched = cli("node", "fetch", "--workdir", str(fed.workdir("code")), "--out", str(tmp_path / "fetched"))
-    assert "wrote version" in fetched.stdout
+    assert refused.returncode == 5 and "was revoked" in refused.stderr
+    declined = fed.admin("token", "--node", "prose", check=False)  # exit code 3: the coordinator declines
+    assert declined.returncode == 3 and "was revoked" in declined.stderr
+    unknown = fed.admin("revoke", "nobody", check=False)
+    assert unknown.returncode == 3 and "no member 'nobody'" in unknown.stderr
+    fetched = json.loads(cli("node", "fetch", "--workdir", str(fed.workdir("code")), "--out",
+                             str(tmp_path / "fetched"), "--json").stdout)
+    assert fetched["version"] == exact["version"] and fetched["exact"] is True
+    assert fetched["downloaded_blobs"] > 0 and fetched["downloaded_bytes"] > 0
     assert not differing_files(tmp_path / "fetched", reference(("code", "math")))
-    assert "intact" in fed.admin("audit", "--verify").stdout
-    for name in ("code", "math"):  # following the federation, they stop cleanly on SIGTERM
-        assert fed.stop(f"node-{name}") == 0
-        assert "stopped on SIGTERM" in agents[name].stderr.read()
+    issued = json.loads(fed.admin("token", "--node", "later", "--expires", "1h", "--json").stdout)
+    assert issued["node"] == "later" and JoinToken.decode(issued["token"]).node == "later"
+    assert 3500 < issued["expires_at"] - time.time() <= 3600
+    log = json.loads(fed.admin("audit", "--json").stdout)["entries"]
+    assert [entry["sequence"] for entry in log] == list(range(1, len(log) + 1))
+    revocations = [(entry["subject"], entry["detail"]) for entry in log if entry["kind"] == "revoke"]
+    assert revocations == [("prose", {"reason": "left the consortium"})]
+    verified = json.loads(fed.admin("audit", "--verify", "--json").stdout)
+    assert verified == {"intact": True, "entries": len(log), "last_hash": log[-1]["entry_hash"]}
+    left = json.loads(cli("node", "leave", "--workdir", str(fed.workdir("math")), "--json").stdout)
+    assert set(left) == {"left", "version"} and left["left"] is True
+    assert {p["version"]: p["members"] for p in fed.publications()}[left["version"]] == ["code"]
+    assert fed.stop("node-code") == 0  # following the federation, it stops cleanly on SIGTERM
+    assert "stopped on SIGTERM" in agents["code"].stderr.read()
+    fed.stop("node-math")
     assert fed.stop() == 0
+    away = cli("node", "fetch", "--workdir", str(fed.workdir("code")), "--out", str(tmp_path / "y"), check=False)
+    assert away.returncode == 4 and "not reachable" in away.stderr  # exit code 4: no coordinator answers
+    stopped = fed.admin("status", check=False)
+    assert stopped.returncode == 4 and "no coordinator daemon is running" in stopped.stderr
 
 
 def test_a_member_joining_later_gets_a_provisional_version_then_an_exact_one_with_the_same_bytes(
@@ -161,9 +184,10 @@ def test_an_upload_resumes_after_the_coordinator_is_killed_and_restarted(experts
     assert "intact" in fed.admin("audit", "--verify").stdout
 
 
-def _refused_join(fed: Federation, name: str, model, data, token: str) -> str:
+def _refused_join(fed: Federation, name: str, model, data, token: str, exit_code: int = 3) -> str:
+    """The one error line of a join that fails with ``exit_code`` (3: refused by the coordinator, 2: bad input)."""
     process = fed.join(name, model, data, token, "--once")
-    assert process.wait(timeout=120) == 2
+    assert process.wait(timeout=120) == exit_code
     error = process.stderr.read().strip().splitlines()[-1]
     assert error.startswith("dume-node: error: ")
     return error
@@ -192,7 +216,7 @@ def test_bad_tokens_foreign_uploads_bad_models_and_bad_statistics_are_refused_an
     assert "not issued by this coordinator" in _refused_join(fed, "stranger", code.model_dir, code.data_path, unknown)
     foreign_ca = pki.fingerprint(pki.create_authority()[1])
     foreign = replace(decoded, ca_fingerprint=foreign_ca).encode()
-    assert "another coordinator" in _refused_join(fed, "stranger", code.model_dir, code.data_path, foreign)
+    assert "another coordinator" in _refused_join(fed, "stranger", code.model_dir, code.data_path, foreign, 2)
 
     wide = build_tiny_model("llama", tmp_path / "wide", intermediate_size=96)
     assert "intermediate_size" in _refused_join(fed, "wide", wide, math.data_path, fed.token("wide"))
@@ -204,7 +228,7 @@ def test_bad_tokens_foreign_uploads_bad_models_and_bad_statistics_are_refused_an
     assert "NaN" in _refused_join(fed, "poisoned", poisoned, math.data_path, fed.token("poisoned"))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")  # refused before enrolling: no member "empty" appears below
-    assert "no non-empty documents" in _refused_join(fed, "empty", code.model_dir, empty, fed.token("empty"))
+    assert "no non-empty documents" in _refused_join(fed, "empty", code.model_dir, empty, fed.token("empty"), 2)
     assert _stable(fed.status())["members"] == before["members"] + [
         {"name": name, "online": None, "state": "enrolled", "stats_current": False, "token_count": 0}
         for name in ("poisoned", "wide")]

@@ -38,7 +38,7 @@ def layer_of(module: str) -> tuple[int, str]:
 
 
 def modules() -> dict[str, Path]:
-    """Every module of the installed package (but the package root, which only registers classes), by name."""
+    """Every module of the installed package (but the package root, which only names the public API), by name."""
     found = {}
     for package, folder in PACKAGE_DIRS.items():
         for path in sorted((ROOT / folder).rglob("*.py")):

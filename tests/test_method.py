@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import dume
 from dume.shared.method.averaging import compute_basis
 from dume.shared.method.data import load_tokenizer, pack_documents, read_documents
 from dume.shared.method.expert import load_dense_model, overwrite_parameters
@@ -59,7 +60,7 @@ def test_checkpoint_loaded_by_transformers_matches_library_forward(expert_factor
     specs = expert_factory(family)
     settings = MergeSettings(sequence_length=64, router_bias=router_bias, top_k=2)
     out = merge(list(specs.values()), tmp_path / "merged", settings)
-    stock = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    stock = dume.load_merged(out).eval()  # registers the router-bias classes first
     experts, basis, _, routers = routers_for(specs, settings)
     library = build_routed_model(experts, basis, routers, top_k=2)
     torch.testing.assert_close(logits(stock), logits(library), rtol=1e-5, atol=1e-5)

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from dume.node.workdir import Workdir
 from dume.shared.errors import DumeError
@@ -50,6 +49,7 @@ from dume.shared.lab.tiny import build_tiny_model
 from dume.shared.method.data import load_tokenizer, pack_documents, read_documents
 from dume.shared.method.evaluation import perplexity
 from dume.shared.method.merge import ExpertSpec, merge, open_experts
+from dume.shared.method.registration import load_merged
 from dume.shared.method.routers import MergeSettings
 from dume.shared.method.routing import build_weight_averaged_model
 from dume.shared.method.training import TrainSettings, train
@@ -239,7 +239,7 @@ def evaluate(workdir: Path, base: Path, splits: dict[str, tuple[Path, Path]], sp
 
 
 def load_model(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+    return load_merged(path)  # a dense model or a merged checkpoint, router-bias ones included
 
 
 def format_table(table: dict[str, dict[str, float]], revoked: str | None = REVOKED) -> str:

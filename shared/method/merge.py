@@ -16,7 +16,7 @@ before any heavy work, and the output directory appears only complete.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -28,18 +28,12 @@ from dume.shared.method.data import DocumentStream, check_documents, load_tokeni
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.families import check_same_architecture
 from dume.shared.method.placement import CPU, Placement
-from dume.shared.method.routers import MergeSettings, solve_for_checkpoint
-from dume.shared.method.statistics import statistics_under_basis
+from dume.shared.method.routers import solve_for_checkpoint
+from dume.shared.method.settings import ExpertSpec, MergeSettings
+from dume.shared.method.statistics import check_enough_tokens, statistics_under_basis
 from dume.shared.method.writer import write_moe_checkpoint
 
 MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-@dataclass(frozen=True)
-class ExpertSpec:
-    name: str
-    model_dir: Path
-    data_path: Path
 
 
 def check_member_name(name: str) -> str:
@@ -72,10 +66,11 @@ def open_experts(specs: list[ExpertSpec]) -> dict[str, ExpertDirectory]:
     return experts
 
 
-def merge(specs: list[ExpertSpec], out_dir: Path, settings: MergeSettings = MergeSettings(),
+def merge(specs: Sequence[ExpertSpec], out_dir: str | Path, settings: MergeSettings = MergeSettings(),
           placement: Placement = CPU, max_tokens: int | None = None) -> Path:
     """Build the DUME checkpoint for ``specs`` into ``out_dir`` (which must not exist or be empty); the statistics'
     forward passes run where ``placement`` says, over at most ``max_tokens`` of each expert's data."""
+    specs, out_dir = list(specs), Path(out_dir)
     if not specs:
         raise DumeError("no experts given: pass --expert NAME=MODEL_DIR:DATA_PATH at least once")
     if not 1 <= settings.top_k <= len(specs):
@@ -100,5 +95,8 @@ def member_statistics(specs: list[ExpertSpec], experts: dict[str, ExpertDirector
         check_documents(spec.data_path)
         streams[spec.name] = DocumentStream(spec.data_path, load_tokenizer(spec.model_dir), settings.sequence_length,
                                             max_tokens)
-    return {name: statistics_under_basis(experts[name], basis, streams[name], settings.batch_size, placement)
-            for name in sorted(experts)}
+    statistics = {}
+    for name in sorted(experts):
+        statistics[name] = statistics_under_basis(experts[name], basis, streams[name], settings.batch_size, placement)
+        check_enough_tokens(statistics[name], name)
+    return statistics

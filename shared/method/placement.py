@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from dume.shared.errors import DumeError
+from dume.shared.method.settings import DTYPE_NAMES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass(frozen=True)

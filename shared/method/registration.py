@@ -3,16 +3,23 @@ transformers' Auto classes.
 
 Stock Mixtral and Qwen3-MoE routers have no bias. A checkpoint written with ``router_bias=true`` declares the
 family's ``biased_model_type`` (``dume_mixtral``, ``dume_qwen3_moe``): the stock class with one change, a bias on
-each router. ``register_with_transformers`` (called by ``import dume``) makes ``from_pretrained`` load them.
+each router. ``register`` (``dume.register()``) makes ``from_pretrained`` load them; ``load_merged`` registers and
+loads. Nothing registers on import: ``import dume`` changes no library's state.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dume.shared.method.families import FAMILIES, Family
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class BiasedRouter(nn.Module):
@@ -63,7 +70,7 @@ def biased_classes(family: Family) -> tuple[type, type]:
 _registered = False
 
 
-def register_with_transformers() -> None:
+def register() -> None:
     """Make every family's biased variant loadable through AutoConfig and AutoModelForCausalLM (idempotent)."""
     global _registered
     if _registered:
@@ -81,3 +88,14 @@ def register_with_transformers() -> None:
         register_checkpoint_conversion_mapping(family.biased_model_type,
                                                get_checkpoint_conversion_mapping(family.moe_model_type))
     _registered = True
+
+
+def load_merged(path: str | Path, **kwargs: Any) -> PreTrainedModel:
+    """A merged checkpoint (``dume merge``, ``dume-node fetch``, ``dume-coordinator export``) loaded with
+    ``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` after ``register()``, so that router-bias checkpoints
+    load too. Local files only unless ``local_files_only=False`` is passed."""
+    from transformers import AutoModelForCausalLM
+
+    register()
+    kwargs.setdefault("local_files_only", True)
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)

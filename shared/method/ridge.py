@@ -21,10 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from dume.shared.errors import DumeError
-
-# Routing accuracy is flat for rho in [1e-6, 1e-2] and falls from 1e-1 on (benchmarks/rho_sweep.py); 1e-3 sits a
-# decade inside that plateau while keeping G + lambda I well conditioned.
-DEFAULT_RHO = 1e-3
+from dume.shared.method.settings import DEFAULT_RHO
 
 
 @dataclass(frozen=True)

@@ -13,21 +13,9 @@ from typing import Any
 
 import torch
 
-from dume.shared.method.ridge import DEFAULT_RHO, LayerRouter, solve_routers
+from dume.shared.method.ridge import LayerRouter, solve_routers
+from dume.shared.method.settings import MergeSettings
 from dume.shared.method.statistics import token_count
-
-
-@dataclass(frozen=True)
-class MergeSettings:
-    """Everything that changes the output bytes besides the experts and their data."""
-
-    top_k: int = 1
-    rho: float = DEFAULT_RHO
-    router_bias: bool = False
-    normalize: bool = True
-    temperature: float = 1.0
-    sequence_length: int = 256
-    batch_size: int = 8
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,15 @@ def statistics_under_basis(expert: ExpertDirectory, basis: Mapping[str, torch.Te
     return collect_statistics(model, data, batch_size, description=f"statistics {expert.name}")
 
 
+def check_enough_tokens(gram: torch.Tensor, member: str) -> None:
+    """Refuses statistics from fewer tokens than the ridge system has unknowns: G is (d+1)x(d+1) and reaches full
+    rank only from d+1 tokens on; below that the router would be the ridge's guess, not the member's data."""
+    needed, count = gram.shape[-1], token_count(gram)
+    if count < needed:
+        raise DumeError(f"the data of {member!r} gave {count} tokens; a router over hidden size {needed - 1} needs "
+                        f"at least {needed} (one per unknown of its ridge system): give it more data")
+
+
 def token_count(gram: torch.Tensor) -> int:
     """The number of tokens the statistics were collected over (the bottom-right entry of any layer)."""
     return int(round(float(gram[0, -1, -1])))

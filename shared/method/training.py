@@ -10,7 +10,6 @@ equals the base, and the merged model with oracle routing is exactly each expert
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,23 +17,10 @@ from transformers import AutoModelForCausalLM
 
 from dume.shared.errors import DumeError
 from dume.shared.method.data import load_tokenizer, pack_documents, read_documents
-from dume.shared.method.families import detect_family
+from dume.shared.method.families import detect_family, read_config
 from dume.shared.method.placement import Placement
+from dume.shared.method.settings import TRAINABLE, TrainSettings
 from dume.shared.progress import progress
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    steps: int = 200
-    learning_rate: float = 3e-3
-    batch_size: int = 16
-    sequence_length: int = 128
-    seed: int = 0
-    trainable: str = "mlp"  # the "mlp" weights only (DUME keeps them per expert), or "all" parameters
-    device: str = "cpu"  # where the model trains (e.g. "cuda"); it is saved from the CPU either way
-
-
-TRAINABLE = ("all", "mlp")
 
 
 def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -43,8 +29,11 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
 
 
-def train(base_dir: Path, data_path: Path, out_dir: Path, settings: TrainSettings = TrainSettings()) -> Path:
+def train(base_dir: str | Path, data_path: str | Path, out_dir: str | Path,
+          settings: TrainSettings = TrainSettings()) -> Path:
     """Fine-tune the model in ``base_dir`` on ``data_path`` and save it with its tokenizer to ``out_dir``."""
+    base_dir, data_path, out_dir = Path(base_dir), Path(data_path), Path(out_dir)
+    read_config(base_dir)  # a missing base is named as such, not as a model hub that cannot be reached
     if settings.trainable not in TRAINABLE:
         raise DumeError(f"cannot train {settings.trainable!r} parameters: use one of {', '.join(TRAINABLE)}")
     if out_dir.exists() and any(out_dir.iterdir()):

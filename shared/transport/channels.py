@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import grpc
 
-from dume.shared.errors import DumeError
+from dume.shared.errors import CoordinatorRefused, CoordinatorUnreachable, DumeError, IdentityRefused
 from dume.shared.trust.pki import TLS_SERVER_NAME
 
 MESSAGE_BYTES = 8 << 20
+DEFAULT_CHUNK_BYTES = 1 << 20  # an upload's chunk: the most the coordinator takes
 CHANNEL_OPTIONS = [
     ("grpc.ssl_target_name_override", TLS_SERVER_NAME),
     ("grpc.max_receive_message_length", MESSAGE_BYTES),
@@ -35,9 +36,12 @@ def server_tls_channel(address: str, ca_pem: bytes) -> grpc.Channel:
 
 
 def refusal(error: grpc.RpcError, doing: str) -> DumeError:
-    """A coordinator's refusal as the one line a user sees."""
+    """A coordinator's refusal as the one line a user sees, typed by what the caller can do about it: wait and
+    retry (unreachable), enrol again (identity refused) or change the request (refused)."""
     code = error.code()
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return DumeError(f"{doing}: the coordinator is not reachable ({error.details()}): check that it runs and "
-                         "the address is right")
-    return DumeError(f"{doing}: {error.details()}")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return CoordinatorUnreachable(f"{doing}: the coordinator is not reachable ({code.name}: {error.details()}): "
+                                      "check that it runs and the address is right")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return IdentityRefused(f"{doing}: {error.details()}")
+    return CoordinatorRefused(f"{doing}: {error.details()}")

@@ -17,6 +17,7 @@ import grpc
 from dume.shared.errors import DumeError
 from dume.shared.files import check_free, staged_directory
 from dume.shared.method.writer import save_shard
+from dume.shared.progress import byte_progress
 from dume.shared.transport.blobs import BlobStore
 from dume.shared.transport.channels import refusal
 from dume.shared.transport.wire import tensor_from_bytes
@@ -34,8 +35,10 @@ def version_blobs(version: pb.Version) -> dict[str, int]:
     return blobs
 
 
-def download_blob(stub: rpc.FederationStub, sha256: str, cache: BlobStore) -> int:
-    """Streams one blob into the cache (verified before it is adopted); returns the bytes received."""
+def download_blob(stub: rpc.FederationStub, sha256: str, cache: BlobStore,
+                  received_chunk: Callable[[int], object] = lambda size: None) -> int:
+    """Streams one blob into the cache (verified before it is adopted), telling ``received_chunk`` each chunk's
+    size; returns the bytes received."""
     temporary = cache.new_temporary("download-")
     digest, received = hashlib.sha256(), 0
     try:
@@ -44,6 +47,7 @@ def download_blob(stub: rpc.FederationStub, sha256: str, cache: BlobStore) -> in
                 handle.write(chunk.data)
                 digest.update(chunk.data)
                 received += len(chunk.data)
+                received_chunk(len(chunk.data))
             handle.flush()
             os.fsync(handle.fileno())
         if digest.hexdigest() != sha256:
@@ -57,7 +61,7 @@ def download_blob(stub: rpc.FederationStub, sha256: str, cache: BlobStore) -> in
 def fetch_missing(stub: rpc.FederationStub, wanted: dict[str, int], cache: BlobStore,
                   local: LocalLookup | None = None) -> tuple[int, int]:
     """Downloads the wanted blobs neither in the cache nor available locally; returns (blobs, bytes) fetched."""
-    count = total = 0
+    missing = []
     for sha256 in sorted(wanted):
         if cache.has(sha256):
             continue
@@ -65,9 +69,12 @@ def fetch_missing(stub: rpc.FederationStub, wanted: dict[str, int], cache: BlobS
         if data is not None and hashlib.sha256(data).hexdigest() == sha256:
             cache.put_bytes(data)
             continue
-        total += download_blob(stub, sha256, cache)
-        count += 1
-    return count, total
+        missing.append(sha256)
+    total = 0
+    with byte_progress(sum(wanted[sha256] for sha256 in missing), "download") as bar:
+        for sha256 in missing:
+            total += download_blob(stub, sha256, cache, bar.update)
+    return len(missing), total
 
 
 def write_version(version: pb.Version, cache: BlobStore, out_dir: Path) -> Path:
