@@ -19,8 +19,15 @@ import grpc
 from dume.coordinator import health, messages
 from dume.coordinator.backup import backup, restore
 from dume.coordinator.state_dir import StateDir, initialise, split_address
-from dume.shared.commandline import (add_json, add_merge_settings, duration, merge_settings, positive_int, report,
-                                     run_cli)
+from dume.shared.commandline import (
+    add_json,
+    add_merge_settings,
+    duration,
+    merge_settings,
+    positive_int,
+    report,
+    run_cli,
+)
 from dume.shared.errors import DumeError
 from dume.shared.transport.blobs import BlobStore
 from dume.shared.transport.channels import mutual_tls_channel, refusal

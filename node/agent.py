@@ -50,7 +50,6 @@ from dume.v1 import federation_pb2_grpc as rpc
 from dume.v1 import tensors_pb2
 
 
-
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 

@@ -14,8 +14,16 @@ from pathlib import Path
 from dume.node.lifecycle import StopRequested, stop_on_signals
 from dume.node.status import describe_status, node_status
 from dume.node.workdir import Workdir
-from dume.shared.commandline import (add_json, add_placement, duration, placement, positive_float, positive_int,
-                                     report, run_cli)
+from dume.shared.commandline import (
+    add_json,
+    add_placement,
+    duration,
+    placement,
+    positive_float,
+    positive_int,
+    report,
+    run_cli,
+)
 from dume.shared.errors import DumeError
 from dume.shared.method.settings import TRAINABLE, TrainSettings
 from dume.shared.transport.channels import DEFAULT_CHUNK_BYTES
