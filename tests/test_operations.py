@@ -138,7 +138,7 @@ def test_sigterm_mid_upload_then_metrics_status_backup_restore_and_the_join_dead
         status = fed.wait_exact(["math"])
 
         refused = coordinator_cli.main(["token", "--state", str(fed.state), "--node", "admin"])
-        assert refused == 2 and "reserved" in capsys.readouterr().err
+        assert refused == 3 and "reserved" in capsys.readouterr().err
         samples = scrape(metrics)
         model_bytes = sum(where.size for where in model_upload(spec.model_dir, "math").sources.values())
         statistics_file = next((fed.workdir("math") / "statistics").glob("*.safetensors"))
