@@ -1,4 +1,5 @@
-"""The merged checkpoint loads right in transformers 4.x too, and from experts whose config 4.x wrote.
+"""The merged checkpoint (model and tokenizer) loads right in transformers 4.x too, and from experts whose
+config 4.x wrote.
 
 transformers 4.57 is installed with --no-deps into a folder cached under pytest's cache directory and run in a
 subprocess that reuses this environment's torch: no second torch, about 10 s the first time, then nothing.
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dume.shared.lab.tiny import build_tiny_model, perturb_mlps
 from dume.shared.method.merge import ExpertSpec, merge
@@ -33,12 +34,15 @@ ROPE_CASES = {
                                        "original_max_position_embeddings": 16}),
     "qwen3-theta": ("qwen3", {"rope_type": "default", "rope_theta": 500.0}),
 }
-LOAD_AND_RUN = """
+TEXT = "def f(x):\n    return 3 * x  # héllo"
+LOAD_AND_RUN = f"""
+TEXT = {TEXT!r}
 import sys, torch, transformers
 assert transformers.__version__.startswith("4."), transformers.__version__
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 tokens = torch.load(sys.argv[1])
 for model_dir in sys.argv[2:]:
+    torch.save(AutoTokenizer.from_pretrained(model_dir)(TEXT)["input_ids"], model_dir + "/ids-4.pt")
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, torch_dtype=torch.float32).eval()
     with torch.no_grad():
         torch.save(model(tokens).logits, model_dir + "/logits-4.pt")
@@ -92,6 +96,7 @@ def test_transformers_4_computes_the_same_logits_as_transformers_5(transformers_
     for case, model_dir in merged.items():
         old = torch.load(model_dir / "logits-4.pt")
         torch.testing.assert_close(old, logits_5(model_dir), rtol=1e-5, atol=1e-5, msg=f"{case}: 4.x differs")
+        assert torch.load(model_dir / "ids-4.pt") == AutoTokenizer.from_pretrained(str(model_dir))(TEXT)["input_ids"]
 
 
 def test_experts_with_transformers_4_configs_merge_to_the_same_model(tmp_path):

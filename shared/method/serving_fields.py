@@ -9,6 +9,7 @@ merged config carries both spellings, derived from whichever one the dense exper
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 # What a dense Llama, Mistral or Qwen3 config without any RoPE field means (their classes' default base).
@@ -47,3 +48,17 @@ def serving_fields(dense: dict[str, Any]) -> dict[str, Any]:
         fields["dtype"] = dtype
         fields["torch_dtype"] = dtype  # transformers < 4.56 and vLLM's "auto" dtype read this one
     return fields
+
+
+def portable_tokenizer_config(data: bytes) -> bytes:
+    """``tokenizer_config.json`` that transformers 4.x can load too.
+
+    transformers 5 saves a plain tokenizers-library tokenizer as ``TokenizersBackend``, a class 4.x lacks
+    (AutoTokenizer then fails, and so does llama.cpp's converter, which runs on 4.x). transformers 5 still knows the
+    4.x name ``PreTrainedTokenizerFast``, an alias of the same class; any other class is left as the expert wrote it.
+    """
+    config = json.loads(data)
+    if config.get("tokenizer_class") != "TokenizersBackend":
+        return data
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
