@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import time
 from collections.abc import Sequence
@@ -20,7 +19,9 @@ from dume.coordinator import messages
 from dume.coordinator.daemon import serve
 from dume.coordinator.state_dir import StateDir, initialise
 from dume.shared.commandline import add_merge_settings, merge_settings, positive_int, run_cli
+from dume.shared.config import add_config_command
 from dume.shared.errors import DumeError
+from dume.shared.logs import add_log_format, configure_logging
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.transport.blobs import BlobStore
 from dume.shared.transport.channels import mutual_tls_channel, refusal
@@ -61,7 +62,7 @@ def run_init(args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging(args.log_format, "%(asctime)s %(name)s %(message)s")
     return serve(StateDir(args.state))
 
 
@@ -156,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--architecture", type=Path, help="a model directory fixing the federation's architecture "
                       "(default: the first member's)")
     add_merge_settings(init)
-    command("serve", "run the coordinator daemon in the foreground (SIGTERM drains and exits 0)", run_serve)
+    serve_command = command("serve", "run the coordinator daemon in the foreground (SIGTERM drains and exits 0)",
+                            run_serve)
+    add_log_format(serve_command)
     token = command("token", "print a one-time join token for a node", run_token)
     token.add_argument("--node", required=True, help="the node's name in the federation")
     token.add_argument("--expires", type=duration, default=86400.0, help="lifetime, e.g. 30m, 12h, 7d (default 1d)")
@@ -170,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--version", type=positive_int, default=0, help="version number (default: the latest)")
     audit = command("audit", "show the hash-chained audit log, or verify it", run_audit)
     audit.add_argument("--verify", action="store_true", help="check every entry's hash chain")
+    add_config_command(commands, parser)
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import ssl
 import sys
@@ -45,8 +46,15 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 RETRY_SECONDS = 600.0
 
 
+log = logging.getLogger("dume.node")
+
+
 def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A progress line: to the log once the command line configured it (`join --log-format`), else to stderr."""
+    if logging.getLogger().handlers:
+        log.info(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
 
 
 def enrol(token: JoinToken, workdir: Workdir, model: Path, data: Path) -> None:

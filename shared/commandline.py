@@ -8,6 +8,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 
+from dume.shared.config import parse_with_configuration
 from dume.shared.errors import DumeError
 from dume.shared.method.placement import DTYPES, Placement
 from dume.shared.method.ridge import DEFAULT_RHO
@@ -65,7 +66,7 @@ def merge_settings(args: argparse.Namespace) -> MergeSettings:
 
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse and run; a DumeError becomes one line on stderr and exit code 2, never a traceback."""
-    args = parser.parse_args(argv)
+    args = parse_with_configuration(parser, argv)  # the config file and DUME_* variables are the flags' defaults
     run: Callable[[argparse.Namespace], int | None] = args.run
     try:
         code = run(args)
