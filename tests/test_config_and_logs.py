@@ -4,14 +4,18 @@ the environment, and the logs: JSON on request, and never a token or a private k
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from dume.coordinator.cli import build_parser as build_coordinator_parser
 from dume.coordinator.cli import main as coordinator_main
 from dume.coordinator.state_dir import StateDir
+from dume.node.cli import build_parser as build_node_parser
 from dume.node.cli import main as node_main
+from dume.shared.config import file_settings, options, subcommands
 from dume.shared.lab.harness import Federation, command, wait_until
 from dume.shared.trust.join_token import JoinToken
 
@@ -146,3 +150,17 @@ def test_join_with_a_token_file_and_json_logs_leaks_no_secret(expert_factory, tm
         secrets += [line for line in key.read_text().splitlines() if line and not line.startswith("-----")]
     leaked = [secret for secret in secrets if secret in everything]
     assert not leaked, f"{len(leaked)} secrets in the logs"
+
+
+def test_the_example_configuration_names_every_setting_and_each_is_valid(tmp_path):
+    """deploy/dume.toml with every setting uncommented is accepted by both programs and covers all their flags."""
+    example = Path(__file__).resolve().parent.parent / "deploy" / "dume.toml"
+    setting = re.compile(r"^# ([a-z-]+ = \S+)")
+    uncommented = [setting.sub(r"\1", line) for line in example.read_text().splitlines()]
+    (tmp_path / "all.toml").write_text("\n".join(uncommented) + "\n")
+    for build_parser in (build_coordinator_parser, build_node_parser):
+        parser = build_parser()
+        found = file_settings(parser, tmp_path / "all.toml")
+        for name, sub in subcommands(parser).items():
+            missing = set(options(sub)) - set(found[name]) - {"config"}
+            assert not missing, f"{parser.prog} {name}: {sorted(missing)} not in deploy/dume.toml"
