@@ -10,9 +10,9 @@ llama-perplexity``; the llama-cpp-python sdist carries one in vendor/llama.cpp) 
 Python requirements that this environment lacks (transformers 4.57.6, huggingface_hub<1, sentencepiece), given as
 ``--converter-path``; the venv's torch is reused. See docs/serving.md.
 
-The tiny models use a byte-level tokenizer that llama.cpp's converter does not know (it recognises tokenizers by
-hashing their output on a probe text); its pre-tokenizer is GPT-2's regex, so the converter is told "gpt-2". A
-real Llama 3 or Qwen3 tokenizer is recognised as is and needs no such step.
+The tiny models use a byte-level BPE tokenizer learnt here, which llama.cpp's converter does not know (it recognises
+tokenizers by hashing their output on a probe text); its pre-tokenizer is GPT-2's regex, so the converter is told
+"gpt-2". A real Llama 3 or Qwen3 tokenizer is recognised as is and needs no such step.
 """
 
 from __future__ import annotations
@@ -29,7 +29,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dume.shared.lab.tiny import SYNTHETIC_TEMPLATES, build_tiny_model, perturb_mlps, synthetic_documents
+from dume.shared.lab.tiny import (
+    SYNTHETIC_TEMPLATES,
+    build_tiny_model,
+    perturb_mlps,
+    synthetic_documents,
+    trained_tokenizer,
+)
 from dume.shared.method.merge import ExpertSpec, merge
 from dume.shared.method.routers import MergeSettings
 
@@ -45,12 +51,18 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def merged_model(root: Path, family: str) -> Path:
-    base = build_tiny_model(family, root / "base", rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    """Three experts of one tiny base with a BPE tokenizer learnt on the domains (GPT-2's pre-tokenizer regex)."""
+    documents = {domain: synthetic_documents(domain, 40) for domain in sorted(SYNTHETIC_TEMPLATES)}
+    tokenizer = trained_tokenizer([text for texts in documents.values() for text in texts], vocab_size=320)
+    base = build_tiny_model(family, root / "base", tokenizer=tokenizer,
+                            rope_parameters={"rope_type": "default", "rope_theta": 500.0})
     specs = []
-    for seed, domain in enumerate(sorted(SYNTHETIC_TEMPLATES), start=1):
+    for seed, (domain, texts) in enumerate(documents.items(), start=1):
         data = root / f"{domain}.txt"
-        data.write_text("\n".join(synthetic_documents(domain, 40)) + "\n")
-        specs.append(ExpertSpec(domain, perturb_mlps(base, root / domain, seed=seed, scale=0.5), data))
+        data.write_text("\n".join(texts) + "\n")
+        expert = perturb_mlps(base, root / domain, seed=seed, scale=0.5)
+        tokenizer.save_pretrained(expert)  # perturb_mlps writes the byte tokenizer; keep the base's
+        specs.append(ExpertSpec(domain, expert, data))
     return merge(specs, root / "merged", MergeSettings(sequence_length=64))
 
 
@@ -89,7 +101,8 @@ def main() -> None:
                         help="folder with transformers 4.57.6 and the converter's other requirements")
     parser.add_argument("--ctx", type=int, default=64)
     arguments = parser.parse_args()
-    text = "\n".join(synthetic_documents(domain, 30, offset=1000) for domain in sorted(SYNTHETIC_TEMPLATES))
+    text = "\n".join(document for domain in sorted(SYNTHETIC_TEMPLATES)
+                     for document in synthetic_documents(domain, 30, offset=1000))
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         (root / "text.txt").write_text(text)
@@ -101,14 +114,16 @@ def main() -> None:
                             str(gguf), "--outtype", "f32"], env=environment, check=True, capture_output=True)
             run = subprocess.run([str(arguments.llama_cpp / "build" / "bin" / "llama-perplexity"), "-m", str(gguf),
                                   "-f", str(root / "text.txt"), "-c", str(arguments.ctx), "-b", str(arguments.ctx),
-                                  "-t", "2"], capture_output=True, text=True, check=True)
+                                  "-t", "2"], capture_output=True, text=True)
+            if run.returncode != 0:
+                sys.exit(f"llama-perplexity failed on {family}: {(run.stdout + run.stderr).strip()[-500:]}")
             found = re.search(r"Final estimate: PPL = ([0-9.]+)", run.stdout + run.stderr)
-            tokens = re.search(r"tokenizing the input .*?\n.*?(\d+) tokens", run.stdout + run.stderr)
+            chunks = re.search(r"over (\d+) chunks", run.stdout + run.stderr)
             add_bos = adds_bos(arguments.llama_cpp, gguf)
             reference, count = transformers_perplexity(model_dir, text, arguments.ctx, add_bos)
-            llama_tokens = f", {tokens.group(1)} by llama.cpp's" if tokens else ""
-            print(f"{family}: llama.cpp PPL {found.group(1) if found else '?'}, transformers PPL {reference:.4f} "
-                  f"({count} tokens by transformers' tokenizer{llama_tokens})")
+            print(f"{family}: llama.cpp PPL {found.group(1) if found else '?'} over "
+                  f"{chunks.group(1) if chunks else '?'} chunks of {arguments.ctx} tokens; transformers PPL "
+                  f"{reference:.4f} over {count // arguments.ctx} chunks ({count} tokens)")
 
 
 if __name__ == "__main__":
