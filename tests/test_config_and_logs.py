@@ -4,6 +4,7 @@ the environment, and the logs: JSON on request, and never a token or a private k
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 from pathlib import Path
@@ -17,6 +18,7 @@ from dume.node.cli import build_parser as build_node_parser
 from dume.node.cli import main as node_main
 from dume.shared.config import file_settings, options, subcommands
 from dume.shared.lab.harness import Federation, command, wait_until
+from dume.shared.logs import REDACTED, HumanFormatter, JsonFormatter
 from dume.shared.trust.join_token import JoinToken
 
 CONFIG = """
@@ -164,3 +166,14 @@ def test_the_example_configuration_names_every_setting_and_each_is_valid(tmp_pat
         for name, sub in subcommands(parser).items():
             missing = set(options(sub)) - set(found[name]) - {"config"}
             assert not missing, f"{parser.prog} {name}: {sorted(missing)} not in deploy/dume.toml"
+
+
+def test_a_token_or_private_key_reaching_a_log_call_is_redacted_in_both_formats():
+    token = JoinToken(coordinator="127.0.0.1:1", enrolment="127.0.0.1:2", ca_fingerprint="ab" * 32, node="code",
+                      secret="s3cr3t-s3cr3t-s3cr3t", expires_at=1e12).encode()
+    key = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----"
+    record = logging.LogRecord("dume.node", logging.INFO, __file__, 1, "token %s key %s", (token, key), None)
+    for formatter in (JsonFormatter(), HumanFormatter("%(name)s %(message)s")):
+        line = formatter.format(record)
+        assert "s3cr3t" not in line and token not in line and "MIIEvQ" not in line, line
+        assert line.count(REDACTED) == 2
