@@ -17,7 +17,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dume.shared.errors import DumeError
 from dume.shared.lab.tiny import build_tiny_model, perturb_mlps
+from dume.shared.method.families import check_same_architecture
 from dume.shared.method.merge import ExpertSpec, merge
 from dume.shared.method.routers import MergeSettings
 
@@ -112,3 +114,18 @@ def test_experts_with_transformers_4_configs_merge_to_the_same_model(tmp_path):
         assert modern_config["rope_theta"] == 500.0
         assert modern_config["torch_dtype"] == modern_config["dtype"] == "float32"
         torch.testing.assert_close(logits_5(classic), logits_5(modern), rtol=0, atol=0)
+
+
+def test_experts_are_compared_by_their_rope_settings_whichever_spelling_they_use(expert_factory):
+    """A 4.x-style config with the same RoPE base as a 5.x-style one is the same architecture; another base is not
+    (before, two 4.x-style configs with different bases both compared as "no rope_parameters" and merged)."""
+    config = json.loads((expert_factory("llama")["code"].model_dir / "config.json").read_text())
+    modern = {**config, "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}
+    classic = {key: value for key, value in config.items() if key != "rope_parameters"}
+    assert check_same_architecture({"a": modern, "b": {**classic, "rope_theta": 500.0}}).name == "llama"
+    with pytest.raises(DumeError, match="differ in rope_parameters"):
+        check_same_architecture({"a": {**classic, "rope_theta": 500.0}, "b": {**classic, "rope_theta": 10000.0}})
+    with pytest.raises(DumeError, match="differ in rope_parameters"):
+        check_same_architecture({"a": {**classic, "rope_theta": 10000.0},
+                                 "b": {**classic, "rope_theta": 10000.0, "rope_scaling": {"type": "linear",
+                                                                                           "factor": 2.0}}})
