@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -28,7 +27,9 @@ from dume.shared.commandline import (
     report,
     run_cli,
 )
+from dume.shared.config import add_config_command
 from dume.shared.errors import DumeError
+from dume.shared.logs import add_log_format, configure_logging
 from dume.shared.transport.blobs import BlobStore
 from dume.shared.transport.channels import mutual_tls_channel, refusal
 from dume.shared.trust import pki
@@ -67,7 +68,7 @@ def run_init(args: argparse.Namespace) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from dume.coordinator.daemon import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging(args.log_format, "%(asctime)s %(name)s %(message)s")
     return serve(StateDir(args.state), args.drain_seconds, args.metrics_listen)
 
 
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on SIGTERM, how long calls in flight may take to finish (default 10s)")
     served.add_argument("--metrics-listen", metavar="HOST:PORT",
                         help="serve Prometheus metrics over HTTP on this address (default: no metrics endpoint)")
+    add_log_format(served)
     token = command("token", "print a one-time join token for a node", run_token)
     token.add_argument("--node", required=True, help="the node's name in the federation")
     token.add_argument("--expires", type=duration, default=86400.0, help="lifetime, e.g. 30m, 12h, 7d (default 1d)")
@@ -230,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit = command("audit", "show the hash-chained audit log, or verify it", run_audit)
     audit.add_argument("--verify", action="store_true", help="check every entry's hash chain")
     add_json(audit)
+    add_config_command(commands, parser)
     return parser
 
 

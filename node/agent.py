@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import ssl
 import sys
@@ -49,9 +50,15 @@ from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 from dume.v1 import tensors_pb2
 
+log = logging.getLogger("dume.node")
+
 
 def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A progress line: to the log once the command line configured it (`join --log-format`), else to stderr."""
+    if logging.getLogger().handlers:
+        log.info(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
 
 
 def enrol(token: JoinToken, workdir: Workdir, model: Path, data: Path) -> None:

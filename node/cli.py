@@ -24,7 +24,9 @@ from dume.shared.commandline import (
     report,
     run_cli,
 )
+from dume.shared.config import add_config_command, join_token
 from dume.shared.errors import DumeError
+from dume.shared.logs import add_log_format, configure_logging
 from dume.shared.method.settings import TRAINABLE, TrainSettings
 from dume.shared.transport.channels import DEFAULT_CHUNK_BYTES
 from dume.shared.trust.join_token import JoinToken
@@ -36,6 +38,7 @@ def run_join(args: argparse.Namespace) -> None:
     """SIGTERM or SIGINT at any point ends the join cleanly with exit 0."""
     from dume.node.agent import say
 
+    configure_logging(args.log_format, "%(message)s")
     try:
         with stop_on_signals():
             _join(args)
@@ -56,8 +59,8 @@ def _join(args: argparse.Namespace) -> None:
     ExpertDirectory(args.model)
     check_documents(args.data)
     chosen = placement(args)
-    if args.token:
-        token = JoinToken.decode(args.token)
+    if args.token or args.token_file:
+        token = JoinToken.decode(join_token(args.token, args.token_file))
         if workdir.enrolled() and workdir.state().get("name") not in (token.node, None):
             raise DumeError(f"{args.workdir} belongs to node {workdir.state()['name']!r}, the token is for "
                             f"{token.node!r}: use another --workdir")
@@ -104,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     join = commands.add_parser("join", help="enrol and contribute this node's expert, then follow the federation")
     join.add_argument("--token", help="the join token from `dume-coordinator token` (not needed once enrolled)")
+    join.add_argument("--token-file", type=Path, help="a file holding the join token (keeps it out of `ps`)")
     join.add_argument("--model", type=Path, required=True, help="the expert's Hugging Face directory")
     join.add_argument("--data", type=Path, required=True, help="its domain data (.jsonl, .txt or a directory)")
     join.add_argument("--workdir", type=Path, required=True, help="the node's working directory")
@@ -115,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="upload chunk size in KiB (default 1024, the most the coordinator takes)")
     join.add_argument("--max-rate-kib", type=positive_int, help="upload bandwidth limit in KiB/s")
     add_placement(join)
+    add_log_format(join)
     join.add_argument("--max-tokens", type=positive_int,
                       help="statistics from at most this many tokens of the data (default: all of it)")
     join.set_defaults(run=run_join)
@@ -148,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "all parameters")
     training.add_argument("--device", default=defaults.device, help="torch device to train on, e.g. cuda")
     training.set_defaults(run=run_train)
+    add_config_command(commands, parser)
     return parser
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from dume.shared.config import parse_with_configuration
 from dume.shared.errors import INTERRUPTED, DumeError
 from dume.shared.method.settings import DEFAULT_RHO, DTYPE_NAMES, MergeSettings
 from dume.shared.progress import no_bars_unless_terminal
@@ -105,7 +106,7 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse and run; a DumeError becomes one line on stderr and its exit code (README, "Exit codes"), never a
     traceback. Every command answers ``--version``."""
     parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
-    args = parser.parse_args(argv)
+    args = parse_with_configuration(parser, argv)  # the config file and DUME_* variables are the flags' defaults
     no_bars_unless_terminal()
     run: Callable[[argparse.Namespace], int | None] = args.run
     try:

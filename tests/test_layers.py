@@ -12,7 +12,8 @@ import dume
 # Lowest first. A module belongs to the longest prefix listed; it may import its own layer and every layer below.
 LAYERS = [
     ("dume.v1",),  # the wire contract's generated stubs
-    ("dume.shared.errors", "dume.shared.progress", "dume.shared.files", "dume.shared"),
+    ("dume.shared.errors", "dume.shared.progress", "dume.shared.files", "dume.shared.config", "dume.shared.logs",
+     "dume.shared"),
     ("dume.shared.method",),
     ("dume.shared.trust",),
     ("dume.shared.transport",),

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dume.shared.errors import DumeError
+from dume.shared.method.serving_fields import rope_parameters, serving_fields
 
 # Config fields every supported MoE class takes over unchanged from its dense family.
 COMMON_FIELDS = (
@@ -29,14 +30,12 @@ COMMON_FIELDS = (
     "max_position_embeddings",
     "initializer_range",
     "rms_norm_eps",
-    "rope_parameters",
     "tie_word_embeddings",
     "attention_dropout",
     "bos_token_id",
     "eos_token_id",
     "pad_token_id",
-    "dtype",
-)
+)  # plus the RoPE and dtype fields in both transformers generations' spellings (serving_fields)
 
 # Fields that must agree between experts: they fix every tensor's shape and the computation around the MLPs.
 ARCHITECTURE_FIELDS = (
@@ -111,6 +110,7 @@ class Family:
     def moe_config(self, dense: dict[str, Any], num_experts: int, top_k: int) -> dict[str, Any]:
         """The stock MoE config for ``num_experts`` experts of the dense config ``dense``."""
         config = {key: dense[key] for key in COMMON_FIELDS + self.extra_fields if key in dense}
+        config.update(serving_fields(dense))
         config.update(self.moe_settings)
         config.update(
             {
@@ -195,6 +195,11 @@ def detect_family(config: dict[str, Any], source: str = "the model") -> Family:
     raise DumeError(f"{source} has model_type {model_type!r}, which DUME does not support: use one of {supported}")
 
 
+def _comparable(config: dict[str, Any], key: str) -> Any:
+    """A config field, with the RoPE settings read from either transformers generation's spelling."""
+    return rope_parameters(config) if key == "rope_parameters" else config.get(key)
+
+
 def check_same_architecture(configs: dict[str, dict[str, Any]]) -> Family:
     """The common family of all experts; refuses the first field in which any two experts differ."""
     names = sorted(configs)
@@ -203,7 +208,7 @@ def check_same_architecture(configs: dict[str, dict[str, Any]]) -> Family:
     for name in names[1:]:
         detect_family(configs[name], f"expert {name!r}")
         for key in ARCHITECTURE_FIELDS:
-            mine, theirs = configs[first].get(key), configs[name].get(key)
+            mine, theirs = _comparable(configs[first], key), _comparable(configs[name], key)
             if mine != theirs:
                 raise DumeError(
                     f"experts {first!r} and {name!r} differ in {key} ({mine!r} vs {theirs!r}): "

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from dume.shared.method.averaging import canonical_mean
 from dume.shared.method.expert import DenseWeights
 from dume.shared.method.ridge import LayerRouter
+from dume.shared.method.serving_fields import portable_tokenizer_config
 from dume.shared.progress import progress
 
 TOKENIZER_FILES = (
@@ -121,7 +122,7 @@ def write_moe_checkpoint(
     for file in TOKENIZER_FILES:
         data = first.read_file(file)
         if data is not None:
-            sink.write_file(file, data)
+            sink.write_file(file, portable_tokenizer_config(data) if file == "tokenizer_config.json" else data)
 
 
 def _write_shard(sink: CheckpointSink, name: str, tensors: dict[str, torch.Tensor], weight_map: dict[str, str]) -> int:
