@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from dume.coordinator import validation
 from dume.coordinator.commits import commit_upload
 from dume.coordinator.errors import Refused
 from dume.coordinator.ledger import Ledger
@@ -41,9 +42,11 @@ class Coordinator:
     def __init__(self, state: StateDir) -> None:
         self.config = state.config()
         self.settings = state.settings()
+        self.limits = state.limits()
         self.ledger = Ledger(state.ledger)
         self.blobs = BlobStore(state.blobs)
-        self.uploads = Uploads(state.uploads, self.blobs)
+        self.uploads = Uploads(state.uploads, self.blobs, self.limits)
+        self.uploads.expire()  # what expired while the daemon was down goes at once
         self.ca_key = pki.read_bytes(state.ca_key, "the CA key")
         self.ca_cert = pki.read_bytes(state.ca_cert, "the CA certificate")
         if self.config.get("architecture") and self.ledger.get_meta("architecture") is None:
@@ -54,6 +57,9 @@ class Coordinator:
         self._online_lock = threading.Lock()
         self._changed = threading.Condition()
         self.publisher = Publisher(self.ledger, self.blobs, self.settings, self.notify)
+        self._closing = threading.Event()
+        self._expiry = threading.Thread(target=self._expire_uploads, name="upload-expiry", daemon=True)
+        self._expiry.start()
 
     # -- authorisation --------------------------------------------------------------------------------------------
     def authorise(self, identity: pki.Identity, allow_admin: bool = False) -> str:
@@ -154,8 +160,13 @@ class Coordinator:
 
     # -- uploads --------------------------------------------------------------------------------------------------
     def begin_upload(self, member: str, plan: pb.UploadPlan) -> PlannedUpload:
+        """Opens an upload once its plan fits the federation's architecture and the member's limits."""
         if plan.kind == pb.UPLOAD_KIND_STATISTICS and self.ledger.member(member).model is None:
             raise Refused("precondition", "upload the model before its statistics")
+        try:
+            validation.check_plan(plan, self.ledger.get_meta("architecture"))
+        except DumeError as error:
+            raise Refused("invalid", str(error)) from None
         return self.uploads.begin(member, plan)
 
     def commit_upload(self, identity: pki.Identity, upload_id: str) -> str:
@@ -252,6 +263,17 @@ class Coordinator:
         self.stopping = True
         self.notify()
 
+    def _expire_uploads(self) -> None:
+        """Deletes stale uploads a few times per expiry period, for as long as the coordinator runs."""
+        every = min(self.limits.staging_expiry_seconds / 4, 600.0)
+        while not self._closing.wait(every):
+            try:
+                self.uploads.expire()
+            except OSError as error:  # an unreadable staging directory must not end the daemon
+                log.warning("cannot expire uploads: %s", error)
+
     def close(self) -> None:
+        self._closing.set()
+        self._expiry.join()
         self.publisher.stop()
         self.ledger.close()

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import sqlite3
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
 from dume.coordinator import messages
-from dume.coordinator.errors import RefusalKind, Refused
+from dume.coordinator.errors import RefusalKind, Refused, storage_refusal
 from dume.coordinator.federation import Coordinator
 from dume.coordinator.uploads import PlannedUpload
 from dume.shared.errors import DumeError
@@ -24,6 +26,7 @@ from dume.shared.trust import pki
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 
+log = logging.getLogger("dume.coordinator")
 WATCH_POLL_SECONDS = 1.0
 STATUS_CODES: dict[RefusalKind, grpc.StatusCode] = {
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
@@ -31,7 +34,20 @@ STATUS_CODES: dict[RefusalKind, grpc.StatusCode] = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
     "precondition": grpc.StatusCode.FAILED_PRECONDITION,
     "not_found": grpc.StatusCode.NOT_FOUND,
+    "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
 }
+
+
+def _refusal_of(error: Exception) -> Refused:
+    """A refusal as it is; a full or unwritable state directory as the refusal that says so (logged in full)."""
+    if isinstance(error, Refused):
+        return error
+    refused = storage_refusal(error)
+    if refused is None:
+        raise error
+    log.warning("refused a call: %s (%s)", refused, error)
+    return refused
 
 
 def refusals_abort(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -41,7 +57,8 @@ def refusals_abort(method: Callable[..., Any]) -> Callable[..., Any]:
         def streaming(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
                 yield from method(self, request, context)
-            except Refused as refused:
+            except (Refused, OSError, sqlite3.Error) as error:
+                refused = _refusal_of(error)
                 context.abort(STATUS_CODES[refused.kind], str(refused))
         return streaming
 
@@ -49,7 +66,8 @@ def refusals_abort(method: Callable[..., Any]) -> Callable[..., Any]:
     def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except Refused as refused:
+        except (Refused, OSError, sqlite3.Error) as error:
+            refused = _refusal_of(error)
             context.abort(STATUS_CODES[refused.kind], str(refused))
     return unary
 

@@ -18,9 +18,10 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
 ]
-# Failures worth retrying: the coordinator is away (restarting, network) or asked us to start the upload over.
+# Failures worth retrying: the coordinator is away (restarting, network), asked us to start the upload over, or
+# is out of room for now (a quota, a stream limit or its disk: RESOURCE_EXHAUSTED).
 TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
-             grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.CANCELLED}
+             grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 def mutual_tls_channel(address: str, ca_pem: bytes, key_pem: bytes, cert_pem: bytes) -> grpc.Channel:
