@@ -211,8 +211,16 @@ class Coordinator:
 
     @contextmanager
     def watching(self, member: str) -> Iterator[None]:
-        """Counts the member online while its Watch stream is open."""
+        """Counts the member online while its Watch stream is open; refuses a stream past the limits (each holds a
+        server thread: see ``serve``)."""
+        limits = self.limits
         with self._online_lock:
+            if self._online[member] >= limits.watch_streams_per_member:
+                raise Refused("exhausted", f"{member} already holds {self._online[member]} Watch streams, the most "
+                              "a member may: close one (a node needs one), or wait until the stale one ends")
+            if sum(self._online.values()) >= limits.watch_streams_total:
+                raise Refused("exhausted", f"the coordinator serves {limits.watch_streams_total} Watch streams, its "
+                              "limit: try again later, or ask its operator to raise limits.watch_streams_total")
             self._online[member] += 1
         try:
             yield

@@ -11,6 +11,7 @@ import functools
 import inspect
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -128,8 +129,10 @@ class FederationService(rpc.FederationServicer):
     def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.Event]:
         member = self._member(context)
         with self.c.watching(member):
-            sent = None
-            while not self.c.stopping and context.is_active():
+            sent, ends = None, time.monotonic() + self.c.limits.watch_stream_seconds
+            # A stream ends cleanly after its lifetime and the node opens a new one: threads held by streams whose
+            # clients vanished without a word come back at the latest then.
+            while not self.c.stopping and context.is_active() and time.monotonic() < ends:
                 self._member(context)  # ends the stream with PERMISSION_DENIED once revoked or gone
                 published = self.c.published()
                 if published != sent:

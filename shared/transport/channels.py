@@ -12,11 +12,30 @@ from dume.shared.errors import DumeError
 from dume.shared.trust.pki import TLS_SERVER_NAME
 
 MESSAGE_BYTES = 8 << 20
+# Keepalive, one policy for both ends: a client pings every CLIENT_PING_MS (also with no call open, so a dead
+# connection is found before the next call), and the server accepts pings that come at least SERVER_PING_FLOOR_MS
+# apart. The floor must stay below the client's interval, or the server counts the pings as abuse and ends the
+# connection with GOAWAY too_many_pings (which used to drop idle Watch streams).
+CLIENT_PING_MS = 30_000
+SERVER_PING_FLOOR_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 20_000
 CHANNEL_OPTIONS = [
     ("grpc.ssl_target_name_override", TLS_SERVER_NAME),
     ("grpc.max_receive_message_length", MESSAGE_BYTES),
     ("grpc.max_send_message_length", MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_time_ms", CLIENT_PING_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),  # a quiet Watch stream keeps pinging
+]
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 2 * CLIENT_PING_MS),  # the server's own pings find clients that vanished
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", SERVER_PING_FLOOR_MS),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
 # Failures worth retrying: the coordinator is away (restarting, network), asked us to start the upload over, or
 # is out of room for now (a quota, a stream limit or its disk: RESOURCE_EXHAUSTED).
