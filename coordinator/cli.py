@@ -22,7 +22,8 @@ from dume.coordinator.state_dir import StateDir, initialise
 from dume.shared.commandline import add_merge_settings, merge_settings, positive_int, run_cli
 from dume.shared.errors import DumeError
 from dume.shared.method.expert import ExpertDirectory
-from dume.shared.transport.blobs import BlobStore
+from dume.shared.method.writer import TOKENIZER_FILES
+from dume.shared.transport.blobs import BlobStore, sha256_file
 from dume.shared.transport.channels import mutual_tls_channel, refusal
 from dume.shared.transport.download import fetch_version
 from dume.shared.trust import pki
@@ -54,7 +55,10 @@ def run_init(args: argparse.Namespace) -> None:
     architecture = None
     if args.architecture:
         expert = ExpertDirectory(args.architecture, "the architecture model")
-        architecture = messages.architecture_of(expert.config, messages.layout_manifest(expert.tensor_layout()))
+        files = {name: sha256_file(args.architecture / name) for name in TOKENIZER_FILES
+                 if (args.architecture / name).is_file()}
+        architecture = messages.architecture_of(expert.config, messages.layout_manifest(expert.tensor_layout()),
+                                                files)
     state = initialise(args.state, args.listen, args.enrolment_listen, args.advertise, args.enrolment_advertise,
                        merge_settings(args), architecture)
     print(f"initialised {state.root}; start it with `dume-coordinator serve --state {state.root}`")

@@ -24,7 +24,7 @@ from dume.coordinator.ledger import Ledger
 from dume.coordinator.publication import Publisher
 from dume.coordinator.records import BasisRecord, MemberStatus, Published, Removal, Status, VersionRecord
 from dume.coordinator.state_dir import ADMIN_NAME, StateDir
-from dume.coordinator.uploads import PlannedUpload, Uploads
+from dume.coordinator.uploads import EMPTY_SHA256, PlannedUpload, Uploads
 from dume.shared.errors import DumeError
 from dume.shared.method.merge import check_member_name
 from dume.shared.transport.blobs import BlobStore
@@ -45,7 +45,7 @@ class Coordinator:
         self.limits = state.limits()
         self.ledger = Ledger(state.ledger)
         self.blobs = BlobStore(state.blobs)
-        self.uploads = Uploads(state.uploads, self.blobs, self.limits)
+        self.uploads = Uploads(state.uploads, self.blobs, self.limits, self.may_reuse_blob)
         self.uploads.expire()  # what expired while the daemon was down goes at once
         self.ca_key = pki.read_bytes(state.ca_key, "the CA key")
         self.ca_cert = pki.read_bytes(state.ca_cert, "the CA certificate")
@@ -189,19 +189,49 @@ class Coordinator:
             raise Refused("not_found", f"no basis {basis_hash[:12]}: ask for the current one")
         return record
 
-    def version(self, number: int) -> VersionRecord:
-        """Version ``number``, or the latest for 0."""
+    def version(self, number: int, reader: str = ADMIN_NAME) -> VersionRecord:
+        """Version ``number``, or the latest for 0, if ``reader`` may read it (see ``may_read_version``)."""
         record = self.ledger.version(number)
         if record is None:
             raise Refused("not_found", f"version {number} is not published" if number
                           else "no version is published yet: wait until a member has uploaded statistics")
+        if not self.may_read_version(reader, record.number, record.members):
+            raise Refused("not_found", f"version {number} does not include {reader}: a member reads the latest "
+                          "version and the versions it is part of")
         return record
 
-    def published_blob(self, sha256: str) -> Path:
-        """Where a blob lies, if it is part of a basis or version (no other blob may be read)."""
-        if not self.ledger.blob_is_published(sha256):
-            raise Refused("not_found", f"blob {sha256[:12]} is in no basis or version")
+    def may_read_version(self, reader: str, number: int, members: list[str]) -> bool:
+        """The admin reads every version; a member the latest and those it is part of, so a member that joins
+        after a revocation never sees the earlier versions that still hold the revoked expert."""
+        return reader == ADMIN_NAME or reader in members or number == self.ledger.latest_version_number()
+
+    def may_read_blob(self, reader: str, sha256: str) -> bool:
+        """A blob of any basis (averaged shared weights, which every node needs for its statistics), or of a
+        version the reader may read; no other blob may be read."""
+        if self.ledger.blob_in_basis(sha256):
+            return True
+        return any(self.may_read_version(reader, number, self.ledger.version_members(number))
+                   for number in self.ledger.versions_with_blob(sha256))
+
+    def published_blob(self, sha256: str, reader: str = ADMIN_NAME) -> Path:
+        """Where a blob lies, if ``reader`` may read it."""
+        if not self.may_read_blob(reader, sha256):
+            raise Refused("not_found", f"blob {sha256[:12]} is in no basis or version {reader} may read")
         return self.blobs.path(sha256)
+
+    def may_reuse_blob(self, member: str, sha256: str) -> bool:
+        """Whether a blob the store already holds counts as sent for ``member``'s upload: only one the member
+        uploaded itself or may read anyway. Naming another member's blob hash is not owning it: such a blob's
+        bytes must be sent like any other."""
+        if sha256 == EMPTY_SHA256 or self.may_read_blob(member, sha256):
+            return True
+        record = self.ledger.member(member)
+        own = ({entry.sha256 for entry in record.model.tensors} | set(record.files.values())
+               if record is not None and record.model is not None else set())
+        statistics = self.ledger.statistics().get(member)
+        if statistics is not None:
+            own |= {entry.sha256 for entry in statistics.manifest.tensors}
+        return sha256 in own
 
     def published(self) -> Published:
         latest = self.ledger.version()

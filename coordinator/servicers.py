@@ -101,8 +101,8 @@ class FederationService(rpc.FederationServicer):
     def _member(self, context: grpc.ServicerContext) -> str:
         return self.c.authorise(peer_identity(context))
 
-    def _reader(self, context: grpc.ServicerContext) -> None:
-        self.c.authorise(peer_identity(context), allow_admin=True)
+    def _reader(self, context: grpc.ServicerContext) -> str:
+        return self.c.authorise(peer_identity(context), allow_admin=True)
 
     @refusals_abort
     def BeginUpload(self, request: pb.UploadPlan, context: grpc.ServicerContext) -> pb.UploadState:
@@ -147,14 +147,15 @@ class FederationService(rpc.FederationServicer):
 
     @refusals_abort
     def GetVersion(self, request: pb.VersionRequest, context: grpc.ServicerContext) -> pb.Version:
-        self._reader(context)
-        return messages.version_message(self.c.version(request.version))
+        return messages.version_message(self.c.version(request.version, self._reader(context)))
 
     @refusals_abort
     def ReadBlob(self, request: pb.BlobRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
-        self._reader(context)
+        reader = self._reader(context)
         offset = request.offset
-        for data in read_range(self.c.published_blob(request.sha256), offset):
+        if offset < 0:
+            raise Refused("invalid", f"offset {offset} is negative: read from 0 or the bytes already received")
+        for data in read_range(self.c.published_blob(request.sha256, reader), offset):
             yield pb.Chunk(sha256=request.sha256, offset=offset, data=data)
             offset += len(data)
 

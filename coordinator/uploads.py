@@ -20,6 +20,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,10 +90,13 @@ def _checked_sha(sha256: str, name: str, size: int) -> str:
 class Uploads:
     """The uploads in progress: their plans and their staged blobs, all on disk under ``root``."""
 
-    def __init__(self, root: Path, blobs: BlobStore, limits: Limits) -> None:
+    def __init__(self, root: Path, blobs: BlobStore, limits: Limits,
+                 may_reuse: Callable[[str, str], bool]) -> None:
+        """``may_reuse(member, sha256)``: whether a blob the store holds counts as sent for that member."""
         self.root = root
         self.blobs = blobs
         self.limits = limits
+        self.may_reuse = may_reuse
         root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # one plan admitted at a time, so two cannot both take the last of a quota
 
@@ -191,10 +195,14 @@ class Uploads:
         return planned
 
     def _held(self, planned: PlannedUpload, sha256: str) -> int:
-        if self.blobs.has(sha256) or self.complete_path(planned, sha256).exists():
+        if self.complete_path(planned, sha256).exists():
             return planned.sizes[sha256]
         part = self._part_path(planned, sha256)
-        return part.stat().st_size if part.exists() else 0
+        if part.exists():
+            return part.stat().st_size
+        if self.blobs.has(sha256) and self.may_reuse(planned.member, sha256):
+            return planned.sizes[sha256]
+        return 0
 
     def complete_path(self, planned: PlannedUpload, sha256: str) -> Path:
         return self.root / planned.upload_id / sha256

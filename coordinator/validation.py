@@ -36,6 +36,8 @@ def check_plan(plan: federation_pb2.UploadPlan, reference: dict[str, Any] | None
         return
     if plan.kind == federation_pb2.UPLOAD_KIND_MODEL:
         check_layout(plan.manifest, reference["layout"])
+        check_tokenizer_files({file.name: file.sha256 for file in plan.files if file.name != "config.json"},
+                              reference)
     else:
         check_statistics_layout(plan.statistics, plan.manifest, reference["config"])
 
@@ -53,6 +55,22 @@ def check_layout(manifest: tensors_pb2.TensorManifest, layout: dict[str, Any]) -
         if list(entry.shape) != shape or entry.dtype != dtype:
             raise DumeError(f"tensor {entry.name} is {entry.dtype}{list(entry.shape)}, the federation's is "
                             f"{dtype}{shape}: upload a model fine-tuned from the federation's base")
+
+
+def check_tokenizer_files(files: dict[str, str], reference: dict[str, Any] | None) -> None:
+    """Members agree on the tokenizer files and chat template (fixed by ``init --architecture`` or the first member
+    to join), so the published model carries the ones all of them were trained with, whoever sorts first."""
+    if reference is None or "files" not in reference:  # the first member, or a ledger from before the check
+        return
+    expected: dict[str, str] = reference["files"]
+    for name in sorted(set(files) | set(expected)):
+        if files.get(name) != expected.get(name):
+            what = (f"lacks {name}, which the federation's files have" if name not in files else
+                    f"has {name}, which the federation's files lack" if name not in expected else
+                    f"has another {name} than the federation's")
+            raise DumeError(f"the model {what}: every member must use the federation's tokenizer files and chat "
+                            "template (those of `init --architecture` or of the first member); copy them from the "
+                            "federation's base model")
 
 
 def check_model(config: dict[str, Any], manifest: tensors_pb2.TensorManifest, reference: dict[str, Any] | None,

@@ -40,12 +40,22 @@ def run_join(args: argparse.Namespace) -> None:
     elif not workdir.enrolled():
         raise DumeError(f"{args.workdir} holds no enrolled node: pass --token (from `dume-coordinator token`)")
     else:
-        workdir.update(model=str(args.model.resolve()), data=str(args.data.resolve()))
+        check_same_inputs(workdir, args.model, args.data)
     agent = Agent(workdir, args.chunk_kib * 1024, args.max_rate_kib * 1024 if args.max_rate_kib else 0.0,
                   chosen, args.max_tokens)
     agent.run(once=args.once)
     if args.once:
         say("contribution complete; statistics are current")
+
+
+def check_same_inputs(workdir: Workdir, model: Path, data: Path) -> None:
+    """A node resumes with the model and data it enrolled with: another one would change its contribution without
+    anyone noticing, so it is refused (leave, then join again with a new token, to contribute another)."""
+    state = workdir.state()
+    for key, path, flag in (("model", model, "--model"), ("data", data, "--data")):
+        if str(path.resolve()) != state[key]:
+            raise DumeError(f"{workdir.root} joined with {flag} {state[key]}, not {path.resolve()}: rejoin with the "
+                            f"same {flag}, or `dume-node leave` and join again with a new token to contribute another")
 
 
 def run_fetch(args: argparse.Namespace) -> None:

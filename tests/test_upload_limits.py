@@ -29,7 +29,8 @@ from dume.shared.lab.harness import Federation
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.routers import MergeSettings
 from dume.shared.method.statistics import triangle_size
-from dume.shared.transport.blobs import read_range
+from dume.shared.method.writer import TOKENIZER_FILES
+from dume.shared.transport.blobs import read_range, sha256_file
 from dume.shared.trust import pki
 from dume.shared.trust.join_token import JoinToken
 from dume.v1 import federation_pb2 as pb
@@ -70,7 +71,8 @@ def send(coordinator: Coordinator, planned, upload: Upload, limit: int | None = 
 
 def architecture(model_dir) -> dict:
     expert = ExpertDirectory(model_dir)
-    return messages.architecture_of(expert.config, messages.layout_manifest(expert.tensor_layout()))
+    files = {name: sha256_file(model_dir / name) for name in TOKENIZER_FILES if (model_dir / name).is_file()}
+    return messages.architecture_of(expert.config, messages.layout_manifest(expert.tensor_layout()), files)
 
 
 def with_huge_tensor(plan: pb.UploadPlan) -> pb.UploadPlan:
