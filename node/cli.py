@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dume.node.agent import DEFAULT_CHUNK_BYTES, Agent, enrol, say
-from dume.node.workdir import Workdir
+from dume.node.workdir import Workdir, disk_full_is_one_line
 from dume.shared.commandline import add_placement, placement, positive_float, positive_int, run_cli
 from dume.shared.errors import DumeError
 from dume.shared.method.data import check_documents
 from dume.shared.method.expert import ExpertDirectory
+from dume.shared.method.placement import Placement
 from dume.shared.method.training import TRAINABLE, TrainSettings, train
 from dume.shared.transport.download import fetch_version
 from dume.shared.trust.join_token import JoinToken
@@ -31,6 +32,11 @@ def run_join(args: argparse.Namespace) -> None:
     ExpertDirectory(args.model)
     check_documents(args.data)
     chosen = placement(args)
+    with disk_full_is_one_line(args.workdir):
+        _join(args, workdir, chosen)
+
+
+def _join(args: argparse.Namespace, workdir: Workdir, chosen: Placement) -> None:
     if args.token:
         token = JoinToken.decode(args.token)
         if workdir.enrolled() and workdir.state().get("name") not in (token.node, None):
@@ -61,7 +67,8 @@ def check_same_inputs(workdir: Workdir, model: Path, data: Path) -> None:
 def run_fetch(args: argparse.Namespace) -> None:
     workdir = Workdir(args.workdir)
     stub = rpc.FederationStub(workdir.channel())
-    version, count, total = fetch_version(stub, args.version, workdir.blobs(), args.out, workdir.own_blob)
+    with disk_full_is_one_line(args.out):
+        version, count, total = fetch_version(stub, args.version, workdir.blobs(), args.out, workdir.own_blob)
     print(f"wrote version {version.version} ({'exact' if version.exact else 'provisional'}) to {args.out}; "
           f"downloaded {count} blobs ({total / 1e6:.2f} MB), the rest was already here")
 

@@ -8,8 +8,10 @@ disk is a real, small tmpfs under a real daemon process, filled for real.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import sqlite3
 import subprocess
 import time
 from dataclasses import asdict
@@ -18,10 +20,11 @@ import grpc
 import pytest
 
 from dume.coordinator import messages
-from dume.coordinator.errors import Refused
+from dume.coordinator.errors import Refused, storage_refusal
 from dume.coordinator.federation import Coordinator
 from dume.coordinator.limits import Limits
 from dume.coordinator.state_dir import StateDir, initialise
+from dume.node import cli as node_cli
 from dume.node.agent import Agent, Upload, enrol, model_upload
 from dume.node.workdir import Workdir
 from dume.shared.errors import DumeError
@@ -196,6 +199,21 @@ def test_limits_in_the_config_are_checked():
         Limits.from_config({"open_uploads_per_member": 0})
 
 
+def test_an_unwritable_state_directory_is_one_clear_refusal(tmp_path):
+    """What a read-only state directory raises (the database's own error, and EROFS) becomes UNAVAILABLE, which
+    nodes retry, with no internal path in it; any other error is left alone."""
+    path = tmp_path / "ledger.sqlite"
+    sqlite3.connect(path).execute("CREATE TABLE t (x)").connection.commit()
+    with pytest.raises(sqlite3.OperationalError) as raised:
+        sqlite3.connect(f"file:{path}?mode=ro", uri=True).execute("INSERT INTO t VALUES (1)")
+    for error in (raised.value, OSError(errno.EROFS, "Read-only file system", str(path))):
+        refused = storage_refusal(error)
+        assert refused is not None and refused.kind == "unavailable"
+        assert "cannot write its state directory" in str(refused) and str(tmp_path) not in str(refused)
+    assert storage_refusal(OSError(errno.ENOSPC, "No space left on device", str(path))).kind == "exhausted"
+    assert storage_refusal(ValueError("something else")) is None
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 48 MiB filesystem (tmpfs), where this test may mount one."""
@@ -206,6 +224,17 @@ def small_disk(tmp_path):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(filler):
+    """Fills the disk ``filler`` lies on, for real, to the last byte."""
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * (1 << 20))
+        except OSError:
+            pass
+    return filler
 
 
 def test_a_full_disk_is_a_clear_retryable_refusal_and_work_goes_on_when_space_returns(
@@ -221,13 +250,7 @@ def test_a_full_disk_is_a_clear_retryable_refusal_and_work_goes_on_when_space_re
         stub = rpc.FederationStub(workdir.channel())
         upload = model_upload(spec.model_dir, "code")
         opened = stub.BeginUpload(upload.plan, timeout=30)
-        filler = small_disk / "filler"
-        with open(filler, "wb") as handle:  # fill the disk for real, to the last byte
-            try:
-                while True:
-                    handle.write(b"\0" * (1 << 20))
-            except OSError:
-                pass
+        filler = fill(small_disk / "filler")
         big = max(upload.sources, key=lambda sha: upload.sources[sha].size)
         where = upload.sources[big]
         data = b"".join(read_range(where.path, where.start, where.size))
@@ -244,7 +267,22 @@ def test_a_full_disk_is_a_clear_retryable_refusal_and_work_goes_on_when_space_re
         os.unlink(filler)  # space returns: the node's own upload, resumed, goes through
         Agent(workdir).upload(upload)
         assert fed.status()["members"][0]["state"] == "active"
+
         assert fed.stop() == 0
     finally:
         fed.close()
         shutil.rmtree(small_disk / "federation", ignore_errors=True)
+
+
+def test_a_node_whose_workdir_fills_stops_with_one_line(expert_factory, small_disk, capsys):
+    spec = expert_factory("llama")["code"]
+    workdir = Workdir(small_disk / "node")  # enrolled, as `join --token` leaves it
+    _, ca_cert = pki.create_authority()
+    workdir.save_identity(pki.create_private_key(), ca_cert, ca_cert)
+    workdir.update(name="code", coordinator="127.0.0.1:9", model=str(spec.model_dir.resolve()),
+                   data=str(spec.data_path.resolve()))
+    fill(small_disk / "filler")
+    assert node_cli.main(["join", "--model", str(spec.model_dir), "--data", str(spec.data_path), "--workdir",
+                          str(workdir.root)]) == 2
+    said = capsys.readouterr().err
+    assert "the disk is full" in said and "run the command again" in said and len(said.strip().splitlines()) == 1

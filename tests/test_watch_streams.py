@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import grpc
+import pytest
 
 from dume.coordinator.cli import admin_stubs
 from dume.coordinator.limits import Limits
@@ -57,6 +58,10 @@ def test_many_watch_streams_of_one_member_leave_status_responsive_and_the_extra_
         refused = [outcome for outcome in outcomes if outcome != "open"]
         assert len(refused) == STREAMS - 2
         assert all(o.startswith("RESOURCE_EXHAUSTED: code already holds 2 Watch streams") for o in refused)
+
+        with pytest.raises(grpc.RpcError) as negative:  # a request no stream needs: refused, not an exception
+            list(stubs["math"][0].ReadBlob(pb.BlobRequest(sha256="0" * 64, offset=-1), timeout=30))
+        assert negative.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "negative" in negative.value.details()
 
         admin, _ = admin_stubs(StateDir(fed.state))
         started = time.monotonic()
