@@ -54,6 +54,7 @@ class Coordinator:
         self.addresses: dict[str, str] = {}
         self.stopping = False
         self._online: Counter[str] = Counter()  # open Watch streams per member
+        self._transfers: Counter[str] = Counter()  # open SendChunks and ReadBlob streams per member
         self._online_lock = threading.Lock()
         self._changed = threading.Condition()
         self.publisher = Publisher(self.ledger, self.blobs, self.settings, self.notify)
@@ -257,6 +258,21 @@ class Coordinator:
         finally:
             with self._online_lock:
                 self._online[member] -= 1
+
+    @contextmanager
+    def transferring(self, reader: str) -> Iterator[None]:
+        """Holds one of the reader's transfer slots (SendChunks, ReadBlob) while its stream is open: each holds a
+        server thread, so one member cannot take the threads every other call needs. The admin is not limited."""
+        with self._online_lock:
+            if reader != ADMIN_NAME and self._transfers[reader] >= self.limits.transfers_per_member:
+                raise Refused("exhausted", f"{reader} already has {self._transfers[reader]} transfers open, the most "
+                              "a member may: finish them first (a node sends and reads one blob stream at a time)")
+            self._transfers[reader] += 1
+        try:
+            yield
+        finally:
+            with self._online_lock:
+                self._transfers[reader] -= 1
 
     def wait_for_change(self, timeout: float) -> None:
         with self._changed:

@@ -25,6 +25,7 @@ class Limits:
     watch_streams_per_member: int = 2  # Watch streams one member may hold open (a reconnect may overlap the old)
     watch_streams_total: int = 64  # Watch streams in all; each holds a server thread
     watch_stream_seconds: float = 600.0  # a Watch stream then ends cleanly and the node reconnects
+    transfers_per_member: int = 4  # SendChunks and ReadBlob streams one member may have open at once
     unary_workers: int = 32  # server threads for every other call, on top of the Watch streams
 
     @classmethod

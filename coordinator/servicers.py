@@ -113,10 +113,11 @@ class FederationService(rpc.FederationServicer):
     def SendChunks(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.UploadState:
         member = self._member(context)
         planned: PlannedUpload | None = None
-        for chunk in request_iterator:
-            if planned is None or planned.upload_id != chunk.upload_id:
-                planned = self.c.uploads.planned(member, chunk.upload_id)
-            self.c.uploads.write(planned, chunk.sha256, chunk.offset, chunk.data)
+        with self.c.transferring(member):
+            for chunk in request_iterator:
+                if planned is None or planned.upload_id != chunk.upload_id:
+                    planned = self.c.uploads.planned(member, chunk.upload_id)
+                self.c.uploads.write(planned, chunk.sha256, chunk.offset, chunk.data)
         if planned is None:
             return pb.UploadState()
         return messages.upload_state_message(planned.upload_id, self.c.uploads.held(planned))
@@ -155,9 +156,11 @@ class FederationService(rpc.FederationServicer):
         offset = request.offset
         if offset < 0:
             raise Refused("invalid", f"offset {offset} is negative: read from 0 or the bytes already received")
-        for data in read_range(self.c.published_blob(request.sha256, reader), offset):
-            yield pb.Chunk(sha256=request.sha256, offset=offset, data=data)
-            offset += len(data)
+        path = self.c.published_blob(request.sha256, reader)
+        with self.c.transferring(reader):
+            for data in read_range(path, offset):
+                yield pb.Chunk(sha256=request.sha256, offset=offset, data=data)
+                offset += len(data)
 
     @refusals_abort
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:

@@ -5,6 +5,7 @@ on keepalive pings. A real daemon process on loopback, real mutual TLS, one memb
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -35,6 +36,16 @@ def open_stream(stub: rpc.FederationStub) -> tuple[object, str]:
     except grpc.RpcError as error:
         return None, f"{error.code().name}: {error.details()}"
     return stream, "open"
+
+
+def wait_for_first_refusal(calls: list, timeout: float = 30.0) -> grpc.Call:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for call in calls:
+            if call.done():
+                return call.exception()
+        time.sleep(0.05)
+    raise AssertionError("no call was refused")
 
 
 def test_many_watch_streams_of_one_member_leave_status_responsive_and_the_extra_ones_are_refused(
@@ -73,6 +84,20 @@ def test_many_watch_streams_of_one_member_leave_status_responsive_and_the_extra_
         assert outcome == "open"
         _, outcome = open_stream(stubs["math"][1])
         assert outcome.startswith("RESOURCE_EXHAUSTED: the coordinator serves 3 Watch streams, its limit")
+
+        release = threading.Event()
+
+        def stalled():  # a client that opens an upload stream and never sends: it holds a server thread
+            release.wait(60)
+            yield from ()
+
+        uploads = [stubs["code"][0].SendChunks.future(stalled(), timeout=60)
+                   for _ in range(Limits().transfers_per_member + 1)]
+        refused = wait_for_first_refusal(uploads)
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "transfers open" in refused.details()
+        assert admin.Status(pb.StatusRequest(), timeout=10).members  # still answers
+        release.set()
+        assert sum(1 for upload in uploads if upload.exception() is None) == Limits().transfers_per_member
 
         started = time.monotonic()
         assert list(held) == []  # the stream ends cleanly (OK, no error) after its lifetime; a node reconnects
