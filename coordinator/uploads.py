@@ -117,8 +117,10 @@ class Uploads:
         return planned
 
     def _unheld_bytes(self, planned: PlannedUpload) -> int:
-        """Bytes of the plan the store does not hold yet: what staging it may still cost."""
-        return sum(size for sha, size in planned.sizes.items() if not self.blobs.has(sha))
+        """Bytes of the plan the member must still send: what staging it may cost (a blob the store holds counts
+        as sent only where the member may reuse it, so naming other members' blobs does not dodge the quota)."""
+        return sum(size for sha, size in planned.sizes.items()
+                   if not (self.blobs.has(sha) and self.may_reuse(planned.member, sha)))
 
     def _check_room(self, planned: PlannedUpload) -> None:
         limits, member = self.limits, planned.member
