@@ -30,7 +30,7 @@ from dume.shared.commandline import (
 from dume.shared.config import add_config_command
 from dume.shared.errors import DumeError
 from dume.shared.logs import add_log_format, configure_logging
-from dume.shared.transport.blobs import BlobStore
+from dume.shared.transport.blobs import BlobStore, sha256_file
 from dume.shared.transport.channels import mutual_tls_channel, refusal
 from dume.shared.trust import pki
 from dume.shared.trust.audit import verify_chain
@@ -55,11 +55,15 @@ def admin_stubs(state: StateDir) -> tuple[rpc.AdminStub, rpc.FederationStub]:
 # init, serve and export import torch on first use, so that `--help` and the admin calls answer at once.
 def run_init(args: argparse.Namespace) -> None:
     from dume.shared.method.expert import ExpertDirectory
+    from dume.shared.method.writer import TOKENIZER_FILES
 
     architecture = None
     if args.architecture:
         expert = ExpertDirectory(args.architecture, "the architecture model")
-        architecture = messages.architecture_of(expert.config, messages.layout_manifest(expert.tensor_layout()))
+        files = {name: sha256_file(args.architecture / name) for name in TOKENIZER_FILES
+                 if (args.architecture / name).is_file()}
+        architecture = messages.architecture_of(expert.config, messages.layout_manifest(expert.tensor_layout()),
+                                                files)
     state = initialise(args.state, args.listen, args.enrolment_listen, args.advertise, args.enrolment_advertise,
                        merge_settings(args), architecture)
     print(f"initialised {state.root}; start it with `dume-coordinator serve --state {state.root}`")

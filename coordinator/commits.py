@@ -65,11 +65,13 @@ def _commit_model(ledger: Ledger, uploads: Uploads, member: str, planned: Planne
     config = validation.read_config(files)
     reference = ledger.get_meta("architecture")
     validation.check_model(config, plan.manifest, reference, lambda sha: uploads.blob_path(planned, sha))
+    validation.check_tokenizer_files(messages.tokenizer_files(plan), reference)
     uploads.adopt(planned)
     with ledger.transaction():
         still_authorised()
         if reference is None:
-            ledger.set_meta("architecture", messages.architecture_of(config, plan.manifest))
+            ledger.set_meta("architecture", messages.architecture_of(config, plan.manifest,
+                                                                     messages.tokenizer_files(plan)))
         ledger.set_model(member, plan)
         ledger.audit("upload", member, what="model", upload=planned.upload_id, bytes=sum(planned.sizes.values()))
     log.info("%s uploaded its model (%d tensors)", member, len(plan.manifest.tensors))

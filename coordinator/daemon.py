@@ -23,14 +23,11 @@ from dume.coordinator.metrics import Metrics, MetricsInterceptor
 from dume.coordinator.servicers import AdminService, EnrolmentService, FederationService
 from dume.coordinator.state_dir import StateDir, split_address
 from dume.shared.errors import DumeError
-from dume.shared.transport.channels import MESSAGE_BYTES
+from dume.shared.transport.channels import SERVER_OPTIONS
 from dume.shared.trust.pki import write_private
 from dume.v1 import federation_pb2_grpc as rpc
 
 log = logging.getLogger("dume.coordinator")
-# so_reuseport off: a second daemon (or anything else) on the same port fails to bind instead of sharing it.
-SERVER_OPTIONS = [("grpc.max_receive_message_length", MESSAGE_BYTES), ("grpc.max_send_message_length", MESSAGE_BYTES),
-                  ("grpc.so_reuseport", 0)]
 DRAIN_SECONDS = 10.0
 
 
@@ -57,9 +54,12 @@ def _serve_locked(state: StateDir, config: dict, drain_seconds: float,
     metrics, health = Metrics(), Health()
     coordinator = Coordinator(state, metrics)
     key, cert = coordinator.ca_key, coordinator.ca_cert
+    # Each Watch stream holds a thread for its life: the pool has one per stream allowed, plus the unary workers,
+    # so streams never starve the other calls (Coordinator.watching refuses streams past the limits).
+    limits = coordinator.limits
     interceptors = [MetricsInterceptor(metrics)]
-    members = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS,
-                          interceptors=interceptors)
+    members = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.watch_streams_total + limits.unary_workers),
+                          options=SERVER_OPTIONS, interceptors=interceptors)
     rpc.add_FederationServicer_to_server(FederationService(coordinator), members)
     rpc.add_AdminServicer_to_server(AdminService(coordinator), members)
     enrolment = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS,

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from typing import Literal
 
 from dume.shared.errors import DumeError
 
-RefusalKind = Literal["unauthenticated", "permission", "invalid", "precondition", "not_found"]
+RefusalKind = Literal["unauthenticated", "permission", "invalid", "precondition", "not_found", "exhausted",
+                      "unavailable"]
+FULL = {errno.ENOSPC, errno.EDQUOT}
+NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class Refused(DumeError):
@@ -15,3 +20,18 @@ class Refused(DumeError):
     def __init__(self, kind: RefusalKind, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+def storage_refusal(error: Exception) -> Refused | None:
+    """A full or unwritable state directory as the refusal a caller can act on (its paths stay in the daemon's
+    log); None for any other error. Both kinds are retried by nodes, so work goes on once the operator fixed it."""
+    message = str(error).lower()
+    if (isinstance(error, OSError) and error.errno in FULL) or (
+            isinstance(error, sqlite3.OperationalError) and "full" in message):
+        return Refused("exhausted", "the coordinator's disk is full: its operator must free space in the state "
+                       "directory; nodes retry and go on from where they were")
+    if (isinstance(error, OSError) and error.errno in NOT_WRITABLE) or (
+            isinstance(error, sqlite3.OperationalError) and ("readonly" in message or "read-only" in message)):
+        return Refused("unavailable", "the coordinator cannot write its state directory (read-only or not "
+                       "permitted): its operator must make it writable; reading versions still works")
+    return None

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from dume.coordinator import validation
 from dume.coordinator.commits import commit_upload
 from dume.coordinator.errors import Refused
 from dume.coordinator.ledger import Ledger
@@ -24,7 +25,7 @@ from dume.coordinator.metrics import Metrics
 from dume.coordinator.publication import Publisher
 from dume.coordinator.records import BasisRecord, MemberStatus, Published, Removal, Status, VersionRecord
 from dume.coordinator.state_dir import ADMIN_NAME, StateDir
-from dume.coordinator.uploads import PlannedUpload, Uploads
+from dume.coordinator.uploads import EMPTY_SHA256, PlannedUpload, Uploads
 from dume.shared.errors import DumeError
 from dume.shared.method.merge import check_member_name
 from dume.shared.transport.blobs import BlobStore
@@ -43,9 +44,11 @@ class Coordinator:
         self.metrics = metrics or Metrics()
         self.config = state.config()
         self.settings = state.settings()
+        self.limits = state.limits()
         self.ledger = Ledger(state.ledger)
         self.blobs = BlobStore(state.blobs)
-        self.uploads = Uploads(state.uploads, self.blobs)
+        self.uploads = Uploads(state.uploads, self.blobs, self.limits, self.may_reuse_blob)
+        self.uploads.expire()  # what expired while the daemon was down goes at once
         self.ca_key = pki.read_bytes(state.ca_key, "the CA key")
         self.ca_cert = pki.read_bytes(state.ca_cert, "the CA certificate")
         if self.config.get("architecture") and self.ledger.get_meta("architecture") is None:
@@ -53,12 +56,16 @@ class Coordinator:
         self.addresses: dict[str, str] = {}
         self.stopping = False
         self._online: Counter[str] = Counter()  # open Watch streams per member
+        self._transfers: Counter[str] = Counter()  # open SendChunks and ReadBlob streams per member
         self._online_lock = threading.Lock()
         self._changed = threading.Condition()
         self.publisher = Publisher(self.ledger, self.blobs, self.settings, self.notify, self.metrics)
         latest = self.ledger.version()
         self.metrics.latest_version.set(latest.number if latest else 0)
         self.metrics.watch_members(lambda: dict(Counter(member.state for member in self.ledger.members())))
+        self._closing = threading.Event()
+        self._expiry = threading.Thread(target=self._expire_uploads, name="upload-expiry", daemon=True)
+        self._expiry.start()
 
     # -- authorisation --------------------------------------------------------------------------------------------
     def authorise(self, identity: pki.Identity, allow_admin: bool = False) -> str:
@@ -159,8 +166,13 @@ class Coordinator:
 
     # -- uploads --------------------------------------------------------------------------------------------------
     def begin_upload(self, member: str, plan: pb.UploadPlan) -> PlannedUpload:
+        """Opens an upload once its plan fits the federation's architecture and the member's limits."""
         if plan.kind == pb.UPLOAD_KIND_STATISTICS and self.ledger.member(member).model is None:
             raise Refused("precondition", "upload the model before its statistics")
+        try:
+            validation.check_plan(plan, self.ledger.get_meta("architecture"))
+        except DumeError as error:
+            raise Refused("invalid", str(error)) from None
         return self.uploads.begin(member, plan)
 
     def commit_upload(self, identity: pki.Identity, upload_id: str) -> str:
@@ -188,19 +200,49 @@ class Coordinator:
             raise Refused("not_found", f"no basis {basis_hash[:12]}: ask for the current one")
         return record
 
-    def version(self, number: int) -> VersionRecord:
-        """Version ``number``, or the latest for 0."""
+    def version(self, number: int, reader: str = ADMIN_NAME) -> VersionRecord:
+        """Version ``number``, or the latest for 0, if ``reader`` may read it (see ``may_read_version``)."""
         record = self.ledger.version(number)
         if record is None:
             raise Refused("not_found", f"version {number} is not published" if number
                           else "no version is published yet: wait until a member has uploaded statistics")
+        if not self.may_read_version(reader, record.number, record.members):
+            raise Refused("not_found", f"version {number} does not include {reader}: a member reads the latest "
+                          "version and the versions it is part of")
         return record
 
-    def published_blob(self, sha256: str) -> Path:
-        """Where a blob lies, if it is part of a basis or version (no other blob may be read)."""
-        if not self.ledger.blob_is_published(sha256):
-            raise Refused("not_found", f"blob {sha256[:12]} is in no basis or version")
+    def may_read_version(self, reader: str, number: int, members: list[str]) -> bool:
+        """The admin reads every version; a member the latest and those it is part of, so a member that joins
+        after a revocation never sees the earlier versions that still hold the revoked expert."""
+        return reader == ADMIN_NAME or reader in members or number == self.ledger.latest_version_number()
+
+    def may_read_blob(self, reader: str, sha256: str) -> bool:
+        """A blob of any basis (averaged shared weights, which every node needs for its statistics), or of a
+        version the reader may read; no other blob may be read."""
+        if self.ledger.blob_in_basis(sha256):
+            return True
+        return any(self.may_read_version(reader, number, self.ledger.version_members(number))
+                   for number in self.ledger.versions_with_blob(sha256))
+
+    def published_blob(self, sha256: str, reader: str = ADMIN_NAME) -> Path:
+        """Where a blob lies, if ``reader`` may read it."""
+        if not self.may_read_blob(reader, sha256):
+            raise Refused("not_found", f"blob {sha256[:12]} is in no basis or version {reader} may read")
         return self.blobs.path(sha256)
+
+    def may_reuse_blob(self, member: str, sha256: str) -> bool:
+        """Whether a blob the store already holds counts as sent for ``member``'s upload: only one the member
+        uploaded itself or may read anyway. Naming another member's blob hash is not owning it: such a blob's
+        bytes must be sent like any other."""
+        if sha256 == EMPTY_SHA256 or self.may_read_blob(member, sha256):
+            return True
+        record = self.ledger.member(member)
+        own = ({entry.sha256 for entry in record.model.tensors} | set(record.files.values())
+               if record is not None and record.model is not None else set())
+        statistics = self.ledger.statistics().get(member)
+        if statistics is not None:
+            own |= {entry.sha256 for entry in statistics.manifest.tensors}
+        return sha256 in own
 
     def published(self) -> Published:
         latest = self.ledger.version()
@@ -210,14 +252,37 @@ class Coordinator:
 
     @contextmanager
     def watching(self, member: str) -> Iterator[None]:
-        """Counts the member online while its Watch stream is open."""
+        """Counts the member online while its Watch stream is open; refuses a stream past the limits (each holds a
+        server thread: see ``serve``)."""
+        limits = self.limits
         with self._online_lock:
+            if self._online[member] >= limits.watch_streams_per_member:
+                raise Refused("exhausted", f"{member} already holds {self._online[member]} Watch streams, the most "
+                              "a member may: close one (a node needs one), or wait until the stale one ends")
+            if sum(self._online.values()) >= limits.watch_streams_total:
+                raise Refused("exhausted", f"the coordinator serves {limits.watch_streams_total} Watch streams, its "
+                              "limit: try again later, or ask its operator to raise limits.watch_streams_total")
             self._online[member] += 1
         try:
             yield
         finally:
             with self._online_lock:
                 self._online[member] -= 1
+
+    @contextmanager
+    def transferring(self, reader: str) -> Iterator[None]:
+        """Holds one of the reader's transfer slots (SendChunks, ReadBlob) while its stream is open: each holds a
+        server thread, so one member cannot take the threads every other call needs. The admin is not limited."""
+        with self._online_lock:
+            if reader != ADMIN_NAME and self._transfers[reader] >= self.limits.transfers_per_member:
+                raise Refused("exhausted", f"{reader} already has {self._transfers[reader]} transfers open, the most "
+                              "a member may: finish them first (a node sends and reads one blob stream at a time)")
+            self._transfers[reader] += 1
+        try:
+            yield
+        finally:
+            with self._online_lock:
+                self._transfers[reader] -= 1
 
     def wait_for_change(self, timeout: float) -> None:
         with self._changed:
@@ -262,6 +327,17 @@ class Coordinator:
         self.stopping = True
         self.notify()
 
+    def _expire_uploads(self) -> None:
+        """Deletes stale uploads a few times per expiry period, for as long as the coordinator runs."""
+        every = min(self.limits.staging_expiry_seconds / 4, 600.0)
+        while not self._closing.wait(every):
+            try:
+                self.uploads.expire()
+            except OSError as error:  # an unreadable staging directory must not end the daemon
+                log.warning("cannot expire uploads: %s", error)
+
     def close(self) -> None:
+        self._closing.set()
+        self._expiry.join()
         self.publisher.stop()
         self.ledger.close()

@@ -39,6 +39,9 @@ CREATE TABLE IF NOT EXISTS versions (
     number INTEGER PRIMARY KEY, exact INTEGER NOT NULL, basis_hash TEXT NOT NULL, members TEXT NOT NULL,
     files BLOB NOT NULL, fingerprint TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS published_blobs (sha256 TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS basis_blobs (sha256 TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS version_blobs (
+    sha256 TEXT NOT NULL, version INTEGER NOT NULL, PRIMARY KEY (sha256, version));
 CREATE TABLE IF NOT EXISTS audit (
     sequence INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, subject TEXT NOT NULL,
     detail_json TEXT NOT NULL, previous_hash TEXT NOT NULL, entry_hash TEXT NOT NULL);
@@ -58,6 +61,25 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._index_blobs()
+
+    def _index_blobs(self) -> None:
+        """Fills the blob indexes of a ledger written before they existed (once: they are kept from then on)."""
+        if (self._rows("SELECT 1 FROM basis_blobs LIMIT 1") or self._rows("SELECT 1 FROM version_blobs LIMIT 1")
+                or not self._rows("SELECT 1 FROM bases LIMIT 1")):
+            return
+        with self.transaction():
+            for (manifest,) in self._rows("SELECT manifest FROM bases"):
+                self._index_basis(tensors_pb2.TensorManifest.FromString(manifest))
+            for (number, files) in self._rows("SELECT number, files FROM versions"):
+                self._index_version(number, messages.file_list(federation_pb2.Version.FromString(files)))
+
+    def _index_basis(self, manifest: tensors_pb2.TensorManifest) -> None:
+        self._db.executemany("INSERT OR IGNORE INTO basis_blobs VALUES (?)", [(e.sha256,) for e in manifest.tensors])
+
+    def _index_version(self, number: int, files: list[VersionFile]) -> None:
+        self._db.executemany("INSERT OR IGNORE INTO version_blobs VALUES (?, ?)",
+                             [(sha, number) for file in files for sha in file.blob_hashes()])
 
     def close(self) -> None:
         with self._lock:
@@ -188,6 +210,7 @@ class Ledger:
                  time.time()),
             )
             self._publish_blobs(entry.sha256 for entry in record.manifest.tensors)
+            self._index_basis(record.manifest)
 
     def _publish_blobs(self, hashes: Iterable[str]) -> None:
         self._db.executemany("INSERT OR IGNORE INTO published_blobs VALUES (?)", [(sha,) for sha in hashes])
@@ -224,7 +247,21 @@ class Ledger:
                  messages.file_list_message(files).SerializeToString(deterministic=True), fingerprint, time.time()),
             )
             self._publish_blobs(sha for file in files for sha in file.blob_hashes())
+            self._index_version(number, files)
         return number
+
+    def blob_in_basis(self, sha256: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM basis_blobs WHERE sha256 = ?", sha256))
+
+    def versions_with_blob(self, sha256: str) -> list[int]:
+        return [number for (number,) in self._rows("SELECT version FROM version_blobs WHERE sha256 = ?", sha256)]
+
+    def latest_version_number(self) -> int:
+        return self._rows("SELECT COALESCE(MAX(number), 0) FROM versions")[0][0]
+
+    def version_members(self, number: int) -> list[str]:
+        rows = self._rows("SELECT members FROM versions WHERE number = ?", number)
+        return json.loads(rows[0][0]) if rows else []
 
     def version(self, number: int = 0) -> VersionRecord | None:
         """Version ``number``, or the latest with 0."""

@@ -23,10 +23,17 @@ def layout_manifest(layout: dict[str, tuple[Sequence[int], str]]) -> tensors_pb2
                                                for name, (shape, dtype) in sorted(layout.items())])
 
 
-def architecture_of(config: dict[str, Any], manifest: tensors_pb2.TensorManifest) -> dict[str, Any]:
-    """What every member must match: the config and each tensor's shape and dtype."""
-    return {"config": config,
+def architecture_of(config: dict[str, Any], manifest: tensors_pb2.TensorManifest,
+                    tokenizer_files: dict[str, str]) -> dict[str, Any]:
+    """What every member must match: the config, each tensor's shape and dtype, and the tokenizer files and chat
+    template (name -> sha256) that every published version carries."""
+    return {"config": config, "files": dict(sorted(tokenizer_files.items())),
             "layout": {entry.name: [list(entry.shape), entry.dtype] for entry in manifest.tensors}}
+
+
+def tokenizer_files(plan: pb.UploadPlan) -> dict[str, str]:
+    """The files of a model upload besides config.json: name -> sha256."""
+    return {name: sha for name, sha in file_hashes(plan).items() if name != "config.json"}
 
 
 def file_hashes(plan: pb.UploadPlan) -> dict[str, str]:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
 from dume.coordinator import messages
-from dume.coordinator.errors import RefusalKind, Refused
+from dume.coordinator.errors import RefusalKind, Refused, storage_refusal
 from dume.coordinator.federation import Coordinator
 from dume.coordinator.uploads import PlannedUpload
 from dume.shared.errors import DumeError
@@ -24,6 +27,7 @@ from dume.shared.trust import pki
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 
+log = logging.getLogger("dume.coordinator")
 WATCH_POLL_SECONDS = 1.0
 STATUS_CODES: dict[RefusalKind, grpc.StatusCode] = {
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
@@ -31,7 +35,20 @@ STATUS_CODES: dict[RefusalKind, grpc.StatusCode] = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
     "precondition": grpc.StatusCode.FAILED_PRECONDITION,
     "not_found": grpc.StatusCode.NOT_FOUND,
+    "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
 }
+
+
+def _refusal_of(error: Exception) -> Refused:
+    """A refusal as it is; a full or unwritable state directory as the refusal that says so (logged in full)."""
+    if isinstance(error, Refused):
+        return error
+    refused = storage_refusal(error)
+    if refused is None:
+        raise error
+    log.warning("refused a call: %s (%s)", refused, error)
+    return refused
 
 
 def refusals_abort(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -41,7 +58,8 @@ def refusals_abort(method: Callable[..., Any]) -> Callable[..., Any]:
         def streaming(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
                 yield from method(self, request, context)
-            except Refused as refused:
+            except (Refused, OSError, sqlite3.Error) as error:
+                refused = _refusal_of(error)
                 context.abort(STATUS_CODES[refused.kind], str(refused))
         return streaming
 
@@ -49,7 +67,8 @@ def refusals_abort(method: Callable[..., Any]) -> Callable[..., Any]:
     def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except Refused as refused:
+        except (Refused, OSError, sqlite3.Error) as error:
+            refused = _refusal_of(error)
             context.abort(STATUS_CODES[refused.kind], str(refused))
     return unary
 
@@ -82,8 +101,8 @@ class FederationService(rpc.FederationServicer):
     def _member(self, context: grpc.ServicerContext) -> str:
         return self.c.authorise(peer_identity(context))
 
-    def _reader(self, context: grpc.ServicerContext) -> None:
-        self.c.authorise(peer_identity(context), allow_admin=True)
+    def _reader(self, context: grpc.ServicerContext) -> str:
+        return self.c.authorise(peer_identity(context), allow_admin=True)
 
     @refusals_abort
     def BeginUpload(self, request: pb.UploadPlan, context: grpc.ServicerContext) -> pb.UploadState:
@@ -94,10 +113,11 @@ class FederationService(rpc.FederationServicer):
     def SendChunks(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.UploadState:
         member = self._member(context)
         planned: PlannedUpload | None = None
-        for chunk in request_iterator:
-            if planned is None or planned.upload_id != chunk.upload_id:
-                planned = self.c.uploads.planned(member, chunk.upload_id)
-            self.c.uploads.write(planned, chunk.sha256, chunk.offset, chunk.data)
+        with self.c.transferring(member):
+            for chunk in request_iterator:
+                if planned is None or planned.upload_id != chunk.upload_id:
+                    planned = self.c.uploads.planned(member, chunk.upload_id)
+                self.c.uploads.write(planned, chunk.sha256, chunk.offset, chunk.data)
         if planned is None:
             return pb.UploadState()
         return messages.upload_state_message(planned.upload_id, self.c.uploads.held(planned))
@@ -110,8 +130,10 @@ class FederationService(rpc.FederationServicer):
     def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.Event]:
         member = self._member(context)
         with self.c.watching(member):
-            sent = None
-            while not self.c.stopping and context.is_active():
+            sent, ends = None, time.monotonic() + self.c.limits.watch_stream_seconds
+            # A stream ends cleanly after its lifetime and the node opens a new one: threads held by streams whose
+            # clients vanished without a word come back at the latest then.
+            while not self.c.stopping and context.is_active() and time.monotonic() < ends:
                 self._member(context)  # ends the stream with PERMISSION_DENIED once revoked or gone
                 published = self.c.published()
                 if published != sent:
@@ -126,16 +148,19 @@ class FederationService(rpc.FederationServicer):
 
     @refusals_abort
     def GetVersion(self, request: pb.VersionRequest, context: grpc.ServicerContext) -> pb.Version:
-        self._reader(context)
-        return messages.version_message(self.c.version(request.version))
+        return messages.version_message(self.c.version(request.version, self._reader(context)))
 
     @refusals_abort
     def ReadBlob(self, request: pb.BlobRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
-        self._reader(context)
+        reader = self._reader(context)
         offset = request.offset
-        for data in read_range(self.c.published_blob(request.sha256), offset):
-            yield pb.Chunk(sha256=request.sha256, offset=offset, data=data)
-            offset += len(data)
+        if offset < 0:
+            raise Refused("invalid", f"offset {offset} is negative: read from 0 or the bytes already received")
+        path = self.c.published_blob(request.sha256, reader)
+        with self.c.transferring(reader):
+            for data in read_range(path, offset):
+                yield pb.Chunk(sha256=request.sha256, offset=offset, data=data)
+                offset += len(data)
 
     @refusals_abort
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:

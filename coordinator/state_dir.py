@@ -1,6 +1,6 @@
 """The coordinator's state directory: where everything it owns lies, and ``init``, which creates it.
 
-    config.json        listen and advertise addresses, federation settings
+    config.json        listen and advertise addresses, federation settings, resource limits
     ca/key.pem         the federation's CA key (owner-only); ca/cert.pem is also the TLS server certificate
     admin/             the admin identity that ``token``, ``status``, ``revoke`` and ``export`` present
     ledger.sqlite      metadata, ledger and audit log (WAL)
@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dume.coordinator.limits import Limits
 from dume.shared.errors import CoordinatorUnreachable, DumeError
 from dume.shared.method.settings import MergeSettings
 from dume.shared.trust import pki
@@ -77,6 +78,9 @@ class StateDir:
     def settings(self) -> MergeSettings:
         return MergeSettings(**self.config()["settings"])
 
+    def limits(self) -> Limits:
+        return Limits.from_config(self.config().get("limits"))
+
     def daemon_addresses(self) -> dict[str, str]:
         """Where the running daemon listens (from daemon.json, which ``serve`` writes once bound)."""
         try:
@@ -122,6 +126,7 @@ def initialise(root: Path, listen: str, enrolment_listen: str, advertise: str | 
         "enrolment_advertise": enrolment_advertise,
         "settings": asdict(settings),
         "architecture": architecture,
+        "limits": asdict(Limits()),
     }
     state.update_config(**config)
     return state

@@ -2,21 +2,32 @@
 
 The staging directory of an upload is ``state/uploads/<upload_id>``, where the id is derived from the member,
 the kind and the plan, so the same plan resumes against the same files after a dropped connection or a restart
-of either side. A blob's durable offset is its staging file's size; a complete blob is hashed and renamed to
-``<sha>`` (``<sha>.part`` while partial). Nothing outside the staging directory changes until commit, so an
-upload that fails validation is removed without a trace.
+of either side. The plan itself is held there too (``plan.pb`` and ``member``), never in the daemon's memory, so
+open uploads cost disk, not RAM, and survive a restart. A blob's durable offset is its staging file's size; a
+complete blob is hashed and renamed to ``<sha>`` (``<sha>.part`` while partial). Nothing outside the staging
+directory changes until commit, so an upload that fails validation is removed without a trace.
+
+Limits (``Limits``): a plan is refused before any byte is accepted when its declared bytes, with those of the
+member's other open plans, pass the member's staging quota, when the member holds too many open plans, or when
+the disk would keep less than its reserve; an upload untouched for ``staging_expiry_seconds`` is deleted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from dume.coordinator.errors import Refused
+from dume.coordinator.limits import Limits
+from dume.shared.files import write_atomically
+from dume.shared.method.writer import TOKENIZER_FILES
 from dume.shared.transport.blobs import BlobStore, sha256_file
 from dume.shared.transport.wire import DTYPES, expected_size
 from dume.v1 import federation_pb2
@@ -24,6 +35,9 @@ from dume.v1 import federation_pb2
 MAX_CHUNK_BYTES = 1 << 20
 MAX_BLOBS = 100_000
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+MODEL_FILES = frozenset(("config.json", *TOKENIZER_FILES))
+PLAN_FILE, MEMBER_FILE = "plan.pb", "member"
+log = logging.getLogger("dume.coordinator")
 
 
 @dataclass(frozen=True)
@@ -38,7 +52,7 @@ def upload_id(member: str, plan: federation_pb2.UploadPlan) -> str:
     return hashlib.sha256(member.encode() + b"\0" + plan.SerializeToString(deterministic=True)).hexdigest()[:32]
 
 
-def planned_sizes(plan: federation_pb2.UploadPlan) -> dict[str, int]:
+def planned_sizes(plan: federation_pb2.UploadPlan, max_file_bytes: int) -> dict[str, int]:
     """Each blob's size, after checking the plan describes itself consistently."""
     if plan.kind not in (federation_pb2.UPLOAD_KIND_MODEL, federation_pb2.UPLOAD_KIND_STATISTICS):
         raise Refused("invalid", "the upload kind is missing: say whether it is a model or statistics")
@@ -55,8 +69,12 @@ def planned_sizes(plan: federation_pb2.UploadPlan) -> dict[str, int]:
                           f"make {expected_size(entry)}")
         sizes[_checked_sha(entry.sha256, entry.name, entry.size_bytes)] = entry.size_bytes
     for file in plan.files:
-        if "/" in file.name or file.name.startswith(".") or file.size_bytes < 0:
-            raise Refused("invalid", f"file name {file.name!r} is not a plain file name")
+        if file.name not in MODEL_FILES or plan.kind != federation_pb2.UPLOAD_KIND_MODEL:
+            raise Refused("invalid", f"file {file.name!r} is not one a model upload carries: only "
+                          f"{', '.join(sorted(MODEL_FILES))}")
+        if not 0 <= file.size_bytes <= max_file_bytes:
+            raise Refused("invalid", f"file {file.name} declares {file.size_bytes} bytes; the coordinator takes "
+                          f"0 to {max_file_bytes} (limit max_file_bytes in its config.json)")
         sizes[_checked_sha(file.sha256, file.name, file.size_bytes)] = file.size_bytes
     return sizes
 
@@ -70,44 +88,123 @@ def _checked_sha(sha256: str, name: str, size: int) -> str:
 
 
 class Uploads:
-    """The uploads in progress: their plans in memory (a restart forgets them) and their staged blobs on disk."""
+    """The uploads in progress: their plans and their staged blobs, all on disk under ``root``."""
 
-    def __init__(self, root: Path, blobs: BlobStore) -> None:
+    def __init__(self, root: Path, blobs: BlobStore, limits: Limits,
+                 may_reuse: Callable[[str, str], bool]) -> None:
+        """``may_reuse(member, sha256)``: whether a blob the store holds counts as sent for that member."""
         self.root = root
         self.blobs = blobs
+        self.limits = limits
+        self.may_reuse = may_reuse
         root.mkdir(parents=True, exist_ok=True)
-        self._plans: dict[str, PlannedUpload] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one plan admitted at a time, so two cannot both take the last of a quota
 
     def begin(self, member: str, plan: federation_pb2.UploadPlan) -> PlannedUpload:
-        planned = PlannedUpload(upload_id(member, plan), member, plan, planned_sizes(plan))
+        """Opens (or reopens, to resume) an upload, after checking it fits the member's limits and the disk."""
+        planned = PlannedUpload(upload_id(member, plan), member, plan, planned_sizes(plan, self.limits.max_file_bytes))
+        directory = self.root / planned.upload_id
+        with self._lock:
+            if (directory / PLAN_FILE).is_file():
+                os.utime(directory / PLAN_FILE)  # resumed: its expiry starts again
+            else:
+                self._check_room(planned)
+                directory.mkdir(exist_ok=True)
+                write_atomically(directory / MEMBER_FILE, member.encode(), mode=0o600)
+                write_atomically(directory / PLAN_FILE, plan.SerializeToString(deterministic=True), mode=0o600)
         if EMPTY_SHA256 in planned.sizes:
             self.blobs.put_bytes(b"")  # nothing is ever sent for an empty file: the store holds it from the start
-        (self.root / planned.upload_id).mkdir(exist_ok=True)
-        with self._lock:
-            self._plans[planned.upload_id] = planned
         return planned
+
+    def _unheld_bytes(self, planned: PlannedUpload) -> int:
+        """Bytes of the plan the member must still send: what staging it may cost (a blob the store holds counts
+        as sent only where the member may reuse it, so naming other members' blobs does not dodge the quota)."""
+        return sum(size for sha, size in planned.sizes.items()
+                   if not (self.blobs.has(sha) and self.may_reuse(planned.member, sha)))
+
+    def _check_room(self, planned: PlannedUpload) -> None:
+        limits, member = self.limits, planned.member
+        needed = self._unheld_bytes(planned)
+        if needed > limits.staging_quota_bytes:
+            raise Refused("invalid", f"the upload declares {needed} bytes, more than the {limits.staging_quota_bytes} "
+                          "one member may stage: the coordinator's operator can raise limits.staging_quota_bytes "
+                          "in its config.json")
+        others = [self._read(upload) for upload in self._open_of(member)]
+        if len(others) >= limits.open_uploads_per_member:
+            raise Refused("exhausted", f"{member} already holds {len(others)} open uploads, the most a member may: "
+                          "commit them, or wait until they expire after "
+                          f"{limits.staging_expiry_seconds:.0f} s without progress")
+        staged = sum(self._unheld_bytes(other) for other in others if other is not None)
+        if staged + needed > limits.staging_quota_bytes:
+            raise Refused("exhausted", f"{member} has {staged} bytes staged in open uploads; {needed} more would "
+                          f"pass its quota of {limits.staging_quota_bytes}: commit the open uploads, or wait until "
+                          f"they expire after {limits.staging_expiry_seconds:.0f} s without progress")
+        free = shutil.disk_usage(self.root).free
+        if free - needed < limits.min_free_bytes:
+            raise Refused("exhausted", f"the coordinator's disk has {free} bytes free; the upload needs {needed} and "
+                          f"{limits.min_free_bytes} must stay free: the operator must free space, then the node "
+                          "resumes")
+
+    def _open_of(self, member: str) -> list[str]:
+        """The ids of the member's open uploads."""
+        found = []
+        for directory in self.root.iterdir():
+            try:
+                if (directory / MEMBER_FILE).read_text() == member:
+                    found.append(directory.name)
+            except OSError:
+                continue  # being created, committed or expired right now
+        return found
+
+    def _read(self, upload: str) -> PlannedUpload | None:
+        directory = self.root / upload
+        try:
+            member = (directory / MEMBER_FILE).read_text()
+            plan = federation_pb2.UploadPlan.FromString((directory / PLAN_FILE).read_bytes())
+        except OSError:
+            return None
+        return PlannedUpload(upload, member, plan, planned_sizes(plan, self.limits.max_file_bytes))
+
+    def expire(self, now: float | None = None) -> int:
+        """Deletes every upload untouched for ``staging_expiry_seconds``, with its staged bytes; returns how many."""
+        now = time.time() if now is None else now
+        expired = 0
+        for directory in list(self.root.iterdir()):
+            try:
+                plan = directory / PLAN_FILE
+                touched = (plan if plan.exists() else directory).stat().st_mtime
+            except OSError:
+                continue
+            if now - touched > self.limits.staging_expiry_seconds:
+                shutil.rmtree(directory, ignore_errors=True)
+                expired += 1
+        if expired:
+            log.info("expired %d uploads without progress for %.0f s", expired, self.limits.staging_expiry_seconds)
+        return expired
 
     def held(self, planned: PlannedUpload) -> dict[str, int]:
         """Bytes durably held of each blob (sha256 -> offset): where a resumed upload continues."""
         return {sha: self._held(planned, sha) for sha in sorted(planned.sizes)}
 
     def planned(self, member: str, upload: str) -> PlannedUpload:
-        with self._lock:
-            planned = self._plans.get(upload)
+        planned = self._read(upload) if len(upload) == 32 and upload.isalnum() else None
         if planned is None:
             raise Refused("precondition",
-                          f"upload {upload} is not open (the coordinator may have restarted): begin it again")
+                          f"upload {upload} is not open (committed, expired or never begun): begin it again")
         if planned.member != member:
             raise Refused("permission",
                           f"upload {upload} belongs to {planned.member!r}; a node uploads only for itself")
         return planned
 
     def _held(self, planned: PlannedUpload, sha256: str) -> int:
-        if self.blobs.has(sha256) or self.complete_path(planned, sha256).exists():
+        if self.complete_path(planned, sha256).exists():
             return planned.sizes[sha256]
         part = self._part_path(planned, sha256)
-        return part.stat().st_size if part.exists() else 0
+        if part.exists():
+            return part.stat().st_size
+        if self.blobs.has(sha256) and self.may_reuse(planned.member, sha256):
+            return planned.sizes[sha256]
+        return 0
 
     def complete_path(self, planned: PlannedUpload, sha256: str) -> Path:
         return self.root / planned.upload_id / sha256
@@ -127,10 +224,20 @@ class Uploads:
             raise Refused("precondition", f"blob {sha256[:12]}: chunk at offset {offset} does not continue the "
                           f"{held} of {size} bytes held: resume from the offset BeginUpload reports")
         part = self._part_path(planned, sha256)
-        with open(part, "ab") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            os.utime(self.root / planned.upload_id / PLAN_FILE)  # progress: the upload's expiry starts again
+        except FileNotFoundError:
+            raise Refused("precondition", f"upload {planned.upload_id} expired or was committed: begin it again") \
+                from None
+        try:
+            with open(part, "ab") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError:
+            if part.exists():
+                os.truncate(part, held)  # a chunk is held whole or not at all (a full disk may cut it short)
+            raise
         if held + len(data) == size:
             if sha256_file(part) != sha256:
                 part.unlink()
@@ -161,6 +268,4 @@ class Uploads:
                           f"{missing[0][:12]}): send them again")
 
     def discard(self, planned: PlannedUpload) -> None:
-        with self._lock:
-            self._plans.pop(planned.upload_id, None)
         shutil.rmtree(self.root / planned.upload_id, ignore_errors=True)

@@ -22,10 +22,55 @@ from dume.shared.method.routers import MergeSettings
 from dume.shared.method.statistics import exceeds_norm_bound, expected_layout, from_upper_triangle, layer_index
 from dume.shared.transport.blobs import read_range
 from dume.shared.transport.wire import DTYPES, tensor_from_bytes
-from dume.v1 import tensors_pb2
+from dume.v1 import federation_pb2, tensors_pb2
 
 CHECK_BYTES = 1 << 22
 CAUCHY_SCHWARZ_TOLERANCE = 1e-6
+
+
+def check_plan(plan: federation_pb2.UploadPlan, reference: dict[str, Any] | None) -> None:
+    """What a plan declares, checked against the federation's architecture before any byte of it is accepted: a
+    model's tensors must have the architecture's names, shapes and dtypes, statistics the layout the config implies.
+    Without an architecture yet (no ``--architecture`` and no member) only the staging quota bounds a model."""
+    if reference is None:
+        return
+    if plan.kind == federation_pb2.UPLOAD_KIND_MODEL:
+        check_layout(plan.manifest, reference["layout"])
+        check_tokenizer_files({file.name: file.sha256 for file in plan.files if file.name != "config.json"},
+                              reference)
+    else:
+        check_statistics_layout(plan.statistics, plan.manifest, reference["config"])
+
+
+def check_layout(manifest: tensors_pb2.TensorManifest, layout: dict[str, Any]) -> None:
+    """The manifest names exactly the architecture's tensors, each with its shape and dtype."""
+    names = {entry.name for entry in manifest.tensors}
+    missing, extra = sorted(set(layout) - names), sorted(names - set(layout))
+    if missing or extra:
+        name = (missing or extra)[0]
+        raise DumeError(f"tensor {name} is {'missing from' if missing else 'not in'} the federation's "
+                        "architecture: upload a model fine-tuned from the federation's base")
+    for entry in manifest.tensors:
+        shape, dtype = layout[entry.name]
+        if list(entry.shape) != shape or entry.dtype != dtype:
+            raise DumeError(f"tensor {entry.name} is {entry.dtype}{list(entry.shape)}, the federation's is "
+                            f"{dtype}{shape}: upload a model fine-tuned from the federation's base")
+
+
+def check_tokenizer_files(files: dict[str, str], reference: dict[str, Any] | None) -> None:
+    """Members agree on the tokenizer files and chat template (fixed by ``init --architecture`` or the first member
+    to join), so the published model carries the ones all of them were trained with, whoever sorts first."""
+    if reference is None or "files" not in reference:  # the first member, or a ledger from before the check
+        return
+    expected: dict[str, str] = reference["files"]
+    for name in sorted(set(files) | set(expected)):
+        if files.get(name) != expected.get(name):
+            what = (f"lacks {name}, which the federation's files have" if name not in files else
+                    f"has {name}, which the federation's files lack" if name not in expected else
+                    f"has another {name} than the federation's")
+            raise DumeError(f"the model {what}: every member must use the federation's tokenizer files and chat "
+                            "template (those of `init --architecture` or of the first member); copy them from the "
+                            "federation's base model")
 
 
 def check_model(config: dict[str, Any], manifest: tensors_pb2.TensorManifest, reference: dict[str, Any] | None,
@@ -33,18 +78,7 @@ def check_model(config: dict[str, Any], manifest: tensors_pb2.TensorManifest, re
     family = detect_family(config, "the uploaded model")
     if reference is not None:
         check_same_architecture({"federation": reference["config"], "uploaded": config})
-        layout = reference["layout"]
-        names = {entry.name for entry in manifest.tensors}
-        missing, extra = sorted(set(layout) - names), sorted(names - set(layout))
-        if missing or extra:
-            name = (missing or extra)[0]
-            raise DumeError(f"tensor {name} is {'missing from' if missing else 'not in'} the federation's "
-                            "architecture: upload a model fine-tuned from the federation's base")
-        for entry in manifest.tensors:
-            shape, dtype = layout[entry.name]
-            if list(entry.shape) != shape or entry.dtype != dtype:
-                raise DumeError(f"tensor {entry.name} is {entry.dtype}{list(entry.shape)}, the federation's is "
-                                f"{dtype}{shape}: upload a model fine-tuned from the federation's base")
+        check_layout(manifest, reference["layout"])
     layers = int(config["num_hidden_layers"])
     mlp = {family.mlp_location(entry.name) for entry in manifest.tensors} - {None}
     wanted = {(layer, projection) for layer in range(layers) for projection in family.expert_projections}
@@ -70,6 +104,18 @@ def check_statistics(header: tensors_pb2.StatisticsHeader, manifest: tensors_pb2
     if norm_weight is None:
         raise DumeError(f"statistics were computed under basis {header.basis_hash[:12]}, which this coordinator "
                         "never issued: recompute them under the basis it names")
+    check_statistics_layout(header, manifest, config)
+    hidden = int(config["hidden_size"])
+    for entry in manifest.tensors:
+        check_finite(entry, blob_path(entry.sha256))
+        gram = from_upper_triangle(tensor_from_bytes(entry, blob_path(entry.sha256).read_bytes())[None], hidden + 1)[0]
+        _check_gram(gram, entry.name, header.token_count)
+        _check_solvable(gram, entry.name, norm_weight(layer_index(entry.name)), settings)
+
+
+def check_statistics_layout(header: tensors_pb2.StatisticsHeader, manifest: tensors_pb2.TensorManifest,
+                            config: dict[str, Any]) -> None:
+    """Statistics name one upper triangle per layer of the federation's model, in its dtype and shape."""
     hidden, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
     if header.hidden_size != hidden or header.num_layers != layers:
         raise DumeError(f"statistics are for hidden size {header.hidden_size} and {header.num_layers} layers, the "
@@ -84,10 +130,6 @@ def check_statistics(header: tensors_pb2.StatisticsHeader, manifest: tensors_pb2
         if entry.dtype != dtype or list(entry.shape) != shape:
             raise DumeError(f"statistics tensor {entry.name} is {entry.dtype}{list(entry.shape)}: each layer's "
                             f"upper triangle is {dtype}{shape}")
-        check_finite(entry, blob_path(entry.sha256))
-        gram = from_upper_triangle(tensor_from_bytes(entry, blob_path(entry.sha256).read_bytes())[None], hidden + 1)[0]
-        _check_gram(gram, entry.name, header.token_count)
-        _check_solvable(gram, entry.name, norm_weight(layer_index(entry.name)), settings)
 
 
 def _check_gram(gram: torch.Tensor, name: str, token_count: int) -> None:

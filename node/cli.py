@@ -10,10 +10,11 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dume.node.lifecycle import StopRequested, stop_on_signals
 from dume.node.status import describe_status, node_status
-from dume.node.workdir import Workdir
+from dume.node.workdir import Workdir, disk_full_is_one_line
 from dume.shared.commandline import (
     add_json,
     add_placement,
@@ -32,6 +33,9 @@ from dume.shared.transport.channels import DEFAULT_CHUNK_BYTES
 from dume.shared.trust.join_token import JoinToken
 from dume.v1 import federation_pb2_grpc as rpc
 
+if TYPE_CHECKING:
+    from dume.shared.method.placement import Placement
+
 
 # The run functions import torch and the agent on first use, so that `--help` and bad arguments answer at once.
 def run_join(args: argparse.Namespace) -> None:
@@ -47,7 +51,6 @@ def run_join(args: argparse.Namespace) -> None:
 
 
 def _join(args: argparse.Namespace) -> None:
-    from dume.node.agent import Agent, enrol, say
     from dume.shared.method.data import check_documents
     from dume.shared.method.expert import ExpertDirectory
 
@@ -59,6 +62,13 @@ def _join(args: argparse.Namespace) -> None:
     ExpertDirectory(args.model)
     check_documents(args.data)
     chosen = placement(args)
+    with disk_full_is_one_line(args.workdir):
+        _contribute(args, workdir, chosen)
+
+
+def _contribute(args: argparse.Namespace, workdir: Workdir, chosen: Placement) -> None:
+    from dume.node.agent import Agent, enrol, say
+
     if args.token or args.token_file:
         token = JoinToken.decode(join_token(args.token, args.token_file))
         if workdir.enrolled() and workdir.state().get("name") not in (token.node, None):
@@ -68,7 +78,7 @@ def _join(args: argparse.Namespace) -> None:
     elif not workdir.enrolled():
         raise DumeError(f"{args.workdir} holds no enrolled node: pass --token (from `dume-coordinator token`)")
     else:
-        workdir.update(model=str(args.model.resolve()), data=str(args.data.resolve()))
+        check_same_inputs(workdir, args.model, args.data)
     agent = Agent(workdir, args.chunk_kib * 1024, args.max_rate_kib * 1024 if args.max_rate_kib else 0.0,
                   chosen, args.max_tokens, args.deadline if args.once else None)
     agent.run(once=args.once)
@@ -76,12 +86,23 @@ def _join(args: argparse.Namespace) -> None:
         say("contribution complete; statistics are current")
 
 
+def check_same_inputs(workdir: Workdir, model: Path, data: Path) -> None:
+    """A node resumes with the model and data it enrolled with: another one would change its contribution without
+    anyone noticing, so it is refused (leave, then join again with a new token, to contribute another)."""
+    state = workdir.state()
+    for key, path, flag in (("model", model, "--model"), ("data", data, "--data")):
+        if str(path.resolve()) != state[key]:
+            raise DumeError(f"{workdir.root} joined with {flag} {state[key]}, not {path.resolve()}: rejoin with the "
+                            f"same {flag}, or `dume-node leave` and join again with a new token to contribute another")
+
+
 def run_fetch(args: argparse.Namespace) -> None:
     from dume.shared.transport.download import fetch_version
 
     workdir = Workdir(args.workdir)
     stub = rpc.FederationStub(workdir.channel())
-    version, count, total = fetch_version(stub, args.version, workdir.blobs(), args.out, workdir.own_blob)
+    with disk_full_is_one_line(args.out):
+        version, count, total = fetch_version(stub, args.version, workdir.blobs(), args.out, workdir.own_blob)
     report(args, {"version": version.version, "exact": version.exact, "out": str(args.out),
                   "downloaded_blobs": count, "downloaded_bytes": total},
            f"wrote version {version.version} ({'exact' if version.exact else 'provisional'}) to {args.out}; "

@@ -219,7 +219,9 @@ def test_bad_tokens_foreign_uploads_bad_models_and_bad_statistics_are_refused_an
     assert "another coordinator" in _refused_join(fed, "stranger", code.model_dir, code.data_path, foreign, 2)
 
     wide = build_tiny_model("llama", tmp_path / "wide", intermediate_size=96)
-    assert "intermediate_size" in _refused_join(fed, "wide", wide, math.data_path, fed.token("wide"))
+    # Refused from its plan, before a byte is sent: its MLP shapes are not the federation's.
+    assert "F32[32, 96], the federation's is F32[32, 64]" in _refused_join(fed, "wide", wide, math.data_path,
+                                                                          fed.token("wide"))
     poisoned = tmp_path / "poisoned"
     shutil.copytree(math.model_dir, poisoned)
     weights = load_file(poisoned / "model.safetensors")

@@ -69,12 +69,17 @@ def contributed(coordinator: Coordinator, spec, tmp_path) -> pki.Identity:
     identity = enrolled(coordinator, spec.name)
     coordinator.commit_upload(identity, staged_model(coordinator, spec.name, spec.model_dir))
     coordinator.publisher.wait(coordinator.publisher.request())
+    return statistics_committed(coordinator, spec, identity, tmp_path)
+
+
+def statistics_committed(coordinator: Coordinator, spec, identity: pki.Identity, tmp_path) -> pki.Identity:
+    """The member's statistics under the current basis, computed as a node computes them, committed."""
     basis = coordinator.basis("")
     tensors = {entry.name: tensor_from_bytes(entry, coordinator.blobs.read_bytes(entry.sha256))
                for entry in basis.manifest.tensors}
     data = DocumentStream(spec.data_path, load_tokenizer(spec.model_dir), coordinator.settings.sequence_length)
     gram = statistics_under_basis(ExpertDirectory(spec.model_dir), tensors, data, coordinator.settings.batch_size)
-    path = tmp_path / f"{spec.name}-statistics.safetensors"
+    path = tmp_path / f"{spec.name}-{basis.hash[:12]}-statistics.safetensors"
     save_file(statistics_tensors(gram), str(path))
     entries, sources = described(safetensors_ranges(path))
     header = tensors_pb2.StatisticsHeader(basis_hash=basis.hash, hidden_size=gram.shape[-1] - 1,

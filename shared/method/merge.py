@@ -37,7 +37,7 @@ MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def check_member_name(name: str) -> str:
-    if not MEMBER_NAME.match(name):
+    if not MEMBER_NAME.fullmatch(name):  # match() would take a trailing newline after $
         raise DumeError(
             f"member name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', starting alphanumeric"
         )

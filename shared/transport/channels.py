@@ -13,15 +13,37 @@ from dume.shared.trust.pki import TLS_SERVER_NAME
 
 MESSAGE_BYTES = 8 << 20
 DEFAULT_CHUNK_BYTES = 1 << 20  # an upload's chunk: the most the coordinator takes
+# Keepalive, one policy for both ends: a client pings every CLIENT_PING_MS (also with no call open, so a dead
+# connection is found before the next call), and the server accepts pings that come at least SERVER_PING_FLOOR_MS
+# apart. The floor must stay below the client's interval, or the server counts the pings as abuse and ends the
+# connection with GOAWAY too_many_pings (which used to drop idle Watch streams).
+CLIENT_PING_MS = 30_000
+SERVER_PING_FLOOR_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 20_000
 CHANNEL_OPTIONS = [
     ("grpc.ssl_target_name_override", TLS_SERVER_NAME),
     ("grpc.max_receive_message_length", MESSAGE_BYTES),
     ("grpc.max_send_message_length", MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_time_ms", CLIENT_PING_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),  # a quiet Watch stream keeps pinging
+    ("grpc.max_reconnect_backoff_ms", 30_000),  # after an outage, notice the coordinator is back within 30 s
 ]
-# Failures worth retrying: the coordinator is away (restarting, network) or asked us to start the upload over.
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 2 * CLIENT_PING_MS),  # the server's own pings find clients that vanished
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", SERVER_PING_FLOOR_MS),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.so_reuseport", 0),  # a second daemon (or anything else) on the same port fails to bind, never shares it
+]
+# Failures worth retrying: the coordinator is away (restarting, network), asked us to start the upload over, or
+# is out of room for now (a quota, a stream limit or its disk: RESOURCE_EXHAUSTED).
 TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
-             grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.CANCELLED}
+             grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 def mutual_tls_channel(address: str, ca_pem: bytes, key_pem: bytes, cert_pem: bytes) -> grpc.Channel:
