@@ -111,13 +111,15 @@ def test_member_names_with_a_trailing_newline_are_refused():
 
 
 def test_join_refuses_a_fifo_as_data_and_other_inputs_than_it_enrolled_with(expert_factory, tmp_path, capsys):
-    spec = expert_factory("llama")["code"]
+    experts = expert_factory("llama")
+    spec, other = experts["code"], experts["math"]
     fifo = tmp_path / "data.txt"
     os.mkfifo(fifo)  # reading it would block for ever: refused before anything opens it
     assert node_cli.main(["join", "--model", str(spec.model_dir), "--data", str(fifo), "--workdir",
                           str(tmp_path / "node")]) == 2
     assert "is not a regular file" in capsys.readouterr().err
-    assert dume_cli.main(["merge", "--expert", f"code={spec.model_dir}:{fifo}", "--out", str(tmp_path / "out")]) == 2
+    assert dume_cli.main(["merge", "--expert", f"code={spec.model_dir}:{fifo}",
+                          "--expert", f"math={other.model_dir}:{other.data_path}", "--out", str(tmp_path / "out")]) == 2
     assert "is not a regular file" in capsys.readouterr().err
 
     workdir = tmp_path / "enrolled"  # as `join --token` leaves it; refused before any connection is made
