@@ -1,6 +1,6 @@
 """``dume-coordinator``: create a federation, run its daemon, and administer it.
 
-``token``, ``status``, ``revoke``, ``export`` and ``audit`` talk to the running daemon with the admin identity
+``token``, ``status``, ``revoke``, ``export``, ``audit`` and ``gc`` talk to the running daemon with the admin identity
 that ``init`` wrote into the state directory; they never open its database behind its back.
 """
 
@@ -160,6 +160,24 @@ def run_audit(args: argparse.Namespace) -> None:
               f"{entry.entry_hash[:16]}")
 
 
+def run_gc(args: argparse.Namespace) -> None:
+    admin, _ = admin_stubs(StateDir(args.state))
+    request = pb.GarbageRequest(prune_versions_before=args.prune_versions_before or 0, dry_run=args.dry_run)
+    try:
+        collected = messages.garbage_report_dict(admin.CollectGarbage(request))
+    except grpc.RpcError as error:
+        raise refusal(error, "cannot collect garbage") from None
+    done = "would delete" if args.dry_run else "deleted"
+    report_line = (
+        f"{done} {collected['blobs']} blobs ({collected['bytes'] / 1e6:.2f} MB): "
+        f"{collected['orphaned_blobs']} orphaned, {collected['member_blobs']} of revoked or departed members "
+        f"({', '.join(collected['members']) or 'none'}), {collected['version_blobs']} of pruned versions "
+        f"({', '.join(map(str, collected['pruned_versions'])) or 'none'}), {collected['basis_blobs']} of old bases; "
+        f"{collected['uploads']} staged uploads ({collected['upload_bytes'] / 1e6:.2f} MB), "
+        f"{collected['temporary_files']} temporary files")
+    report(args, collected, report_line)
+
+
 def run_health(args: argparse.Namespace) -> None:
     status = health.check(admin_channel(StateDir(args.state)))
     if status != "SERVING":
@@ -236,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit = command("audit", "show the hash-chained audit log, or verify it", run_audit)
     audit.add_argument("--verify", action="store_true", help="check every entry's hash chain")
     add_json(audit)
+    collected = command("gc", "delete blobs and staged uploads nothing needs (revoked members', orphans, pruned "
+                        "versions')", run_gc)
+    collected.add_argument("--prune-versions-before", type=positive_int, metavar="N",
+                           help="also delete the versions numbered below N (the latest is always kept)")
+    collected.add_argument("--dry-run", action="store_true", help="report what would go, delete nothing")
+    add_json(collected)
     add_config_command(commands, parser)
     return parser
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
-from dume.coordinator.records import BasisRecord, Published, Status, VersionFile, VersionRecord
+from dume.coordinator.records import BasisRecord, GarbageReport, Published, Status, VersionFile, VersionRecord
 from dume.shared.method.settings import MergeSettings
 from dume.shared.trust.audit import AuditEntry
 from dume.v1 import federation_pb2 as pb
@@ -116,3 +117,13 @@ def audit_entry_message(entry: AuditEntry) -> pb.AuditEntry:
 def audit_entry(message: pb.AuditEntry) -> AuditEntry:
     return AuditEntry(message.sequence, message.at, message.kind, message.subject, message.detail_json,
                       message.previous_hash, message.entry_hash)
+
+
+def garbage_report_message(report: GarbageReport) -> pb.GarbageReport:
+    return pb.GarbageReport(**asdict(report))
+
+
+def garbage_report_dict(report: pb.GarbageReport) -> dict[str, Any]:
+    """The report as ``dume-coordinator gc --json`` prints it."""
+    return {field.name: (list(value) if field.label == field.LABEL_REPEATED else value)
+            for field in report.DESCRIPTOR.fields for value in [getattr(report, field.name)]}
