@@ -141,9 +141,9 @@ def run_audit(args: argparse.Namespace) -> None:
         entries = [messages.audit_entry(entry) for entry in admin.Audit(pb.AuditRequest()).entries]
     except grpc.RpcError as error:
         raise refusal(error, "cannot read the audit log") from None
-    if args.verify:
+    if args.verify or args.anchor:
         try:
-            count = verify_chain(entries)
+            count = verify_chain(entries, args.anchor)
         except ValueError as error:
             raise DumeError(f"the audit log is broken: {error}") from None
         last = entries[-1].entry_hash if entries else None
@@ -164,7 +164,7 @@ def run_gc(args: argparse.Namespace) -> None:
     admin, _ = admin_stubs(StateDir(args.state))
     request = pb.GarbageRequest(prune_versions_before=args.prune_versions_before or 0, dry_run=args.dry_run)
     try:
-        collected = messages.garbage_report_dict(admin.CollectGarbage(request))
+        collected = asdict(messages.garbage_report(admin.CollectGarbage(request)))
     except grpc.RpcError as error:
         raise refusal(error, "cannot collect garbage") from None
     done = "would delete" if args.dry_run else "deleted"
@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     restored.add_argument("--enrolment-listen", help="HOST:PORT for enrolment instead of the backed-up one")
     audit = command("audit", "show the hash-chained audit log, or verify it", run_audit)
     audit.add_argument("--verify", action="store_true", help="check every entry's hash chain")
+    audit.add_argument("--anchor", metavar="HASH", help="verify, and require this entry: a last hash an earlier "
+                       "verification printed, kept off this host (catches entries cut off the end of the log, or a "
+                       "log rewritten from some entry on)")
     add_json(audit)
     collected = command("gc", "delete blobs and staged uploads nothing needs (revoked members', orphans, pruned "
                         "versions')", run_gc)

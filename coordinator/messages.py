@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any
 
 from dume.coordinator.records import BasisRecord, GarbageReport, Published, Status, VersionFile, VersionRecord
@@ -123,7 +123,6 @@ def garbage_report_message(report: GarbageReport) -> pb.GarbageReport:
     return pb.GarbageReport(**asdict(report))
 
 
-def garbage_report_dict(report: pb.GarbageReport) -> dict[str, Any]:
-    """The report as ``dume-coordinator gc --json`` prints it."""
-    return {field.name: (list(value) if field.label == field.LABEL_REPEATED else value)
-            for field in report.DESCRIPTOR.fields for value in [getattr(report, field.name)]}
+def garbage_report(message: pb.GarbageReport) -> GarbageReport:
+    return GarbageReport(**{field.name: (list(value) if field.type.startswith("list") else value)
+                            for field in fields(GarbageReport) for value in [getattr(message, field.name)]})
