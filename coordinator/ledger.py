@@ -236,7 +236,8 @@ class Ledger:
         """Every blob a row names: members' models and files, statistics, bases and versions (for backups)."""
         hashes = {row[0] for row in self._rows("SELECT sha256 FROM published_blobs")}
         for member in self.members():
-            hashes.update(entry.sha256 for entry in member.model.tensors if member.model is not None)
+            if member.model is not None:  # an enrolled member before its upload, or one whose model gc released
+                hashes.update(entry.sha256 for entry in member.model.tensors)
             hashes.update(member.files.values())
         for statistics in self.statistics().values():
             hashes.update(entry.sha256 for entry in statistics.manifest.tensors)

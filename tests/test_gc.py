@@ -1,5 +1,6 @@
 """`dume-coordinator gc` against a real daemon with real nodes: after a revocation it deletes what only the revoked
-member named, crash leftovers and the pruned versions' blobs, and never a blob anything kept names."""
+member named, crash leftovers and the pruned versions' blobs, and never a blob anything kept names. And `backup`,
+which checks every blob the ledger names, with members that hold no model."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import time
 
 from dume.coordinator import cli as coordinator_cli
 from dume.coordinator.backup import backup
-from dume.coordinator.state_dir import StateDir
+from dume.coordinator.federation import Coordinator
+from dume.coordinator.state_dir import StateDir, initialise
 from dume.node.agent import model_upload
 from dume.shared.lab.harness import Federation, differing_files
+from dume.shared.method.routers import MergeSettings
+from dume.shared.trust import pki
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -104,3 +108,17 @@ def test_gc_after_a_revocation_deletes_what_only_the_revoked_member_named_and_ke
         assert code == 3 and f"the latest is {latest}" in err
     finally:
         fed.close()
+
+
+def test_a_backup_holds_a_member_enrolled_before_its_first_upload(tmp_path):
+    """Regression: a member without a model (enrolled, not uploaded yet) made `backup` fail with a traceback."""
+    state = initialise(tmp_path / "coordinator", "127.0.0.1:0", "127.0.0.1:0", None, None,
+                       MergeSettings(sequence_length=64), None)
+    coordinator = Coordinator(state)
+    coordinator.addresses = {"listen": "127.0.0.1:7600", "enrolment": "127.0.0.1:7601"}
+    try:
+        token = coordinator.create_token("late", 3600)
+        coordinator.enrol(token.secret, pki.create_csr(pki.create_private_key(), "late"))
+        assert backup(state, tmp_path / "backup.tar") == (0, 0)
+    finally:
+        coordinator.close()
