@@ -13,6 +13,7 @@ from dume.coordinator import cli as coordinator_cli
 from dume.coordinator.backup import backup
 from dume.coordinator.federation import Coordinator
 from dume.coordinator.state_dir import StateDir, initialise
+from dume.node import cli as node_cli
 from dume.node.agent import model_upload
 from dume.shared.lab.harness import Federation, differing_files
 from dume.shared.method.routers import MergeSettings
@@ -93,6 +94,10 @@ def test_gc_after_a_revocation_deletes_what_only_the_revoked_member_named_and_ke
         assert not differing_files(tmp_path / "before", tmp_path / "after")
         code, _, err = run(capsys, "export", "--state", state, "--out", str(tmp_path / "one"), "--version", "1")
         assert code == 3 and "version 1 was pruned" in err and err.count("\n") == 1
+        capsys.readouterr()
+        assert node_cli.main(["fetch", "--workdir", str(fed.workdir("code")), "--out", str(tmp_path / "node-one"),
+                              "--version", "1"]) == 3  # a member of version 1 too
+        assert "version 1 was pruned" in capsys.readouterr().err
         # Every blob the ledger names is on disk (a backup checks each), and the gc is in the intact audit log.
         assert backup(StateDir(fed.state), tmp_path / "backup.tar")[0] > 0
         code, out, _ = run(capsys, "audit", "--state", state, "--json")
