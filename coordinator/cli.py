@@ -1,6 +1,6 @@
 """``dume-coordinator``: create a federation, run its daemon, and administer it.
 
-``token``, ``status``, ``revoke``, ``export`` and ``audit`` talk to the running daemon with the admin identity
+``token``, ``status``, ``revoke``, ``export``, ``audit`` and ``gc`` talk to the running daemon with the admin identity
 that ``init`` wrote into the state directory; they never open its database behind its back.
 """
 
@@ -141,9 +141,9 @@ def run_audit(args: argparse.Namespace) -> None:
         entries = [messages.audit_entry(entry) for entry in admin.Audit(pb.AuditRequest()).entries]
     except grpc.RpcError as error:
         raise refusal(error, "cannot read the audit log") from None
-    if args.verify:
+    if args.verify or args.anchor:
         try:
-            count = verify_chain(entries)
+            count = verify_chain(entries, args.anchor)
         except ValueError as error:
             raise DumeError(f"the audit log is broken: {error}") from None
         last = entries[-1].entry_hash if entries else None
@@ -158,6 +158,24 @@ def run_audit(args: argparse.Namespace) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry.at))
         print(f"{entry.sequence:>5} {stamp} {entry.kind:<10} {entry.subject:<20} {entry.detail_json} "
               f"{entry.entry_hash[:16]}")
+
+
+def run_gc(args: argparse.Namespace) -> None:
+    admin, _ = admin_stubs(StateDir(args.state))
+    request = pb.GarbageRequest(prune_versions_before=args.prune_versions_before or 0, dry_run=args.dry_run)
+    try:
+        collected = asdict(messages.garbage_report(admin.CollectGarbage(request)))
+    except grpc.RpcError as error:
+        raise refusal(error, "cannot collect garbage") from None
+    done = "would delete" if args.dry_run else "deleted"
+    report_line = (
+        f"{done} {collected['blobs']} blobs ({collected['bytes'] / 1e6:.2f} MB): "
+        f"{collected['orphaned_blobs']} orphaned, {collected['member_blobs']} of revoked or departed members "
+        f"({', '.join(collected['members']) or 'none'}), {collected['version_blobs']} of pruned versions "
+        f"({', '.join(map(str, collected['pruned_versions'])) or 'none'}), {collected['basis_blobs']} of old bases; "
+        f"{collected['uploads']} staged uploads ({collected['upload_bytes'] / 1e6:.2f} MB), "
+        f"{collected['temporary_files']} temporary files")
+    report(args, collected, report_line)
 
 
 def run_health(args: argparse.Namespace) -> None:
@@ -235,7 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
     restored.add_argument("--enrolment-listen", help="HOST:PORT for enrolment instead of the backed-up one")
     audit = command("audit", "show the hash-chained audit log, or verify it", run_audit)
     audit.add_argument("--verify", action="store_true", help="check every entry's hash chain")
+    audit.add_argument("--anchor", metavar="HASH", help="verify, and require this entry: a last hash an earlier "
+                       "verification printed, kept off this host (catches entries cut off the end of the log, or a "
+                       "log rewritten from some entry on)")
     add_json(audit)
+    collected = command("gc", "delete blobs and staged uploads nothing needs (revoked members', orphans, pruned "
+                        "versions')", run_gc)
+    collected.add_argument("--prune-versions-before", type=positive_int, metavar="N",
+                           help="also delete the versions numbered below N (the latest is always kept)")
+    collected.add_argument("--dry-run", action="store_true", help="report what would go, delete nothing")
+    add_json(collected)
     add_config_command(commands, parser)
     return parser
 

@@ -1,7 +1,8 @@
 """Committing an upload: validate what was staged, adopt its blobs, then record it in the ledger.
 
-The blobs enter the blob store before the ledger row that names them (see ``ledger``); an upload that fails
-validation is discarded without a trace and refused as invalid.
+The blobs enter the blob store before the ledger row that names them (see ``ledger``), inside the transaction that
+writes the row (which ``gc`` waits for); an upload that fails validation is discarded without a trace and refused
+as invalid.
 """
 
 from __future__ import annotations
@@ -66,9 +67,9 @@ def _commit_model(ledger: Ledger, uploads: Uploads, member: str, planned: Planne
     reference = ledger.get_meta("architecture")
     validation.check_model(config, plan.manifest, reference, lambda sha: uploads.blob_path(planned, sha))
     validation.check_tokenizer_files(messages.tokenizer_files(plan), reference)
-    uploads.adopt(planned)
-    with ledger.transaction():
+    with ledger.transaction():  # adopted and recorded together, so `gc` never sees the blobs unnamed
         still_authorised()
+        uploads.adopt(planned)
         if reference is None:
             ledger.set_meta("architecture", messages.architecture_of(config, plan.manifest,
                                                                      messages.tokenizer_files(plan)))
@@ -87,9 +88,9 @@ def _commit_statistics(ledger: Ledger, uploads: Uploads, settings: MergeSettings
     with validating():
         validation.check_statistics(header, planned.plan.manifest, config, norm_weight, settings,
                                     lambda sha: uploads.blob_path(planned, sha))
-    uploads.adopt(planned)
-    with ledger.transaction():
+    with ledger.transaction():  # adopted and recorded together, so `gc` never sees the blobs unnamed
         still_authorised()
+        uploads.adopt(planned)
         ledger.set_statistics(Statistics(member, header.basis_hash, header.token_count, planned.plan.manifest))
         ledger.audit("upload", member, what="statistics", basis_hash=header.basis_hash, tokens=header.token_count)
     log.info("%s uploaded statistics under basis %s (%d tokens)", member, header.basis_hash[:12],

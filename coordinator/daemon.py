@@ -24,6 +24,7 @@ from dume.coordinator.servicers import AdminService, EnrolmentService, Federatio
 from dume.coordinator.state_dir import StateDir, split_address
 from dume.shared.errors import DumeError
 from dume.shared.transport.channels import SERVER_OPTIONS
+from dume.shared.transport.protocol import ProtocolCheck
 from dume.shared.trust.pki import write_private
 from dume.v1 import federation_pb2_grpc as rpc
 
@@ -57,7 +58,7 @@ def _serve_locked(state: StateDir, config: dict, drain_seconds: float,
     # Each Watch stream holds a thread for its life: the pool has one per stream allowed, plus the unary workers,
     # so streams never starve the other calls (Coordinator.watching refuses streams past the limits).
     limits = coordinator.limits
-    interceptors = [MetricsInterceptor(metrics)]
+    interceptors = [MetricsInterceptor(metrics), ProtocolCheck()]  # refusals of another protocol are counted too
     members = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.watch_streams_total + limits.unary_workers),
                           options=SERVER_OPTIONS, interceptors=interceptors)
     rpc.add_FederationServicer_to_server(FederationService(coordinator), members)

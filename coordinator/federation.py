@@ -17,13 +17,21 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from dume.coordinator import validation
+from dume.coordinator import gc, validation
 from dume.coordinator.commits import commit_upload
 from dume.coordinator.errors import Refused
 from dume.coordinator.ledger import Ledger
 from dume.coordinator.metrics import Metrics
 from dume.coordinator.publication import Publisher
-from dume.coordinator.records import BasisRecord, MemberStatus, Published, Removal, Status, VersionRecord
+from dume.coordinator.records import (
+    BasisRecord,
+    GarbageReport,
+    MemberStatus,
+    Published,
+    Removal,
+    Status,
+    VersionRecord,
+)
 from dume.coordinator.state_dir import ADMIN_NAME, StateDir
 from dume.coordinator.uploads import EMPTY_SHA256, PlannedUpload, Uploads
 from dume.shared.errors import DumeError
@@ -209,6 +217,11 @@ class Coordinator:
         if not self.may_read_version(reader, record.number, record.members):
             raise Refused("not_found", f"version {number} does not include {reader}: a member reads the latest "
                           "version and the versions it is part of")
+        if record.pruned_at is not None:
+            raise Refused("not_found", f"version {number} was pruned on "
+                          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(record.pruned_at))} (`dume-coordinator "
+                          f"gc`): its blobs are deleted; fetch a later version, such as the latest "
+                          f"({self.ledger.latest_version_number()})")
         return record
 
     def may_read_version(self, reader: str, number: int, members: list[str]) -> bool:
@@ -309,6 +322,15 @@ class Coordinator:
 
     def audit_entries(self) -> list[AuditEntry]:
         return self.ledger.audit_entries()
+
+    def collect_garbage(self, prune_before: int, dry_run: bool) -> GarbageReport:
+        """Deletes what nothing needs (see ``gc``), with publication paused; versions below ``prune_before`` go too."""
+        latest = self.ledger.latest_version_number()
+        if prune_before < 0 or prune_before > latest:
+            raise Refused("invalid", f"cannot prune the versions before {prune_before}: the latest is "
+                          f"{latest or 'none'}, and it is always kept; give a number from 1 to the latest")
+        with self.publisher.paused():
+            return gc.collect(self.ledger, self.blobs, self.uploads, prune_before, dry_run)
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     def _publish_without(self, member: str) -> Removal:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dume.coordinator import messages
-from dume.coordinator.records import BasisRecord, Member, Statistics, VersionFile, VersionRecord
+from dume.coordinator.records import BasisRecord, BlobUse, Member, Statistics, VersionFile, VersionRecord
 from dume.shared.trust.audit import GENESIS, AuditEntry, canonical_json, entry_hash
 from dume.v1 import federation_pb2, tensors_pb2
 
@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS bases (
     hash TEXT PRIMARY KEY, members TEXT NOT NULL, manifest BLOB NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS versions (
     number INTEGER PRIMARY KEY, exact INTEGER NOT NULL, basis_hash TEXT NOT NULL, members TEXT NOT NULL,
-    files BLOB NOT NULL, fingerprint TEXT NOT NULL, at REAL NOT NULL);
+    files BLOB NOT NULL, fingerprint TEXT NOT NULL, at REAL NOT NULL, pruned_at REAL);
 CREATE TABLE IF NOT EXISTS published_blobs (sha256 TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS basis_blobs (sha256 TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS version_blobs (
@@ -61,7 +61,13 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
         self._index_blobs()
+
+    def _add_missing_columns(self) -> None:
+        """Brings a ledger written by an earlier version up to the schema (columns added since)."""
+        if "pruned_at" not in {row[1] for row in self._rows("PRAGMA table_info(versions)")}:
+            self._run("ALTER TABLE versions ADD COLUMN pruned_at REAL")
 
     def _index_blobs(self) -> None:
         """Fills the blob indexes of a ledger written before they existed (once: they are kept from then on)."""
@@ -84,6 +90,13 @@ class Ledger:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Holds off every other thread's reads and changes across several transactions (``gc`` deletes files after
+        its rows stop naming them, and nothing may adopt them in between)."""
+        with self._lock:
+            yield
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -223,7 +236,8 @@ class Ledger:
         """Every blob a row names: members' models and files, statistics, bases and versions (for backups)."""
         hashes = {row[0] for row in self._rows("SELECT sha256 FROM published_blobs")}
         for member in self.members():
-            hashes.update(entry.sha256 for entry in member.model.tensors if member.model is not None)
+            if member.model is not None:  # an enrolled member before its upload, or one whose model gc released
+                hashes.update(entry.sha256 for entry in member.model.tensors)
             hashes.update(member.files.values())
         for statistics in self.statistics().values():
             hashes.update(entry.sha256 for entry in statistics.manifest.tensors)
@@ -264,14 +278,73 @@ class Ledger:
         return json.loads(rows[0][0]) if rows else []
 
     def version(self, number: int = 0) -> VersionRecord | None:
-        """Version ``number``, or the latest with 0."""
-        sql = "SELECT number, exact, basis_hash, members, files, fingerprint, at FROM versions"
+        """Version ``number``, or the latest with 0 (never pruned: ``gc`` keeps the latest)."""
+        sql = "SELECT number, exact, basis_hash, members, files, fingerprint, at, pruned_at FROM versions"
         rows = self._rows(sql + " WHERE number = ?", number) if number else self._rows(sql + " ORDER BY number DESC")
         if not rows:
             return None
-        number, exact, basis_hash, members, files, fingerprint, at = rows[0]
+        number, exact, basis_hash, members, files, fingerprint, at, pruned_at = rows[0]
         return VersionRecord(number, bool(exact), basis_hash, json.loads(members),
-                             messages.file_list(federation_pb2.Version.FromString(files)), fingerprint, at)
+                             messages.file_list(federation_pb2.Version.FromString(files)), fingerprint, at,
+                             pruned_at)
+
+    # -- garbage collection ---------------------------------------------------------------------------------------
+    def blob_use(self, prune_before: int = 0) -> BlobUse:
+        """Which blobs the ledger still needs, and which it names only through what ``gc`` may drop: members revoked
+        or gone, versions numbered below ``prune_before`` (or pruned before), and bases nothing kept names.
+
+        Kept: the models of enrolled and active members, every statistics row (only theirs exist), every version
+        not pruned, and the current basis with those the kept versions and statistics were made under.
+        """
+        live: set[str] = set()
+        departed: dict[str, set[str]] = {}
+        for member in self.members():
+            blobs = ({entry.sha256 for entry in member.model.tensors} | set(member.files.values())
+                     if member.model is not None else set())
+            if member.state in ("enrolled", "active"):
+                live |= blobs
+            elif member.model is not None:
+                departed[member.name] = blobs
+        statistics = self.statistics().values()
+        for record in statistics:
+            live.update(entry.sha256 for entry in record.manifest.tensors)
+        kept_bases = {self.get_meta("current_basis")} | {record.basis_hash for record in statistics}
+        pruned: dict[int, set[str]] = {}
+        pruning: list[int] = []
+        for number, basis_hash, files, pruned_at in self._rows(
+                "SELECT number, basis_hash, files, pruned_at FROM versions ORDER BY number"):
+            blobs = {sha for file in messages.file_list(federation_pb2.Version.FromString(files))
+                     for sha in file.blob_hashes()}
+            if pruned_at is not None or number < prune_before:
+                pruned[number] = blobs
+                if pruned_at is None:
+                    pruning.append(number)
+            else:
+                live |= blobs
+                kept_bases.add(basis_hash)
+        superseded: dict[str, set[str]] = {}
+        for basis_hash, manifest in self._rows("SELECT hash, manifest FROM bases"):
+            blobs = {entry.sha256 for entry in tensors_pb2.TensorManifest.FromString(manifest).tensors}
+            if basis_hash in kept_bases:
+                live |= blobs
+            else:
+                superseded[basis_hash] = blobs
+        return BlobUse(live, departed, pruned, pruning, superseded)
+
+    def forget(self, use: BlobUse, deleted: set[str]) -> None:
+        """Drops the rows' claims on what ``gc`` deletes: marks the versions in ``use.pruning`` pruned, deletes the
+        superseded bases, clears departed members' models, and takes ``deleted`` blobs out of the published set."""
+        with self.transaction():
+            at = time.time()
+            self._db.executemany("UPDATE versions SET pruned_at = ? WHERE number = ?",
+                                 [(at, number) for number in use.pruning])
+            self._db.executemany("DELETE FROM version_blobs WHERE version = ?", [(n,) for n in use.pruned])
+            self._db.executemany("DELETE FROM bases WHERE hash = ?", [(basis,) for basis in use.superseded])
+            self._db.executemany("UPDATE members SET model = NULL WHERE name = ?", [(m,) for m in use.departed])
+            self._db.executemany("DELETE FROM published_blobs WHERE sha256 = ?", [(sha,) for sha in deleted])
+            self._db.execute("DELETE FROM basis_blobs")
+            for (manifest,) in self._rows("SELECT manifest FROM bases"):
+                self._index_basis(tensors_pb2.TensorManifest.FromString(manifest))
 
     # -- audit log ------------------------------------------------------------------------------------------------
     def audit(self, kind: str, subject: str, **detail: Any) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import asdict, fields
 from typing import Any
 
-from dume.coordinator.records import BasisRecord, Published, Status, VersionFile, VersionRecord
+from dume.coordinator.records import BasisRecord, GarbageReport, Published, Status, VersionFile, VersionRecord
 from dume.shared.method.settings import MergeSettings
 from dume.shared.trust.audit import AuditEntry
 from dume.v1 import federation_pb2 as pb
@@ -116,3 +117,12 @@ def audit_entry_message(entry: AuditEntry) -> pb.AuditEntry:
 def audit_entry(message: pb.AuditEntry) -> AuditEntry:
     return AuditEntry(message.sequence, message.at, message.kind, message.subject, message.detail_json,
                       message.previous_hash, message.entry_hash)
+
+
+def garbage_report_message(report: GarbageReport) -> pb.GarbageReport:
+    return pb.GarbageReport(**asdict(report))
+
+
+def garbage_report(message: pb.GarbageReport) -> GarbageReport:
+    return GarbageReport(**{field.name: (list(value) if field.type.startswith("list") else value)
+                            for field in fields(GarbageReport) for value in [getattr(message, field.name)]})

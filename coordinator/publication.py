@@ -15,8 +15,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
@@ -161,6 +161,7 @@ class Publisher:
         self._wanted = self._done = 0
         self._stopping = False
         self.error = ""  # why the last round failed; "" after a round that succeeded
+        self._round = threading.Lock()  # held for each round; ``paused`` takes it between rounds
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self._thread.start()
 
@@ -173,6 +174,13 @@ class Publisher:
     def wait(self, ticket: int) -> None:
         with self._condition:
             self._condition.wait_for(lambda: self._done >= ticket or self._stopping)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """No round runs inside the block (a round writes blobs before any row names them; ``gc`` must not see
+        them in between)."""
+        with self._round:
+            yield
 
     def stop(self) -> None:
         with self._condition:
@@ -188,7 +196,7 @@ class Publisher:
                     return
                 ticket = self._wanted
             try:
-                with self._metrics.timed(self._metrics.publication_seconds):
+                with self._round, self._metrics.timed(self._metrics.publication_seconds):
                     self._refresh()
                 self.error = ""
             except Exception as error:  # a bad aggregate must not kill the daemon; the next change retries

@@ -60,6 +60,7 @@ class VersionRecord:
     files: list[VersionFile]
     fingerprint: str
     at: float
+    pruned_at: float | None = None  # when ``gc`` deleted its blobs; a pruned version is no longer served
 
 
 @dataclass(frozen=True)
@@ -102,3 +103,33 @@ class Removal:
 
     version: int
     publication_error: str = ""
+
+
+@dataclass(frozen=True)
+class BlobUse:
+    """What the ledger's rows make of the blob store, for ``gc``: the blobs something kept needs, and those named
+    only by what may be dropped (each by who names it)."""
+
+    live: set[str]
+    departed: dict[str, set[str]]  # revoked or departed member whose model is still recorded -> its model's blobs
+    pruned: dict[int, set[str]]  # version pruned now or earlier -> its blobs
+    pruning: list[int]  # the versions pruned now
+    superseded: dict[str, set[str]]  # basis hash nothing kept names -> its blobs
+
+
+@dataclass(frozen=True)
+class GarbageReport:
+    """What one ``gc`` deleted (or, in a dry run, would delete)."""
+
+    dry_run: bool
+    blobs: int
+    bytes: int
+    orphaned_blobs: int  # in the store, named by no row (left by a crash)
+    member_blobs: int  # of revoked or departed members
+    version_blobs: int  # of pruned versions
+    basis_blobs: int  # of bases nothing kept names
+    uploads: int  # staged uploads expired or of members no longer enrolled or active
+    upload_bytes: int
+    temporary_files: int  # left by a crash mid-write
+    pruned_versions: list[int]
+    members: list[str]  # revoked or departed members whose blobs went

@@ -196,3 +196,8 @@ class AdminService(rpc.AdminServicer):
     def Audit(self, request: pb.AuditRequest, context: grpc.ServicerContext) -> pb.AuditResponse:
         self._admin(context)
         return pb.AuditResponse(entries=[messages.audit_entry_message(entry) for entry in self.c.audit_entries()])
+
+    @refusals_abort
+    def CollectGarbage(self, request: pb.GarbageRequest, context: grpc.ServicerContext) -> pb.GarbageReport:
+        self._admin(context)
+        return messages.garbage_report_message(self.c.collect_garbage(request.prune_versions_before, request.dry_run))

@@ -156,6 +156,10 @@ class Uploads:
                 continue  # being created, committed or expired right now
         return found
 
+    def open_plans(self) -> list[PlannedUpload]:
+        """Every upload in progress (of any member)."""
+        return [planned for directory in self.root.iterdir() if (planned := self._read(directory.name)) is not None]
+
     def _read(self, upload: str) -> PlannedUpload | None:
         directory = self.root / upload
         try:
@@ -167,8 +171,17 @@ class Uploads:
 
     def expire(self, now: float | None = None) -> int:
         """Deletes every upload untouched for ``staging_expiry_seconds``, with its staged bytes; returns how many."""
+        stale = self.stale(now)
+        for directory in stale:
+            shutil.rmtree(directory, ignore_errors=True)
+        if stale:
+            log.info("expired %d uploads without progress for %.0f s", len(stale), self.limits.staging_expiry_seconds)
+        return len(stale)
+
+    def stale(self, now: float | None = None) -> list[Path]:
+        """The staging directories of uploads untouched for ``staging_expiry_seconds``."""
         now = time.time() if now is None else now
-        expired = 0
+        found = []
         for directory in list(self.root.iterdir()):
             try:
                 plan = directory / PLAN_FILE
@@ -176,11 +189,8 @@ class Uploads:
             except OSError:
                 continue
             if now - touched > self.limits.staging_expiry_seconds:
-                shutil.rmtree(directory, ignore_errors=True)
-                expired += 1
-        if expired:
-            log.info("expired %d uploads without progress for %.0f s", expired, self.limits.staging_expiry_seconds)
-        return expired
+                found.append(directory)
+        return found
 
     def held(self, planned: PlannedUpload) -> dict[str, int]:
         """Bytes durably held of each blob (sha256 -> offset): where a resumed upload continues."""

@@ -16,6 +16,7 @@ from dume.shared.config import parse_with_configuration
 from dume.shared.errors import INTERRUPTED, DumeError
 from dume.shared.method.settings import DEFAULT_RHO, DTYPE_NAMES, MergeSettings
 from dume.shared.progress import no_bars_unless_terminal
+from dume.shared.transport.protocol import PROTOCOL_VERSION
 
 if TYPE_CHECKING:
     from dume.shared.method.placement import Placement
@@ -104,8 +105,9 @@ def installed_version() -> str:
 
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse and run; a DumeError becomes one line on stderr and its exit code (README, "Exit codes"), never a
-    traceback. Every command answers ``--version``."""
-    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
+    traceback. Every command answers ``--version``, with the protocol version it speaks (``transport.protocol``)."""
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {installed_version()} (protocol {PROTOCOL_VERSION})")
     args = parse_with_configuration(parser, argv)  # the config file and DUME_* variables are the flags' defaults
     no_bars_unless_terminal()
     run: Callable[[argparse.Namespace], int | None] = args.run

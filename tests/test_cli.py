@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import dume
+from dume.shared.transport.protocol import PROTOCOL_VERSION
 
 from conftest import write_domain_text
 
@@ -58,7 +59,7 @@ def assert_one_error_line(result: subprocess.CompletedProcess[str], app: str, *f
 
 @pytest.mark.parametrize("app", sorted(MODULES))
 def test_version_and_help_answer_without_importing_torch(app):
-    assert run(app, "--version").stdout == f"{app} {version('dume')}\n"
+    assert run(app, "--version").stdout == f"{app} {version('dume')} (protocol {PROTOCOL_VERSION})\n"
     helped = run(app, "--help", prefix=REPORT_HEAVY)
     assert helped.returncode == 0 and "usage:" in helped.stdout
     assert "heavy: []" in helped.stderr, helped.stderr

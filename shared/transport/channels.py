@@ -1,7 +1,8 @@
 """gRPC channels to the coordinator, and turning its refusals into one-line errors.
 
 Trust comes from the federation's CA (pinned by fingerprint at enrolment), never from the address, so every
-channel overrides the TLS target name with the name in the coordinator's certificate.
+channel overrides the TLS target name with the name in the coordinator's certificate. Every channel says which
+protocol version it speaks (``protocol``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import grpc
 
 from dume.shared.errors import CoordinatorRefused, CoordinatorUnreachable, DumeError, IdentityRefused
+from dume.shared.transport.protocol import ProtocolHeader
 from dume.shared.trust.pki import TLS_SERVER_NAME
 
 MESSAGE_BYTES = 8 << 20
@@ -49,12 +51,13 @@ TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 def mutual_tls_channel(address: str, ca_pem: bytes, key_pem: bytes, cert_pem: bytes) -> grpc.Channel:
     credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=key_pem,
                                                certificate_chain=cert_pem)
-    return grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+    return grpc.intercept_channel(grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS),
+                                  ProtocolHeader())
 
 
 def server_tls_channel(address: str, ca_pem: bytes) -> grpc.Channel:
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca_pem),
-                               options=CHANNEL_OPTIONS)
+    return grpc.intercept_channel(grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca_pem),
+                                                      options=CHANNEL_OPTIONS), ProtocolHeader())
 
 
 def refusal(error: grpc.RpcError, doing: str) -> DumeError:

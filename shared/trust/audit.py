@@ -3,7 +3,9 @@
     entry_hash = SHA-256(previous_hash | sequence | at | kind | subject | detail_json)
 
 so changing, dropping or reordering any entry breaks every later hash. The coordinator appends; anyone holding
-the entries can verify them with ``verify_chain``.
+the entries can verify them with ``verify_chain``. A chain alone cannot show that entries were cut off its end, or
+that it was rewritten whole from some entry on: for that, keep the last hash an earlier verification printed
+somewhere the coordinator's host cannot change, and pass it as ``anchor``.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ def entry_hash(previous_hash: str, sequence: int, at: float, kind: str, subject:
     return hashlib.sha256("\x1f".join(fields).encode()).hexdigest()
 
 
-def verify_chain(entries: Iterable[AuditEntry]) -> int:
-    """The number of entries, if the chain is intact; raises ValueError naming the first broken entry."""
-    previous, count = GENESIS, 0
+def verify_chain(entries: Iterable[AuditEntry], anchor: str | None = None) -> int:
+    """The number of entries, if the chain is intact (and holds the entry hashed ``anchor``, when given); raises
+    ValueError naming the first broken entry."""
+    previous, count, anchored = GENESIS, 0, anchor is None
     for count, entry in enumerate(entries, start=1):
         if entry.sequence != count:
             raise ValueError(f"audit entry {count} is missing (found entry {entry.sequence} in its place)")
@@ -49,4 +52,8 @@ def verify_chain(entries: Iterable[AuditEntry]) -> int:
         if entry.entry_hash != expected:
             raise ValueError(f"audit entry {entry.sequence} ({entry.kind} {entry.subject}) was altered")
         previous = entry.entry_hash
+        anchored = anchored or entry.entry_hash == anchor
+    if not anchored:
+        raise ValueError(f"no entry has the anchor hash {anchor}: entries were removed from the end of the log, or "
+                         f"it was rewritten from some entry on (it now ends at entry {count})")
     return count

@@ -282,3 +282,39 @@ class AuditResponse(_message.Message):
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
     def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
+
+class GarbageRequest(_message.Message):
+    __slots__ = ("prune_versions_before", "dry_run")
+    PRUNE_VERSIONS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    prune_versions_before: int
+    dry_run: bool
+    def __init__(self, prune_versions_before: _Optional[int] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class GarbageReport(_message.Message):
+    __slots__ = ("dry_run", "blobs", "bytes", "orphaned_blobs", "member_blobs", "version_blobs", "basis_blobs", "uploads", "upload_bytes", "temporary_files", "pruned_versions", "members")
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ORPHANED_BLOBS_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_BLOBS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_BLOBS_FIELD_NUMBER: _ClassVar[int]
+    BASIS_BLOBS_FIELD_NUMBER: _ClassVar[int]
+    UPLOADS_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TEMPORARY_FILES_FIELD_NUMBER: _ClassVar[int]
+    PRUNED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    dry_run: bool
+    blobs: int
+    bytes: int
+    orphaned_blobs: int
+    member_blobs: int
+    version_blobs: int
+    basis_blobs: int
+    uploads: int
+    upload_bytes: int
+    temporary_files: int
+    pruned_versions: _containers.RepeatedScalarFieldContainer[int]
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, dry_run: _Optional[bool] = ..., blobs: _Optional[int] = ..., bytes: _Optional[int] = ..., orphaned_blobs: _Optional[int] = ..., member_blobs: _Optional[int] = ..., version_blobs: _Optional[int] = ..., basis_blobs: _Optional[int] = ..., uploads: _Optional[int] = ..., upload_bytes: _Optional[int] = ..., temporary_files: _Optional[int] = ..., pruned_versions: _Optional[_Iterable[int]] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -529,6 +529,11 @@ class AdminStub:
                 request_serializer=dume_dot_v1_dot_federation__pb2.AuditRequest.SerializeToString,
                 response_deserializer=dume_dot_v1_dot_federation__pb2.AuditResponse.FromString,
                 _registered_method=True)
+        self.CollectGarbage = channel.unary_unary(
+                '/dume.v1.Admin/CollectGarbage',
+                request_serializer=dume_dot_v1_dot_federation__pb2.GarbageRequest.SerializeToString,
+                response_deserializer=dume_dot_v1_dot_federation__pb2.GarbageReport.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -561,6 +566,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CollectGarbage(self, request, context):
+        """Deletes the blobs and staged uploads nothing needs any more (see dume.coordinator.gc); recorded in the audit
+        log unless it is a dry run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -583,6 +596,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Audit,
                     request_deserializer=dume_dot_v1_dot_federation__pb2.AuditRequest.FromString,
                     response_serializer=dume_dot_v1_dot_federation__pb2.AuditResponse.SerializeToString,
+            ),
+            'CollectGarbage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectGarbage,
+                    request_deserializer=dume_dot_v1_dot_federation__pb2.GarbageRequest.FromString,
+                    response_serializer=dume_dot_v1_dot_federation__pb2.GarbageReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -696,6 +714,33 @@ class Admin:
             '/dume.v1.Admin/Audit',
             dume_dot_v1_dot_federation__pb2.AuditRequest.SerializeToString,
             dume_dot_v1_dot_federation__pb2.AuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectGarbage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dume.v1.Admin/CollectGarbage',
+            dume_dot_v1_dot_federation__pb2.GarbageRequest.SerializeToString,
+            dume_dot_v1_dot_federation__pb2.GarbageReport.FromString,
             options,
             channel_credentials,
             insecure,
