@@ -20,6 +20,7 @@ from tcp_proxy import TcpProxy
 
 from dume.coordinator.cli import admin_stubs
 from dume.coordinator.state_dir import StateDir
+from dume.node.agent import model_upload
 from dume.node.workdir import Workdir
 from dume.shared.lab.harness import Federation, command, differing_files, wait_until
 from dume.shared.method.merge import merge
@@ -33,6 +34,7 @@ SETTINGS = MergeSettings(sequence_length=64)
 CHUNK = 8 * 1024
 PACED = ("--chunk-kib", "8", "--max-rate-kib", "32")  # a ~0.15 MB model: about 5 s of upload
 STALL_SECONDS = 3
+STATISTICS = pb.UPLOAD_KIND_STATISTICS
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +53,21 @@ def federation(tmp_path):
     fed.close()
 
 
-def staged_bytes(fed: Federation) -> int:
-    """Bytes the daemon holds durably of uploads in progress (complete blobs and partial ones)."""
+def staged_bytes(fed: Federation, kind: int = pb.UPLOAD_KIND_MODEL) -> int:
+    """Bytes the daemon holds durably of open uploads of ``kind`` (complete blobs and partial ones)."""
     total = 0
-    for path in (fed.state / "uploads").rglob("*"):
+    for upload in (fed.state / "uploads").iterdir():
         try:
-            total += path.stat().st_size if path.is_file() and path.name not in ("plan.pb", "member") else 0
-        except FileNotFoundError:  # renamed from .part to its hash, or committed, meanwhile
+            if pb.UploadPlan.FromString((upload / "plan.pb").read_bytes()).kind != kind:
+                continue
+            total += sum(path.stat().st_size for path in upload.iterdir() if path.name not in ("plan.pb", "member"))
+        except FileNotFoundError:  # being created, renamed from .part to its hash, or committed, meanwhile
             pass
     return total
+
+
+def model_bytes(spec) -> int:
+    return sum(where.size for where in model_upload(spec.model_dir, spec.name).sources.values())
 
 
 def via(proxy: TcpProxy, token: str) -> str:
@@ -203,11 +211,11 @@ def test_the_coordinator_killed_during_enrolment_and_mid_statistics_upload_loses
         # Mid-upload of statistics: the link is slowed once the model is in, and the coordinator is killed while
         # the statistics arrive.
         node = fed.join("math", spec.model_dir, spec.data_path, token, "--once")
-        wait_until(lambda: (member_state(fed, "math") or {}).get("state") == "active", 120, "math's model")
-        proxy.slow(2048)
-        wait_until(lambda: staged_bytes(fed) >= 4096, 120, "math's statistics upload to be under way")
+        wait_until(lambda: staged_bytes(fed) >= 0.9 * model_bytes(spec), 120, "math's model upload")
+        proxy.slow(2048)  # from the model's last bytes on, so that the statistics come slowly
+        wait_until(lambda: staged_bytes(fed, STATISTICS) >= 4096, 120, "math's statistics upload to be under way")
         assert fed.stop(signum=signal.SIGKILL) == -signal.SIGKILL
-        durable = staged_bytes(fed)
+        durable = staged_bytes(fed, STATISTICS)
         fed.serve()
         proxy.resume()
         assert node.wait(timeout=180) == 0, logged(fed, "node-math")
@@ -250,8 +258,10 @@ def test_a_node_killed_at_each_stage_resumes_from_its_workdir_and_duplicates_not
         wait_until(lambda: staged_bytes(fed) >= 48 * 1024, 120, "the model upload to be under way")
         kill()
         durable = staged_bytes(fed)
-        # 3. Statistics: killed once the model is in, before its statistics are (the link is held meanwhile).
+        # 3. Statistics: killed once the model is in, before its statistics are (the link is slow, then held).
         join()
+        wait_until(lambda: staged_bytes(fed) >= 0.9 * model_bytes(spec), 120, "math's model upload")
+        proxy.slow(2048)
         wait_until(lambda: (member_state(fed, "math") or {}).get("state") == "active", 120, "math's model")
         proxy.stall()
         kill()
@@ -261,9 +271,9 @@ def test_a_node_killed_at_each_stage_resumes_from_its_workdir_and_duplicates_not
         # 4. Statistics upload, mid-stream through a slowed link.
         proxy.slow(2048)
         join()
-        wait_until(lambda: staged_bytes(fed) >= 4096, 120, "the statistics upload to be under way")
+        wait_until(lambda: staged_bytes(fed, STATISTICS) >= 4096, 120, "the statistics upload to be under way")
         kill()
-        durable = staged_bytes(fed)
+        durable = staged_bytes(fed, STATISTICS)
         proxy.resume()
         # Then join again from the workdir: it completes, and nothing is there twice.
         assert join().wait(timeout=180) == 0, logged(fed, "node-math")
@@ -274,6 +284,13 @@ def test_a_node_killed_at_each_stage_resumes_from_its_workdir_and_duplicates_not
         assert len(statistics) == 1 and statistics[0]["sent_bytes"] <= statistics[0]["bytes"] - durable
         fed.wait_exact(["math"])
         assert not differing_files(fed.export(tmp_path / "exported"), merge([spec], tmp_path / "reference", SETTINGS))
+        assert_contributed_once(fed, "math")
+        # 5. Killed after the coordinator committed but before the node wrote that down (node.json says nothing
+        # was acknowledged): joining again sends no byte and records nothing twice.
+        Workdir(fed.workdir("math")).update(model_upload=None, statistics_basis=None)
+        assert join().wait(timeout=180) == 0, logged(fed, "node-math")
+        again = [t for t in Workdir(fed.workdir("math")).transfers() if t["event"] == "upload"][-2:]
+        assert [(t["what"], t["sent_bytes"]) for t in again] == [("model", 0), ("statistics", 0)]
         assert_contributed_once(fed, "math")
     finally:
         proxy.close()
