@@ -309,3 +309,6 @@ def test_a_node_killed_at_each_stage_resumes_from_its_workdir_and_duplicates_not
         assert_contributed_once(fed, "math")
     finally:
         proxy.close()
+    print(f"node SIGKILLs: 4, then a lost acknowledgment; model re-sent after the kill {model['sent_bytes']} of "
+          f"{model['bytes']} bytes ({durable_model} durable), statistics {statistics[0]['sent_bytes']} of "
+          f"{statistics[0]['bytes']} ({durable} durable)")
