@@ -70,6 +70,8 @@ def _commit_model(ledger: Ledger, uploads: Uploads, member: str, planned: Planne
     with ledger.transaction():  # adopted and recorded together, so `gc` never sees the blobs unnamed
         still_authorised()
         uploads.adopt(planned)
+        if _model_recorded(ledger, member, plan):
+            return  # the same commit again (its answer was lost): acknowledged, not recorded twice
         if reference is None:
             ledger.set_meta("architecture", messages.architecture_of(config, plan.manifest,
                                                                      messages.tokenizer_files(plan)))
@@ -91,10 +93,21 @@ def _commit_statistics(ledger: Ledger, uploads: Uploads, settings: MergeSettings
     with ledger.transaction():  # adopted and recorded together, so `gc` never sees the blobs unnamed
         still_authorised()
         uploads.adopt(planned)
+        if ledger.statistics().get(member) == Statistics(member, header.basis_hash, header.token_count,
+                                                          planned.plan.manifest):
+            return  # the same commit again (its answer was lost): acknowledged, not recorded twice
         ledger.set_statistics(Statistics(member, header.basis_hash, header.token_count, planned.plan.manifest))
         ledger.audit("upload", member, what="statistics", basis_hash=header.basis_hash, tokens=header.token_count)
     log.info("%s uploaded statistics under basis %s (%d tokens)", member, header.basis_hash[:12],
              header.token_count)
+
+
+def _model_recorded(ledger: Ledger, member: str, plan: pb.UploadPlan) -> bool:
+    """Whether the member is active with exactly this model: a node that crashed before it wrote down the
+    coordinator's answer commits the same upload again on its next run."""
+    current = ledger.member(member)
+    return bool(current and current.state == "active" and current.model == plan.manifest
+                and current.files == messages.file_hashes(plan))
 
 
 def _router_input_norms(basis: BasisRecord, config: dict, blobs: BlobStore) -> Callable[[int], torch.Tensor]:

@@ -211,7 +211,10 @@ class Uploads:
             return planned.sizes[sha256]
         part = self._part_path(planned, sha256)
         if part.exists():
-            return part.stat().st_size
+            held = part.stat().st_size
+            if held == planned.sizes[sha256]:  # written whole, but the daemon died before it verified and named it
+                return held if self._finish(planned, sha256) else 0
+            return held
         if self.blobs.has(sha256) and self.may_reuse(planned.member, sha256):
             return planned.sizes[sha256]
         return 0
@@ -248,12 +251,18 @@ class Uploads:
             if part.exists():
                 os.truncate(part, held)  # a chunk is held whole or not at all (a full disk may cut it short)
             raise
-        if held + len(data) == size:
-            if sha256_file(part) != sha256:
-                part.unlink()
-                raise Refused("precondition", f"blob {sha256[:12]} does not match its SHA-256: it was corrupted; "
-                              "it is discarded, send it again")
-            os.replace(part, self.complete_path(planned, sha256))
+        if held + len(data) == size and not self._finish(planned, sha256):
+            raise Refused("precondition", f"blob {sha256[:12]} does not match its SHA-256: it was corrupted; "
+                          "it is discarded, send it again")
+
+    def _finish(self, planned: PlannedUpload, sha256: str) -> bool:
+        """Names a blob's full staging file by its hash once its bytes match it; discards it (False) if not."""
+        part = self._part_path(planned, sha256)
+        if sha256_file(part) != sha256:
+            part.unlink()
+            return False
+        os.replace(part, self.complete_path(planned, sha256))
+        return True
 
     def blob_path(self, planned: PlannedUpload, sha256: str) -> Path:
         """Where a complete blob of the upload lies: its staging file, or the store if it already held it."""

@@ -43,6 +43,7 @@ from dume.shared.progress import byte_progress
 from dume.shared.transport.blobs import read_range, sha256_file
 from dume.shared.transport.channels import DEFAULT_CHUNK_BYTES, TRANSIENT, refusal, server_tls_channel
 from dume.shared.transport.download import fetch_missing
+from dume.shared.transport.stall import STALL_SECONDS, ProgressDeadline
 from dume.shared.transport.wire import FileRange, safetensors_ranges, tensor_from_bytes
 from dume.shared.trust import pki
 from dume.shared.trust.join_token import JoinToken
@@ -131,7 +132,7 @@ class Agent:
 
     def __init__(self, workdir: Workdir, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_rate: float = 0.0,
                  placement: Placement = CPU, max_tokens: int | None = None,
-                 give_up_after: float | None = None) -> None:
+                 give_up_after: float | None = None, stall_seconds: float = STALL_SECONDS) -> None:
         self.workdir = workdir
         self.state = workdir.state()
         self.stub = rpc.FederationStub(workdir.channel())
@@ -140,6 +141,7 @@ class Agent:
         self.placement = placement
         self.max_tokens = max_tokens
         self.give_up_after = give_up_after
+        self.stall_seconds = stall_seconds  # a transfer moving nothing this long is cancelled and resumed
 
     # -- uploads --------------------------------------------------------------------------------------------------
     def upload(self, upload: Upload) -> pb.CommitResponse:
@@ -150,13 +152,16 @@ class Agent:
             file.size_bytes for file in upload.plan.files)
         while True:
             try:
-                state = self.stub.BeginUpload(upload.plan, timeout=60)
+                state = self.stub.BeginUpload(upload.plan, timeout=self.stall_seconds)
                 held = {blob.sha256: blob.offset for blob in state.blobs}
                 missing = sum(upload.sources[sha].size - offset for sha, offset in held.items())
                 with byte_progress(missing, f"upload {upload.what}") as bar:
-                    counter = [0]
+                    counter, deadline = [0], ProgressDeadline(self.stall_seconds)
+                    call = self.stub.SendChunks.future(
+                        self._chunks(state.upload_id, upload, held, bar, counter, deadline))
                     try:
-                        self.stub.SendChunks(self._chunks(state.upload_id, upload, held, bar, counter))
+                        with deadline.watching(call):
+                            call.result()
                     finally:
                         sent += counter[0]
                         if counter[0]:
@@ -173,11 +178,14 @@ class Agent:
         return response
 
     def _chunks(self, upload_id: str, upload: Upload, held: dict[str, int], bar: tqdm,
-                counter: list[int]) -> Iterator[pb.Chunk]:
+                counter: list[int], deadline: ProgressDeadline) -> Iterator[pb.Chunk]:
+        """The chunks the coordinator lacks; gRPC asks for the next one only once the last was handed to the
+        connection, so each request is progress, and a stalled link stops asking."""
         started = time.monotonic()
         for sha256 in sorted(held):
             where, offset = upload.sources[sha256], held[sha256]
             for data in read_range(where.path, where.start + offset, where.size - offset, self.chunk_bytes):
+                deadline.progressed()
                 yield pb.Chunk(upload_id=upload_id, sha256=sha256, offset=offset, data=data)
                 offset += len(data)
                 counter[0] += len(data)
@@ -201,8 +209,10 @@ class Agent:
             basis = self.stub.GetBasis(pb.BasisRequest(basis_hash=basis_hash), timeout=60)
             cache = self.workdir.blobs()
             fetch_missing(self.stub, {e.sha256: e.size_bytes for e in basis.manifest.tensors}, cache,
-                          self.workdir.own_blob)
+                          self.workdir.own_blob, stall_seconds=self.stall_seconds)
         except grpc.RpcError as error:
+            if error.code() in TRANSIENT:
+                raise  # the follow loop reconnects with backoff and asks again; blobs already cached stay
             raise refusal(error, "cannot download the basis") from None
         tensors = {e.name: tensor_from_bytes(e, cache.read_bytes(e.sha256)) for e in basis.manifest.tensors}
         if tensors_hash(tensors) != basis.basis_hash:

@@ -30,6 +30,7 @@ from dume.shared.errors import DumeError
 from dume.shared.logs import add_log_format, configure_logging
 from dume.shared.method.settings import TRAINABLE, TrainSettings
 from dume.shared.transport.channels import DEFAULT_CHUNK_BYTES
+from dume.shared.transport.stall import STALL_SECONDS
 from dume.shared.trust.join_token import JoinToken
 from dume.v1 import federation_pb2_grpc as rpc
 
@@ -80,7 +81,7 @@ def _contribute(args: argparse.Namespace, workdir: Workdir, chosen: Placement) -
     else:
         check_same_inputs(workdir, args.model, args.data)
     agent = Agent(workdir, args.chunk_kib * 1024, args.max_rate_kib * 1024 if args.max_rate_kib else 0.0,
-                  chosen, args.max_tokens, args.deadline if args.once else None)
+                  chosen, args.max_tokens, args.deadline if args.once else None, args.stall_timeout)
     agent.run(once=args.once)
     if args.once:
         say("contribution complete; statistics are current")
@@ -97,12 +98,15 @@ def check_same_inputs(workdir: Workdir, model: Path, data: Path) -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> None:
+    from dume.node.lifecycle import Reconnect
     from dume.shared.transport.download import fetch_version
 
     workdir = Workdir(args.workdir)
     stub = rpc.FederationStub(workdir.channel())
+    retry = Reconnect(workdir.state()["coordinator"], args.deadline)
     with disk_full_is_one_line(args.out):
-        version, count, total = fetch_version(stub, args.version, workdir.blobs(), args.out, workdir.own_blob)
+        version, count, total = fetch_version(stub, args.version, workdir.blobs(), args.out, workdir.own_blob,
+                                              retry, args.stall_timeout)
     report(args, {"version": version.version, "exact": version.exact, "out": str(args.out),
                   "downloaded_blobs": count, "downloaded_bytes": total},
            f"wrote version {version.version} ({'exact' if version.exact else 'provisional'}) to {args.out}; "
@@ -136,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--deadline", type=duration, default=600.0,
                       help="with --once, give up when the coordinator stays unreachable this long, e.g. 90s, 10m "
                            "(default 10m; without --once the agent keeps retrying, backing off up to 30s)")
+    add_stall_timeout(join)
     join.add_argument("--chunk-kib", type=positive_int, default=DEFAULT_CHUNK_BYTES // 1024,
                       help="upload chunk size in KiB (default 1024, the most the coordinator takes)")
     join.add_argument("--max-rate-kib", type=positive_int, help="upload bandwidth limit in KiB/s")
@@ -148,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--workdir", type=Path, required=True, help="the node's working directory")
     fetch.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     fetch.add_argument("--version", type=positive_int, default=0, help="version number (default: the latest)")
+    fetch.add_argument("--deadline", type=duration, default=600.0,
+                       help="give up when a download stays interrupted this long, e.g. 90s, 10m (default 10m; it "
+                            "retries with backoff and resumes each blob from the bytes already received)")
+    add_stall_timeout(fetch)
     add_json(fetch)
     fetch.set_defaults(run=run_fetch)
     status = commands.add_parser("status", help="what this node contributed, and to which version")
@@ -176,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     training.set_defaults(run=run_train)
     add_config_command(commands, parser)
     return parser
+
+
+def add_stall_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stall-timeout", type=duration, default=STALL_SECONDS,
+                        help="cancel and resume a transfer that moves no byte this long, e.g. 30s (default 60s)")
 
 
 def run_train(args: argparse.Namespace) -> None:
