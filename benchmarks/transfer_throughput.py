@@ -75,9 +75,14 @@ def receive_to_file(port: multiprocessing.Queue, cert: str, key: str, out: str) 
         port.put(server.getsockname()[1])
         connection, _ = server.accept()
         with context.wrap_socket(connection, server_side=True) as tls, open(out, "wb") as handle:
+            left = int.from_bytes(tls.recv(8), "little")  # the sender says how many bytes follow
             buffer = memoryview(bytearray(SOCKET_BYTES))
-            while received := tls.recv_into(buffer):
+            while left > 0:
+                received = tls.recv_into(buffer, min(left, SOCKET_BYTES))
+                if not received:
+                    raise OSError(f"the sender stopped {left} bytes early")
                 handle.write(buffer[:received])
+                left -= received
             handle.flush()
             os.fsync(handle.fileno())
             tls.sendall(b"k")
@@ -99,11 +104,12 @@ def socket_seconds(files: list[Path], root: Path) -> float:
     context.check_hostname = False
     started = time.perf_counter()
     with context.wrap_socket(socket.create_connection(address)) as tls:
+        tls.sendall(sum(path.stat().st_size for path in files).to_bytes(8, "little"))
         for path in files:
             for chunk in read_range(path, chunk_bytes=SOCKET_BYTES):
                 tls.sendall(chunk)
-        tls.shutdown(socket.SHUT_WR)
-        assert tls.recv(1) == b"k"
+        if tls.recv(1) != b"k":
+            raise OSError("the receiver did not acknowledge")
     seconds = time.perf_counter() - started
     receiver.join(timeout=60)
     (root / "received").unlink()
@@ -169,7 +175,7 @@ def main() -> None:
         root = Path(scratch)
         model_dir = build_model(root / "model", args.size_mib)
         data = root / "data.txt"
-        data.write_text("\n\n".join(synthetic_documents("code", 40)) + "\n")
+        data.write_text("\n\n".join(synthetic_documents("code", 200)) + "\n")
         files = model_files(model_dir)
         size = sum(path.stat().st_size for path in files)
         before = socket_seconds(files, root)

@@ -14,8 +14,10 @@ import logging
 import os
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +43,7 @@ from dume.shared.method.statistics import (
 from dume.shared.method.writer import TOKENIZER_FILES
 from dume.shared.progress import byte_progress
 from dume.shared.transport.blobs import read_range, sha256_file
-from dume.shared.transport.channels import DEFAULT_CHUNK_BYTES, TRANSIENT, refusal, server_tls_channel
+from dume.shared.transport.channels import DEFAULT_CHUNK_BYTES, TRANSIENT, refusal, server_tls_channel, spread
 from dume.shared.transport.download import fetch_missing
 from dume.shared.transport.wire import FileRange, safetensors_ranges, tensor_from_bytes
 from dume.shared.trust import pki
@@ -125,6 +127,25 @@ def model_upload(model_dir: Path, name: str) -> Upload:
     return Upload(plan, sources, "model")
 
 
+class SentBytes:
+    """What an upload's streams sent together: the progress bar, and the rate limit (bytes/s, 0: none) over all of
+    them, so that several streams side by side keep the average rate under it as one stream did."""
+
+    def __init__(self, bar: tqdm, max_rate: float) -> None:
+        self.total = 0
+        self._bar, self._max_rate = bar, max_rate
+        self._started = time.monotonic()
+        self._lock = threading.Lock()
+
+    def add(self, size: int) -> None:
+        with self._lock:
+            self.total += size
+            self._bar.update(size)
+            ahead = self.total / self._max_rate - (time.monotonic() - self._started) if self._max_rate else 0.0
+        if ahead > 0:
+            time.sleep(ahead)
+
+
 class Agent:
     """One enrolled node talking to its coordinator; ``placement`` and ``max_tokens`` say how statistics run, and
     ``give_up_after`` how long the coordinator may stay unreachable before the agent gives up (None: never)."""
@@ -152,14 +173,15 @@ class Agent:
             try:
                 state = self.stub.BeginUpload(upload.plan, timeout=60)
                 held = {blob.sha256: blob.offset for blob in state.blobs}
-                missing = sum(upload.sources[sha].size - offset for sha, offset in held.items())
-                with byte_progress(missing, f"upload {upload.what}") as bar:
-                    counter = [0]
+                left = {sha: upload.sources[sha].size - offset for sha, offset in held.items()
+                        if offset < upload.sources[sha].size}
+                with byte_progress(sum(left.values()), f"upload {upload.what}") as bar:
+                    counter = SentBytes(bar, self.max_rate)
                     try:
-                        self.stub.SendChunks(self._chunks(state.upload_id, upload, held, bar, counter))
+                        self._send(state.upload_id, upload, held, spread(left), counter)
                     finally:
-                        sent += counter[0]
-                        if counter[0]:
+                        sent += counter.total
+                        if counter.total:
                             reconnect.succeeded()  # progress: the coordinator is back, the clock starts again
                 response = self.stub.CommitUpload(pb.CommitRequest(upload_id=state.upload_id), timeout=600)
                 break
@@ -172,20 +194,27 @@ class Agent:
         self.workdir.record_transfer("upload", what=upload.what, bytes=total, sent_bytes=sent, seconds=seconds)
         return response
 
-    def _chunks(self, upload_id: str, upload: Upload, held: dict[str, int], bar: tqdm,
-                counter: list[int]) -> Iterator[pb.Chunk]:
-        started = time.monotonic()
-        for sha256 in sorted(held):
+    def _send(self, upload_id: str, upload: Upload, held: dict[str, int], streams: list[list[str]],
+              counter: SentBytes) -> None:
+        """Sends each group of blobs on its own SendChunks stream, side by side; raises the first failure."""
+        if len(streams) <= 1:
+            for blobs in streams:
+                self.stub.SendChunks(self._chunks(upload_id, upload, held, blobs, counter))
+            return
+        with ThreadPoolExecutor(len(streams), thread_name_prefix="upload") as pool:
+            calls = [pool.submit(self.stub.SendChunks, self._chunks(upload_id, upload, held, blobs, counter))
+                     for blobs in streams]
+            for call in calls:
+                call.result()
+
+    def _chunks(self, upload_id: str, upload: Upload, held: dict[str, int], blobs: list[str],
+                counter: SentBytes) -> Iterator[pb.Chunk]:
+        for sha256 in blobs:
             where, offset = upload.sources[sha256], held[sha256]
             for data in read_range(where.path, where.start + offset, where.size - offset, self.chunk_bytes):
                 yield pb.Chunk(upload_id=upload_id, sha256=sha256, offset=offset, data=data)
                 offset += len(data)
-                counter[0] += len(data)
-                bar.update(len(data))
-                if self.max_rate:  # keep the average rate under the limit
-                    ahead = counter[0] / self.max_rate - (time.monotonic() - started)
-                    if ahead > 0:
-                        time.sleep(ahead)
+                counter.add(len(data))
 
     def contribute_model(self) -> None:
         upload = model_upload(Path(self.state["model"]), self.state["name"])

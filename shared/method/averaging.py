@@ -27,10 +27,12 @@ def canonical_mean(member_names: Iterable[str], read: Callable[[str], torch.Tens
     if not names:
         raise ValueError("no members to average")
     first = read(names[0])
-    total = first.to(torch.float64)
+    dtype = first.dtype
+    total = first.to(torch.float64, copy=True)
+    del first  # in place from here on: the sum holds one float64 copy of the tensor, not one per step
     for name in names[1:]:
-        total = total + read(name).to(torch.float64)
-    return (total / len(names)).to(first.dtype)
+        total += read(name).to(torch.float64)
+    return total.div_(len(names)).to(dtype)
 
 
 def compute_basis(experts: Mapping[str, ExpertDirectory]) -> dict[str, torch.Tensor]:
