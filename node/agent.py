@@ -43,7 +43,14 @@ from dume.shared.method.statistics import (
 from dume.shared.method.writer import TOKENIZER_FILES
 from dume.shared.progress import byte_progress
 from dume.shared.transport.blobs import read_range, sha256_file
-from dume.shared.transport.channels import DEFAULT_CHUNK_BYTES, TRANSIENT, refusal, server_tls_channel, spread
+from dume.shared.transport.channels import (
+    DEFAULT_CHUNK_BYTES,
+    TRANSFER_STREAMS,
+    TRANSIENT,
+    refusal,
+    server_tls_channel,
+    spread,
+)
 from dume.shared.transport.download import fetch_missing
 from dume.shared.transport.wire import FileRange, safetensors_ranges, tensor_from_bytes
 from dume.shared.trust import pki
@@ -97,11 +104,14 @@ class Upload:
 
 
 def described(ranges: dict[str, FileRange]) -> tuple[list[tensors_pb2.TensorEntry], dict[str, FileRange]]:
-    """Manifest entries (hashed a chunk at a time from the files) and where each blob's bytes lie."""
+    """Manifest entries (hashed a chunk at a time from the files, a few tensors side by side: hashing releases the
+    GIL) and where each blob's bytes lie."""
+    names = sorted(ranges)
+    with ThreadPoolExecutor(TRANSFER_STREAMS, thread_name_prefix="hash") as pool:
+        hashes = pool.map(lambda name: sha256_file(ranges[name].path, ranges[name].start, ranges[name].size), names)
     entries, sources = [], {}
-    for name in sorted(ranges):
+    for name, sha256 in zip(names, hashes, strict=True):
         where = ranges[name]
-        sha256 = sha256_file(where.path, where.start, where.size)
         entries.append(tensors_pb2.TensorEntry(name=name, dtype=where.dtype, shape=list(where.shape),
                                                sha256=sha256, size_bytes=where.size))
         sources[sha256] = where
