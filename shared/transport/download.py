@@ -39,14 +39,17 @@ def version_blobs(version: pb.Version) -> dict[str, int]:
 
 
 def download_blob(stub: rpc.FederationStub, sha256: str, cache: BlobStore,
-                  received_chunk: Callable[[int], object] = lambda size: None) -> int:
+                  received_chunk: Callable[[int], object] = lambda size: None,
+                  opened: Callable[[grpc.Call], object] = lambda call: None) -> int:
     """Streams one blob into the cache (verified before it is adopted), telling ``received_chunk`` each chunk's
-    size; returns the bytes received."""
+    size and ``opened`` the call (so that another thread can cancel it); returns the bytes received."""
     temporary = cache.new_temporary("download-")
     digest, received = hashlib.sha256(), 0
     try:
         with open(temporary, "wb") as handle:
-            for chunk in stub.ReadBlob(pb.BlobRequest(sha256=sha256)):
+            call = stub.ReadBlob(pb.BlobRequest(sha256=sha256))
+            opened(call)
+            for chunk in call:
                 data = chunk.data  # each read of a bytes field copies it
                 handle.write(data)
                 digest.update(data)
@@ -75,7 +78,7 @@ def fetch_missing(stub: rpc.FederationStub, wanted: dict[str, int], cache: BlobS
             cache.put_bytes(data)
             continue
         missing.append(sha256)
-    lock = threading.Lock()
+    lock, calls = threading.Lock(), []
     with byte_progress(sum(wanted[sha256] for sha256 in missing), "download") as bar:
 
         def received(size: int) -> None:
@@ -83,11 +86,19 @@ def fetch_missing(stub: rpc.FederationStub, wanted: dict[str, int], cache: BlobS
                 bar.update(size)
 
         def download_all(blobs: list[str]) -> int:
-            return sum(download_blob(stub, sha256, cache, received) for sha256 in blobs)
+            return sum(download_blob(stub, sha256, cache, received, calls.append) for sha256 in blobs)
 
         streams = spread({sha256: wanted[sha256] for sha256 in missing})
-        with ThreadPoolExecutor(max(1, len(streams)), thread_name_prefix="download") as pool:
+        pool = ThreadPoolExecutor(max(1, len(streams)), thread_name_prefix="download")
+        try:
             total = sum(pool.map(download_all, streams))
+        except BaseException:  # a failed stream or SIGTERM: end the others now rather than wait for them
+            pool.shutdown(wait=False, cancel_futures=True)
+            for call in list(calls):
+                call.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=True)
     return len(missing), total
 
 
