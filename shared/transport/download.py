@@ -78,22 +78,27 @@ def fetch_missing(stub: rpc.FederationStub, wanted: dict[str, int], cache: BlobS
             cache.put_bytes(data)
             continue
         missing.append(sha256)
-    lock, calls = threading.Lock(), []
+    lock, calls, stopping = threading.Lock(), [], threading.Event()
     with byte_progress(sum(wanted[sha256] for sha256 in missing), "download") as bar:
 
         def received(size: int) -> None:
             with lock:
                 bar.update(size)
 
+        def opened(call: grpc.Call) -> None:
+            calls.append(call)
+            if stopping.is_set():
+                call.cancel()
+
         def download_all(blobs: list[str]) -> int:
-            return sum(download_blob(stub, sha256, cache, received, calls.append) for sha256 in blobs)
+            return sum(download_blob(stub, sha256, cache, received, opened) for sha256 in blobs)
 
         streams = spread({sha256: wanted[sha256] for sha256 in missing})
         pool = ThreadPoolExecutor(max(1, len(streams)), thread_name_prefix="download")
         try:
             total = sum(pool.map(download_all, streams))
         except BaseException:  # a failed stream or SIGTERM: end the others now rather than wait for them
-            pool.shutdown(wait=False, cancel_futures=True)
+            stopping.set()
             for call in list(calls):
                 call.cancel()
             raise
