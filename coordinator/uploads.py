@@ -291,6 +291,16 @@ class BlobReceiver:
     def __init__(self, uploads: Uploads) -> None:
         self.uploads = uploads
         self._blob: _PartialBlob | None = None
+        self._dtypes: tuple[str, dict[str, list[str]]] = ("", {})  # one upload's sha256 -> dtypes, made once
+
+    def _dtypes_of(self, planned: PlannedUpload, sha256: str) -> list[str]:
+        """Every dtype a tensor of the plan reads the blob as (none for a file): what its values are checked in."""
+        if self._dtypes[0] != planned.upload_id:
+            dtypes: dict[str, set[str]] = {}
+            for entry in planned.plan.manifest.tensors:
+                dtypes.setdefault(entry.sha256, set()).add(entry.dtype)
+            self._dtypes = (planned.upload_id, {sha: sorted(names) for sha, names in dtypes.items()})
+        return self._dtypes[1].get(sha256, [])
 
     def write(self, planned: PlannedUpload, sha256: str, offset: int, data: bytes) -> None:
         """Appends one chunk at the offset already held; a finished blob is verified and renamed to its hash."""
@@ -307,7 +317,8 @@ class BlobReceiver:
                 raise self._discontinuous(sha256, offset, held, size)
             if held == size:
                 return  # an empty chunk after the last byte: nothing to add
-            self._blob = blob = _PartialBlob.open(planned, sha256, self.uploads.part_path(planned, sha256), held)
+            self._blob = blob = _PartialBlob.open(planned, sha256, self.uploads.part_path(planned, sha256), held,
+                                                  self._dtypes_of(planned, sha256))
         elif offset != blob.held or blob.held + len(data) > size or blob.on_disk() != blob.held:
             # another stream of the same upload appended meanwhile (a reconnect overlapping a stale stream)
             held = blob.on_disk()
@@ -350,8 +361,7 @@ class _PartialBlob:
     finite: bool = True
 
     @classmethod
-    def open(cls, planned: PlannedUpload, sha256: str, path: Path, held: int) -> _PartialBlob:
-        dtypes = sorted({entry.dtype for entry in planned.plan.manifest.tensors if entry.sha256 == sha256})
+    def open(cls, planned: PlannedUpload, sha256: str, path: Path, held: int, dtypes: list[str]) -> _PartialBlob:
         blob = cls(planned, sha256, path, open(path, "ab", buffering=0), held, hashlib.sha256(), dtypes)
         if held:  # resumed: the running hash and checks start over the bytes already staged (read once)
             blob.held = 0
