@@ -65,7 +65,8 @@ def _commit_model(ledger: Ledger, uploads: Uploads, member: str, planned: Planne
     files = {name: uploads.blob_path(planned, sha) for name, sha in messages.file_hashes(plan).items()}
     config = validation.read_config(files)
     reference = ledger.get_meta("architecture")
-    validation.check_model(config, plan.manifest, reference, lambda sha: uploads.blob_path(planned, sha))
+    validation.check_model(config, plan.manifest, reference, lambda sha: uploads.blob_path(planned, sha),
+                           lambda sha: uploads.checked_finite(planned, sha))
     validation.check_tokenizer_files(messages.tokenizer_files(plan), reference)
     with ledger.transaction():  # adopted and recorded together, so `gc` never sees the blobs unnamed
         still_authorised()

@@ -289,7 +289,7 @@ class Coordinator:
         with self._online_lock:
             if reader != ADMIN_NAME and self._transfers[reader] >= self.limits.transfers_per_member:
                 raise Refused("exhausted", f"{reader} already has {self._transfers[reader]} transfers open, the most "
-                              "a member may: finish them first (a node sends and reads one blob stream at a time)")
+                              "a member may: finish them first (a node sends or reads two blob streams at a time)")
             self._transfers[reader] += 1
         try:
             yield

@@ -10,6 +10,7 @@ members joined, left or were revoked in.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -28,9 +29,9 @@ from dume.shared.method.expert import DenseWeights
 from dume.shared.method.families import detect_family
 from dume.shared.method.routers import MergeSettings, solve_for_checkpoint
 from dume.shared.method.statistics import gram_from_tensors
-from dume.shared.method.writer import write_moe_checkpoint
+from dume.shared.method.writer import LazyTensors, write_moe_checkpoint
 from dume.shared.transport.blobs import BlobStore
-from dume.shared.transport.wire import tensor_bytes, tensor_entry, tensor_from_bytes
+from dume.shared.transport.wire import tensor_entry, tensor_from_bytes, tensor_view
 from dume.v1 import tensors_pb2
 
 log = logging.getLogger("dume.coordinator")
@@ -54,7 +55,7 @@ class StoredMember(DenseWeights):
 
     def tensor(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
-        return tensor_from_bytes(entry, self._blobs.read_bytes(entry.sha256))
+        return tensor_from_bytes(entry, self._blobs.read_buffer(entry.sha256))
 
     def read_file(self, name: str) -> bytes | None:
         sha256 = self._files.get(name)
@@ -68,20 +69,29 @@ class BlobSink:
         self._blobs = blobs
         self.files: list[VersionFile] = []
 
-    def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        self.files.append(VersionFile(name, shard=manifest_into(self._blobs, tensors)))
+    def write_shard(self, name: str, tensors: LazyTensors) -> int:
+        """Stores the shard's tensors one at a time, each computed, hashed, written and dropped before the next."""
+        entries, total = [], 0
+        for tensor_name in sorted(tensors):
+            entry = store_tensor(self._blobs, tensor_name, tensors[tensor_name]())
+            entries.append(entry)
+            total += entry.size_bytes
+        self.files.append(VersionFile(name, shard=tensors_pb2.TensorManifest(tensors=entries)))
+        return total
 
     def write_file(self, name: str, data: bytes) -> None:
         self.files.append(VersionFile(name, sha256=self._blobs.put_bytes(data), size_bytes=len(data)))
 
 
+def store_tensor(blobs: BlobStore, name: str, tensor: torch.Tensor) -> tensors_pb2.TensorEntry:
+    """Stores one tensor's bytes as a blob (read in place, hashed once) and returns its entry."""
+    sha256 = blobs.put_bytes(tensor_view(tensor))
+    return tensor_entry(name, tensor, sha256)
+
+
 def manifest_into(blobs: BlobStore, tensors: dict[str, torch.Tensor]) -> tensors_pb2.TensorManifest:
     """Stores each tensor as a blob; returns their manifest, sorted by name."""
-    entries = []
-    for name in sorted(tensors):
-        blobs.put_bytes(tensor_bytes(tensors[name]))
-        entries.append(tensor_entry(name, tensors[name]))
-    return tensors_pb2.TensorManifest(tensors=entries)
+    return tensors_pb2.TensorManifest(tensors=[store_tensor(blobs, name, tensors[name]) for name in sorted(tensors)])
 
 
 def statistics_tensor(statistics: Statistics, blobs: BlobStore, hidden_size: int) -> torch.Tensor:
@@ -147,6 +157,16 @@ def publish_if_due(ledger: Ledger, blobs: BlobStore, settings: MergeSettings,
     return number
 
 
+def give_memory_back() -> None:
+    """Returns the memory a publication freed to the system. glibc keeps freed heap memory for reuse (notably the
+    many tensor-sized buffers of a round, in the arenas of the worker threads), so without this the daemon's RSS
+    stays at its publication peak; a C library without ``malloc_trim`` is left alone."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Publisher:
     """One worker thread that brings the basis and the published version up to date with the ledger.
 
@@ -203,6 +223,8 @@ class Publisher:
                 log.exception("publication failed")
                 self.error = f"{type(error).__name__}: {error}"
                 self._metrics.publication_failures.inc()
+            finally:
+                give_memory_back()
             with self._condition:
                 self._done = ticket
                 self._condition.notify_all()

@@ -113,11 +113,11 @@ class FederationService(rpc.FederationServicer):
     def SendChunks(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.UploadState:
         member = self._member(context)
         planned: PlannedUpload | None = None
-        with self.c.transferring(member):
+        with self.c.transferring(member), self.c.uploads.receiving() as receiver:
             for chunk in request_iterator:
                 if planned is None or planned.upload_id != chunk.upload_id:
                     planned = self.c.uploads.planned(member, chunk.upload_id)
-                self.c.uploads.write(planned, chunk.sha256, chunk.offset, chunk.data)
+                receiver.write(planned, chunk.sha256, chunk.offset, chunk.data)
         if planned is None:
             return pb.UploadState()
         return messages.upload_state_message(planned.upload_id, self.c.uploads.held(planned))

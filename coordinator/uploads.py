@@ -1,11 +1,13 @@
-"""Resumable uploads: each blob of a declared plan is appended to a staging file, fsynced chunk by chunk.
+"""Resumable uploads: each blob of a declared plan is appended to a staging file, hashed and checked as it arrives.
 
 The staging directory of an upload is ``state/uploads/<upload_id>``, where the id is derived from the member,
 the kind and the plan, so the same plan resumes against the same files after a dropped connection or a restart
 of either side. The plan itself is held there too (``plan.pb`` and ``member``), never in the daemon's memory, so
-open uploads cost disk, not RAM, and survive a restart. A blob's durable offset is its staging file's size; a
-complete blob is hashed and renamed to ``<sha>`` (``<sha>.part`` while partial). Nothing outside the staging
-directory changes until commit, so an upload that fails validation is removed without a trace.
+open uploads cost disk, not RAM, and survive a restart. A blob's durable offset is its staging file's size, fsynced
+before it is reported (``BlobReceiver`` says when bytes become durable); a complete blob, whose SHA-256 was
+computed as its chunks arrived, is renamed to ``<sha>`` (``<sha>.part`` while partial), with ``<sha>.finite``
+beside it when its values were all finite, so neither the hash nor that check reads it again. Nothing outside the
+staging directory changes until commit, so an upload that fails validation is removed without a trace.
 
 Limits (``Limits``): a plan is refused before any byte is accepted when its declared bytes, with those of the
 member's other open plans, pass the member's staging quota, when the member holds too many open plans, or when
@@ -15,21 +17,24 @@ the disk would keep less than its reserve; an upload untouched for ``staging_exp
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dume.coordinator.errors import Refused
 from dume.coordinator.limits import Limits
-from dume.shared.files import write_atomically
+from dume.shared.files import fsync_file, write_atomically
 from dume.shared.method.writer import TOKENIZER_FILES
-from dume.shared.transport.blobs import BlobStore, sha256_file
-from dume.shared.transport.wire import DTYPES, expected_size
+from dume.shared.transport.blobs import BlobStore, read_range, sha256_file
+from dume.shared.transport.wire import DTYPES, all_finite, expected_size
 from dume.v1 import federation_pb2
 
 MAX_CHUNK_BYTES = 1 << 20
@@ -37,6 +42,7 @@ MAX_BLOBS = 100_000
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 MODEL_FILES = frozenset(("config.json", *TOKENIZER_FILES))
 PLAN_FILE, MEMBER_FILE = "plan.pb", "member"
+FINITE_SUFFIX = ".finite"  # beside a complete staged blob: its values were all finite as they arrived
 log = logging.getLogger("dume.coordinator")
 
 
@@ -193,7 +199,13 @@ class Uploads:
         return found
 
     def held(self, planned: PlannedUpload) -> dict[str, int]:
-        """Bytes durably held of each blob (sha256 -> offset): where a resumed upload continues."""
+        """Bytes durably held of each blob (sha256 -> offset): where a resumed upload continues. A partial blob is
+        fsynced before its size is reported, so an offset reported is never one a crash could take back."""
+        for sha256 in planned.sizes:
+            try:
+                fsync_file(self.part_path(planned, sha256))
+            except FileNotFoundError:
+                pass
         return {sha: self._held(planned, sha) for sha in sorted(planned.sizes)}
 
     def planned(self, member: str, upload: str) -> PlannedUpload:
@@ -209,7 +221,7 @@ class Uploads:
     def _held(self, planned: PlannedUpload, sha256: str) -> int:
         if self.complete_path(planned, sha256).exists():
             return planned.sizes[sha256]
-        part = self._part_path(planned, sha256)
+        part = self.part_path(planned, sha256)
         if part.exists():
             held = part.stat().st_size
             if held == planned.sizes[sha256]:  # written whole, but the daemon died before it verified and named it
@@ -222,42 +234,40 @@ class Uploads:
     def complete_path(self, planned: PlannedUpload, sha256: str) -> Path:
         return self.root / planned.upload_id / sha256
 
-    def _part_path(self, planned: PlannedUpload, sha256: str) -> Path:
-        return self.root / planned.upload_id / f"{sha256}.part"
-
     def write(self, planned: PlannedUpload, sha256: str, offset: int, data: bytes) -> None:
-        """Appends one chunk at the offset already held, durably; a finished blob is verified at once."""
-        size = planned.sizes.get(sha256)
-        if size is None:
-            raise Refused("precondition", f"blob {sha256[:12]} is not part of upload {planned.upload_id}")
-        if len(data) > MAX_CHUNK_BYTES:
-            raise Refused("precondition", f"a chunk holds {len(data)} bytes; send at most {MAX_CHUNK_BYTES}")
-        held = self._held(planned, sha256)
-        if offset != held or held + len(data) > size:
-            raise Refused("precondition", f"blob {sha256[:12]}: chunk at offset {offset} does not continue the "
-                          f"{held} of {size} bytes held: resume from the offset BeginUpload reports")
-        part = self._part_path(planned, sha256)
+        """Appends one chunk at the offset already held, durably; a finished blob is verified at once. (A stream of
+        chunks goes through one ``receiving`` block instead, which keeps the blob open between chunks.)"""
+        with self.receiving() as receiver:
+            receiver.write(planned, sha256, offset, data)
+
+    @contextmanager
+    def receiving(self) -> Iterator[BlobReceiver]:
+        """A receiver for one stream of chunks; whatever it holds open is made durable when the block ends."""
+        receiver = BlobReceiver(self)
         try:
-            os.utime(self.root / planned.upload_id / PLAN_FILE)  # progress: the upload's expiry starts again
+            yield receiver
+        finally:
+            receiver.close()
+
+    def touch(self, planned: PlannedUpload) -> None:
+        """Progress: the upload's expiry starts again (refused if it expired or was committed meanwhile)."""
+        try:
+            os.utime(self.root / planned.upload_id / PLAN_FILE)
         except FileNotFoundError:
             raise Refused("precondition", f"upload {planned.upload_id} expired or was committed: begin it again") \
                 from None
-        try:
-            with open(part, "ab") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except OSError:
-            if part.exists():
-                os.truncate(part, held)  # a chunk is held whole or not at all (a full disk may cut it short)
-            raise
-        if held + len(data) == size and not self._finish(planned, sha256):
-            raise Refused("precondition", f"blob {sha256[:12]} does not match its SHA-256: it was corrupted; "
-                          "it is discarded, send it again")
+
+    def part_path(self, planned: PlannedUpload, sha256: str) -> Path:
+        return self.root / planned.upload_id / f"{sha256}.part"
+
+    def checked_finite(self, planned: PlannedUpload, sha256: str) -> bool:
+        """Whether the staged blob was found finite as it arrived, in every dtype the plan reads it as."""
+        return (self.root / planned.upload_id / f"{sha256}{FINITE_SUFFIX}").exists()
 
     def _finish(self, planned: PlannedUpload, sha256: str) -> bool:
-        """Names a blob's full staging file by its hash once its bytes match it; discards it (False) if not."""
-        part = self._part_path(planned, sha256)
+        """Names a blob's full staging file by its hash once its bytes match it (the daemon died after the last
+        chunk was made durable, before the blob was verified and renamed); discards it (False) if they do not."""
+        part = self.part_path(planned, sha256)
         if sha256_file(part) != sha256:
             part.unlink()
             return False
@@ -288,3 +298,139 @@ class Uploads:
 
     def discard(self, planned: PlannedUpload) -> None:
         shutil.rmtree(self.root / planned.upload_id, ignore_errors=True)
+
+
+class BlobReceiver:
+    """Appends one stream's chunks to staged blobs. The blob being received stays open from chunk to chunk and is
+    hashed and checked for non-finite values as its chunks arrive, so nothing reads it again; it is fsynced once,
+    when complete (before it is renamed to its hash) or when the stream ends.
+
+    Durability: every offset the coordinator reports (``Uploads.held``, after BeginUpload and SendChunks) was
+    fsynced first, so a crash never takes back bytes a node was told are held. Bytes past the last report may be
+    lost in a power cut; if a filesystem kept a partial blob's size but not its bytes, the blob's SHA-256 fails on
+    completion and it is discarded and sent again: it is never adopted.
+    """
+
+    def __init__(self, uploads: Uploads) -> None:
+        self.uploads = uploads
+        self._blob: _PartialBlob | None = None
+        self._dtypes: tuple[str, dict[str, list[str]]] = ("", {})  # one upload's sha256 -> dtypes, made once
+
+    def _dtypes_of(self, planned: PlannedUpload, sha256: str) -> list[str]:
+        """Every dtype a tensor of the plan reads the blob as (none for a file): what its values are checked in."""
+        if self._dtypes[0] != planned.upload_id:
+            dtypes: dict[str, set[str]] = {}
+            for entry in planned.plan.manifest.tensors:
+                dtypes.setdefault(entry.sha256, set()).add(entry.dtype)
+            self._dtypes = (planned.upload_id, {sha: sorted(names) for sha, names in dtypes.items()})
+        return self._dtypes[1].get(sha256, [])
+
+    def write(self, planned: PlannedUpload, sha256: str, offset: int, data: bytes) -> None:
+        """Appends one chunk at the offset already held; a finished blob is verified and renamed to its hash."""
+        size = planned.sizes.get(sha256)
+        if size is None:
+            raise Refused("precondition", f"blob {sha256[:12]} is not part of upload {planned.upload_id}")
+        if len(data) > MAX_CHUNK_BYTES:
+            raise Refused("precondition", f"a chunk holds {len(data)} bytes; send at most {MAX_CHUNK_BYTES}")
+        blob = self._blob
+        if blob is None or (blob.planned.upload_id, blob.sha256) != (planned.upload_id, sha256):
+            self.close()
+            held = self.uploads._held(planned, sha256)
+            if offset != held or held + len(data) > size:
+                raise self._discontinuous(sha256, offset, held, size)
+            if held == size:
+                return  # an empty chunk after the last byte: nothing to add
+            self._blob = blob = _PartialBlob.open(planned, sha256, self.uploads.part_path(planned, sha256), held,
+                                                  self._dtypes_of(planned, sha256))
+        elif offset != blob.held or blob.held + len(data) > size or blob.on_disk() != blob.held:
+            # another stream of the same upload appended meanwhile (a reconnect overlapping a stale stream)
+            held = blob.on_disk()
+            self.close()
+            raise self._discontinuous(sha256, offset, held, size)
+        self.uploads.touch(planned)
+        try:
+            blob.append(data)
+        except OSError:
+            self.close()
+            raise
+        if blob.held == size:
+            self._blob = None
+            blob.finish(self.uploads.complete_path(planned, sha256))
+
+    @staticmethod
+    def _discontinuous(sha256: str, offset: int, held: int, size: int) -> Refused:
+        return Refused("precondition", f"blob {sha256[:12]}: chunk at offset {offset} does not continue the "
+                       f"{held} of {size} bytes held: resume from the offset BeginUpload reports")
+
+    def close(self) -> None:
+        """Makes the bytes of the blob being received durable and closes it."""
+        blob, self._blob = self._blob, None
+        if blob is not None:
+            blob.close()
+
+
+@dataclass
+class _PartialBlob:
+    """A staged blob being appended to: its open file, the running SHA-256, and the finiteness checks."""
+
+    planned: PlannedUpload
+    sha256: str
+    path: Path
+    handle: io.FileIO
+    held: int
+    digest: Any  # hashlib's running SHA-256
+    dtypes: list[str]  # every dtype a tensor of the plan reads this blob as; checked for NaN and infinities
+    tail: bytes = b""  # bytes past the last whole value of the widest dtype, checked with the next chunk
+    finite: bool = True
+
+    @classmethod
+    def open(cls, planned: PlannedUpload, sha256: str, path: Path, held: int, dtypes: list[str]) -> _PartialBlob:
+        blob = cls(planned, sha256, path, open(path, "ab", buffering=0), held, hashlib.sha256(), dtypes)
+        if held:  # resumed: the running hash and checks start over the bytes already staged (read once)
+            blob.held = 0
+            for chunk in read_range(path, 0, held):
+                blob._account(chunk)
+        return blob
+
+    def on_disk(self) -> int:
+        return os.fstat(self.handle.fileno()).st_size
+
+    def _account(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.held += len(data)
+        if self.dtypes and self.finite:
+            width = max(DTYPES[dtype].itemsize for dtype in self.dtypes)
+            values = self.tail + data if self.tail else data
+            whole = len(values) - len(values) % width
+            view = memoryview(values)[:whole]
+            self.finite = all(all_finite(view, dtype) for dtype in self.dtypes)
+            self.tail = bytes(values[whole:])
+
+    def append(self, data: bytes) -> None:
+        """Writes the whole chunk, or (a full disk cut it short) nothing of it."""
+        try:
+            written = 0
+            while written < len(data):
+                written += self.handle.write(memoryview(data)[written:])
+        except OSError:
+            os.truncate(self.path, self.held)
+            raise
+        self._account(data)
+
+    def finish(self, complete: Path) -> None:
+        """Verifies the complete blob against its name; renames it to its hash when it matches, else discards it."""
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        if self.digest.hexdigest() != self.sha256 or self.path.stat().st_size != self.held:
+            self.path.unlink()
+            raise Refused("precondition", f"blob {self.sha256[:12]} does not match its SHA-256: it was corrupted; "
+                          "it is discarded, send it again")
+        if self.dtypes and self.finite and not self.tail:
+            complete.with_name(f"{self.sha256}{FINITE_SUFFIX}").touch()
+        os.replace(self.path, complete)
+
+    def close(self) -> None:
+        try:
+            os.fsync(self.handle.fileno())
+        finally:
+            self.handle.close()

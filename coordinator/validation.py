@@ -21,7 +21,7 @@ from dume.shared.method.ridge import check_solvable
 from dume.shared.method.routers import MergeSettings
 from dume.shared.method.statistics import exceeds_norm_bound, expected_layout, from_upper_triangle, layer_index
 from dume.shared.transport.blobs import read_range
-from dume.shared.transport.wire import DTYPES, tensor_from_bytes
+from dume.shared.transport.wire import DTYPES, all_finite, tensor_from_bytes
 from dume.v1 import federation_pb2, tensors_pb2
 
 CHECK_BYTES = 1 << 22
@@ -74,7 +74,8 @@ def check_tokenizer_files(files: dict[str, str], reference: dict[str, Any] | Non
 
 
 def check_model(config: dict[str, Any], manifest: tensors_pb2.TensorManifest, reference: dict[str, Any] | None,
-                blob_path: Callable[[str], Path]) -> None:
+                blob_path: Callable[[str], Path], checked_finite: Callable[[str], bool] = lambda sha256: False) -> None:
+    """``checked_finite(sha256)``: whether that blob was already found finite as it arrived (then it is not read)."""
     family = detect_family(config, "the uploaded model")
     if reference is not None:
         check_same_architecture({"federation": reference["config"], "uploaded": config})
@@ -85,14 +86,15 @@ def check_model(config: dict[str, Any], manifest: tensors_pb2.TensorManifest, re
     if not wanted <= mlp:
         raise DumeError(f"the upload lacks MLP weights {sorted(wanted - mlp)[0]}: upload the whole model")
     for entry in manifest.tensors:
-        check_finite(entry, blob_path(entry.sha256))
+        if not checked_finite(entry.sha256):
+            check_finite(entry, blob_path(entry.sha256))
 
 
 def check_finite(entry: tensors_pb2.TensorEntry, path: Path) -> None:
     """Every value of a tensor blob is finite, read a few MiB at a time."""
-    dtype = DTYPES[entry.dtype]
-    for chunk in read_range(path, chunk_bytes=CHECK_BYTES - CHECK_BYTES % dtype.itemsize):
-        if not bool(torch.isfinite(torch.frombuffer(bytearray(chunk), dtype=dtype)).all()):
+    itemsize = DTYPES[entry.dtype].itemsize
+    for chunk in read_range(path, chunk_bytes=CHECK_BYTES - CHECK_BYTES % itemsize):
+        if not all_finite(chunk, entry.dtype):
             raise DumeError(f"tensor {entry.name} holds NaN or infinite values: fix the model before uploading")
 
 

@@ -14,8 +14,10 @@ import logging
 import os
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +43,14 @@ from dume.shared.method.statistics import (
 from dume.shared.method.writer import TOKENIZER_FILES
 from dume.shared.progress import byte_progress
 from dume.shared.transport.blobs import read_range, sha256_file
-from dume.shared.transport.channels import DEFAULT_CHUNK_BYTES, TRANSIENT, refusal, server_tls_channel
+from dume.shared.transport.channels import (
+    DEFAULT_CHUNK_BYTES,
+    TRANSFER_STREAMS,
+    TRANSIENT,
+    refusal,
+    server_tls_channel,
+    spread,
+)
 from dume.shared.transport.download import fetch_missing
 from dume.shared.transport.stall import STALL_SECONDS, ProgressDeadline
 from dume.shared.transport.wire import FileRange, safetensors_ranges, tensor_from_bytes
@@ -96,11 +105,14 @@ class Upload:
 
 
 def described(ranges: dict[str, FileRange]) -> tuple[list[tensors_pb2.TensorEntry], dict[str, FileRange]]:
-    """Manifest entries (hashed a chunk at a time from the files) and where each blob's bytes lie."""
+    """Manifest entries (hashed a chunk at a time from the files, a few tensors side by side: hashing releases the
+    GIL) and where each blob's bytes lie."""
+    names = sorted(ranges)
+    with ThreadPoolExecutor(TRANSFER_STREAMS, thread_name_prefix="hash") as pool:
+        hashes = pool.map(lambda name: sha256_file(ranges[name].path, ranges[name].start, ranges[name].size), names)
     entries, sources = [], {}
-    for name in sorted(ranges):
+    for name, sha256 in zip(names, hashes, strict=True):
         where = ranges[name]
-        sha256 = sha256_file(where.path, where.start, where.size)
         entries.append(tensors_pb2.TensorEntry(name=name, dtype=where.dtype, shape=list(where.shape),
                                                sha256=sha256, size_bytes=where.size))
         sources[sha256] = where
@@ -124,6 +136,25 @@ def model_upload(model_dir: Path, name: str) -> Upload:
             sources[sha256] = FileRange(path, 0, size, "", ())
     plan = pb.UploadPlan(kind=pb.UPLOAD_KIND_MODEL, manifest=tensors_pb2.TensorManifest(tensors=entries), files=files)
     return Upload(plan, sources, "model")
+
+
+class SentBytes:
+    """What an upload's streams sent together: the progress bar, and the rate limit (bytes/s, 0: none) over all of
+    them, so that several streams side by side keep the average rate under it as one stream did."""
+
+    def __init__(self, bar: tqdm, max_rate: float) -> None:
+        self.total = 0
+        self._bar, self._max_rate = bar, max_rate
+        self._started = time.monotonic()
+        self._lock = threading.Lock()
+
+    def add(self, size: int) -> None:
+        with self._lock:
+            self.total += size
+            self._bar.update(size)
+            ahead = self.total / self._max_rate - (time.monotonic() - self._started) if self._max_rate else 0.0
+        if ahead > 0:
+            time.sleep(ahead)
 
 
 class Agent:
@@ -154,17 +185,15 @@ class Agent:
             try:
                 state = self.stub.BeginUpload(upload.plan, timeout=self.stall_seconds)
                 held = {blob.sha256: blob.offset for blob in state.blobs}
-                missing = sum(upload.sources[sha].size - offset for sha, offset in held.items())
-                with byte_progress(missing, f"upload {upload.what}") as bar:
-                    counter, deadline = [0], ProgressDeadline(self.stall_seconds)
-                    call = self.stub.SendChunks.future(
-                        self._chunks(state.upload_id, upload, held, bar, counter, deadline))
+                left = {sha: upload.sources[sha].size - offset for sha, offset in held.items()
+                        if offset < upload.sources[sha].size}
+                with byte_progress(sum(left.values()), f"upload {upload.what}") as bar:
+                    counter = SentBytes(bar, self.max_rate)
                     try:
-                        with deadline.watching(call):
-                            call.result()
+                        self._send(state.upload_id, upload, held, spread(left), counter)
                     finally:
-                        sent += counter[0]
-                        if counter[0]:
+                        sent += counter.total
+                        if counter.total:
                             reconnect.succeeded()  # progress: the coordinator is back, the clock starts again
                 response = self.stub.CommitUpload(pb.CommitRequest(upload_id=state.upload_id), timeout=600)
                 break
@@ -177,23 +206,33 @@ class Agent:
         self.workdir.record_transfer("upload", what=upload.what, bytes=total, sent_bytes=sent, seconds=seconds)
         return response
 
-    def _chunks(self, upload_id: str, upload: Upload, held: dict[str, int], bar: tqdm,
-                counter: list[int], deadline: ProgressDeadline) -> Iterator[pb.Chunk]:
+    def _send(self, upload_id: str, upload: Upload, held: dict[str, int], streams: list[list[str]],
+              counter: SentBytes) -> None:
+        """Sends each group of blobs on its own SendChunks stream, side by side; raises the first failure. The
+        streams share one progress deadline; an interruption (a failed or stalled stream, SIGTERM) cancels every
+        stream at once rather than waiting for them."""
+        deadline = ProgressDeadline(self.stall_seconds)
+        calls = [self.stub.SendChunks.future(self._chunks(upload_id, upload, held, blobs, counter, deadline))
+                 for blobs in streams]
+        try:
+            with deadline.watching(*calls):
+                for call in calls:
+                    call.result()
+        finally:
+            for call in calls:
+                call.cancel()  # nothing for a finished call
+
+    def _chunks(self, upload_id: str, upload: Upload, held: dict[str, int], blobs: list[str],
+                counter: SentBytes, deadline: ProgressDeadline) -> Iterator[pb.Chunk]:
         """The chunks the coordinator lacks; gRPC asks for the next one only once the last was handed to the
         connection, so each request is progress, and a stalled link stops asking."""
-        started = time.monotonic()
-        for sha256 in sorted(held):
+        for sha256 in blobs:
             where, offset = upload.sources[sha256], held[sha256]
             for data in read_range(where.path, where.start + offset, where.size - offset, self.chunk_bytes):
                 deadline.progressed()
                 yield pb.Chunk(upload_id=upload_id, sha256=sha256, offset=offset, data=data)
                 offset += len(data)
-                counter[0] += len(data)
-                bar.update(len(data))
-                if self.max_rate:  # keep the average rate under the limit
-                    ahead = counter[0] / self.max_rate - (time.monotonic() - started)
-                    if ahead > 0:
-                        time.sleep(ahead)
+                counter.add(len(data))
 
     def contribute_model(self) -> None:
         upload = model_upload(Path(self.state["model"]), self.state["name"])

@@ -15,6 +15,8 @@ import torch
 
 from dume.shared.method.expert import ExpertDirectory
 
+SUM_BLOCK = 1 << 20  # values added at a time (8 MiB of float64)
+
 
 def canonical_mean(member_names: Iterable[str], read: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """The mean of one tensor over members, summed in float64 in sorted member order.
@@ -27,10 +29,16 @@ def canonical_mean(member_names: Iterable[str], read: Callable[[str], torch.Tens
     if not names:
         raise ValueError("no members to average")
     first = read(names[0])
-    total = first.to(torch.float64)
-    for name in names[1:]:
-        total = total + read(name).to(torch.float64)
-    return (total / len(names)).to(first.dtype)
+    dtype = first.dtype
+    total = first.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
+    del first
+    flat = total.view(-1)
+    for name in names[1:]:  # in place and a block at a time: no float64 copy of a whole member's tensor
+        tensor = read(name).reshape(-1)
+        for start in range(0, len(flat), SUM_BLOCK):
+            flat[start:start + SUM_BLOCK] += tensor[start:start + SUM_BLOCK].to(torch.float64)
+        del tensor
+    return total.div_(len(names)).to(dtype)
 
 
 def compute_basis(experts: Mapping[str, ExpertDirectory]) -> dict[str, torch.Tensor]:

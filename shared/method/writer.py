@@ -2,13 +2,15 @@
 
 Tensors use the stock classes' on-disk names (per-expert ``w1/w2/w3`` for Mixtral, ``gate/up/down_proj`` for
 Qwen3-MoE), which every transformers release and serving stack reads. The model is written one decoder layer per
-shard, reading each tensor lazily from the experts' files, so peak memory stays near one layer of all experts.
+shard, each tensor computed only when the sink asks for it (read from the experts' files, averaged or cast), so a
+sink that stores tensors one by one (the coordinator's blob store) holds about one tensor at a time, and one that
+writes whole files (a directory) one layer of all experts.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,6 +21,7 @@ from dume.shared.method.averaging import canonical_mean
 from dume.shared.method.expert import DenseWeights
 from dume.shared.method.ridge import LayerRouter
 from dume.shared.method.serving_fields import portable_tokenizer_config
+from dume.shared.method.shard_layout import SHARD_METADATA
 from dume.shared.progress import progress
 
 TOKENIZER_FILES = (
@@ -34,22 +37,31 @@ TOKENIZER_FILES = (
 )
 
 
-class CheckpointSink(Protocol):
-    """Where a checkpoint's files go: a directory, or the coordinator's content-addressed store."""
+LazyTensors = Mapping[str, Callable[[], torch.Tensor]]  # each tensor of a shard, computed when it is called
 
-    def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None: ...
+
+class CheckpointSink(Protocol):
+    """Where a checkpoint's files go: a directory, or the coordinator's content-addressed store. A shard's tensors
+    come as functions, so a sink that stores them one by one holds one tensor at a time, not the whole shard."""
+
+    def write_shard(self, name: str, tensors: LazyTensors) -> int:
+        """Writes the shard; returns its tensors' bytes."""
+        ...
+
     def write_file(self, name: str, data: bytes) -> None: ...
 
 
 class DirectorySink:
-    """Writes the checkpoint's files into a directory."""
+    """Writes the checkpoint's files into a directory (a shard is one safetensors file: built whole, then saved)."""
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        save_shard(self.out_dir / name, tensors)
+    def write_shard(self, name: str, tensors: LazyTensors) -> int:
+        built = {tensor_name: make() for tensor_name, make in tensors.items()}
+        save_shard(self.out_dir / name, built)
+        return sum(tensor.numel() * tensor.element_size() for tensor in built.values())
 
     def write_file(self, name: str, data: bytes) -> None:
         (self.out_dir / name).write_bytes(data)
@@ -57,7 +69,7 @@ class DirectorySink:
 
 def save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """One safetensors shard; the same tensors always give the same bytes (safetensors orders them itself)."""
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    save_file(tensors, str(path), metadata=SHARD_METADATA)
 
 
 def _layer_of(name: str) -> int | None:
@@ -93,19 +105,24 @@ def write_moe_checkpoint(
     def shard_name(index: int) -> str:
         return f"model-{index + 1:05d}-of-{shard_count:05d}.safetensors"
 
-    def average(name: str) -> torch.Tensor:
-        return canonical_mean(members, lambda member: experts[member].tensor(name))
+    def average(name: str) -> Callable[[], torch.Tensor]:
+        return lambda: canonical_mean(members, lambda member: experts[member].tensor(name))
+
+    def expert(member: str, layer: int, projection: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+        return lambda: experts[member].mlp_tensor(layer, projection).to(dtype).contiguous()
+
+    def router(tensor: torch.Tensor, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+        return lambda: tensor.to(dtype).contiguous()
 
     for layer in progress(range(first.num_layers), "writing layers", "layer"):
         tensors = {name: average(name) for name in shared_by_layer.get(layer, [])}
-        dtype = tensors[family.router_input_key(layer)].dtype
+        dtype = first.tensor(family.router_input_key(layer)).dtype  # the mean keeps the first member's dtype
         for position, member in enumerate(routed):
             for projection in family.expert_projections:
-                tensor = experts[member].mlp_tensor(layer, projection).to(dtype)
-                tensors[family.expert_key(layer, position, projection)] = tensor.contiguous()
-        tensors[family.router_key(layer)] = routers[layer].weight.to(dtype).contiguous()
+                tensors[family.expert_key(layer, position, projection)] = expert(member, layer, projection, dtype)
+        tensors[family.router_key(layer)] = router(routers[layer].weight, dtype)
         if router_bias:
-            tensors[family.router_key(layer, "bias")] = routers[layer].bias.to(dtype).contiguous()
+            tensors[family.router_key(layer, "bias")] = router(routers[layer].bias, dtype)
         total_bytes += _write_shard(sink, shard_name(layer), tensors, weight_map)
     outside_layers = {name: average(name) for name in shared_by_layer.get(None, [])}
     total_bytes += _write_shard(sink, shard_name(first.num_layers), outside_layers, weight_map)
@@ -125,8 +142,7 @@ def write_moe_checkpoint(
             sink.write_file(file, portable_tokenizer_config(data) if file == "tokenizer_config.json" else data)
 
 
-def _write_shard(sink: CheckpointSink, name: str, tensors: dict[str, torch.Tensor], weight_map: dict[str, str]) -> int:
-    sink.write_shard(name, tensors)
+def _write_shard(sink: CheckpointSink, name: str, tensors: LazyTensors, weight_map: dict[str, str]) -> int:
     for tensor_name in tensors:
         weight_map[tensor_name] = name
-    return sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+    return sink.write_shard(name, tensors)

@@ -56,7 +56,20 @@ class BlobStore:
     def read_bytes(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
 
-    def put_bytes(self, data: bytes) -> str:
+    def read_buffer(self, sha256: str) -> bytearray:
+        """The blob's bytes read straight into a buffer the caller owns (for a tensor: no second copy)."""
+        path = self.path(sha256)
+        with open(path, "rb", buffering=0) as handle:
+            buffer = bytearray(os.fstat(handle.fileno()).st_size)
+            view, filled = memoryview(buffer), 0
+            while filled < len(buffer):
+                read = handle.readinto(view[filled:])
+                if not read:
+                    raise OSError(f"{path} ended {len(buffer) - filled} bytes early")
+                filled += read
+        return buffer
+
+    def put_bytes(self, data: bytes | bytearray | memoryview) -> str:
         """Stores ``data`` (if not already held) and returns its SHA-256."""
         sha256 = hashlib.sha256(data).hexdigest()
         if not self.has(sha256):

@@ -15,6 +15,9 @@ from dume.shared.trust.pki import TLS_SERVER_NAME
 
 MESSAGE_BYTES = 8 << 20
 DEFAULT_CHUNK_BYTES = 1 << 20  # an upload's chunk: the most the coordinator takes
+# An upload or a download runs this many blob streams side by side, so that one stream's hashing and disk writes
+# overlap another's network reads (the coordinator allows limits.transfers_per_member, 4 by default, at once).
+TRANSFER_STREAMS = 2
 # Keepalive, one policy for both ends: a client pings every CLIENT_PING_MS (also with no call open, so a dead
 # connection is found before the next call), and the server accepts pings that come at least SERVER_PING_FLOOR_MS
 # apart. The floor must stay below the client's interval, or the server counts the pings as abuse and ends the
@@ -70,3 +73,14 @@ def refusal(error: grpc.RpcError, doing: str) -> DumeError:
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return IdentityRefused(f"{doing}: {error.details()}")
     return CoordinatorRefused(f"{doing}: {error.details()}")
+
+
+def spread(sizes: dict[str, int], streams: int = TRANSFER_STREAMS) -> list[list[str]]:
+    """The blobs (sha256 -> bytes to move) dealt to at most ``streams`` streams with about equal bytes each, the
+    largest first; no stream is empty."""
+    groups: list[tuple[int, list[str]]] = [(0, []) for _ in range(max(1, min(streams, len(sizes))))]
+    for sha256 in sorted(sizes, key=lambda sha: (-sizes[sha], sha)):
+        index = min(range(len(groups)), key=lambda position: groups[position][0])
+        total, members = groups[index]
+        groups[index] = (total + sizes[sha256], [*members, sha256])
+    return [members for _, members in groups if members]

@@ -1,7 +1,8 @@
 """Downloading a published version: fetch only the blobs not held locally, then write the Hugging Face directory.
 
 The directory is assembled from blobs exactly as ``dume merge`` writes it (the same shard files, index, config
-and tokenizer files), into a staging folder that is renamed into place only when complete.
+and tokenizer files), into a staging folder that is renamed into place only when complete. A shard is its
+header followed by its tensors' blobs, appended as they are (``shard_layout``), never rebuilt from tensors.
 """
 
 from __future__ import annotations
@@ -9,22 +10,24 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
 import grpc
 
 from dume.shared.errors import DumeError
-from dume.shared.files import check_free, staged_directory
-from dume.shared.method.writer import save_shard
+from dume.shared.files import append_file, check_free, staged_directory
+from dume.shared.method.shard_layout import SHARD_METADATA, ShardTensor, shard_header, shard_order
 from dume.shared.progress import byte_progress
 from dume.shared.transport.blobs import BlobStore
-from dume.shared.transport.channels import TRANSIENT, refusal
+from dume.shared.transport.channels import TRANSIENT, refusal, spread
 from dume.shared.transport.stall import STALL_SECONDS, ProgressDeadline
-from dume.shared.transport.wire import tensor_from_bytes
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
+from dume.v1 import tensors_pb2
 
 LocalLookup = Callable[[str], bytes | None]
 
@@ -47,11 +50,13 @@ class Retry(Protocol):
 
 
 def download_blob(stub: rpc.FederationStub, sha256: str, cache: BlobStore,
-                  received_chunk: Callable[[int], object] = lambda size: None, retry: Retry | None = None,
+                  received_chunk: Callable[[int], object] = lambda size: None,
+                  opened: Callable[[grpc.Call], object] = lambda call: None, retry: Retry | None = None,
                   stall_seconds: float = STALL_SECONDS) -> int:
     """Streams one blob into the cache (verified before it is adopted), telling ``received_chunk`` each chunk's
-    size; returns the bytes received. With ``retry``, a transient failure (a cut or stalled stream) is retried
-    from the bytes already received; without, it raises."""
+    size and ``opened`` each call (so that another thread can cancel it); returns the bytes received. With
+    ``retry``, a transient failure (a cut or stalled stream) is retried from the bytes already received; without,
+    it raises."""
     temporary = cache.new_temporary("download-")
     digest, received = hashlib.sha256(), 0
     deadline = ProgressDeadline(stall_seconds)
@@ -60,16 +65,18 @@ def download_blob(stub: rpc.FederationStub, sha256: str, cache: BlobStore,
             while True:
                 before = handle.tell()
                 call = stub.ReadBlob(pb.BlobRequest(sha256=sha256, offset=before))
+                opened(call)
                 try:
                     with deadline.watching(call):
                         for chunk in call:
                             if chunk.offset != handle.tell():
                                 raise DumeError(f"blob {sha256[:12]} arrived out of order: fetch again")
-                            handle.write(chunk.data)
-                            digest.update(chunk.data)
-                            received += len(chunk.data)
+                            data = chunk.data  # each read of a bytes field copies it
+                            handle.write(data)
+                            digest.update(data)
+                            received += len(data)
                             deadline.progressed()
-                            received_chunk(len(chunk.data))
+                            received_chunk(len(data))
                     break
                 except grpc.RpcError as error:
                     if retry is None or error.code() not in TRANSIENT:
@@ -90,7 +97,8 @@ def download_blob(stub: rpc.FederationStub, sha256: str, cache: BlobStore,
 def fetch_missing(stub: rpc.FederationStub, wanted: dict[str, int], cache: BlobStore,
                   local: LocalLookup | None = None, retry: Retry | None = None,
                   stall_seconds: float = STALL_SECONDS) -> tuple[int, int]:
-    """Downloads the wanted blobs neither in the cache nor available locally; returns (blobs, bytes) fetched."""
+    """Downloads the wanted blobs neither in the cache nor available locally, on a few streams side by side;
+    returns (blobs, bytes) fetched."""
     missing = []
     for sha256 in sorted(wanted):
         if cache.has(sha256):
@@ -100,10 +108,32 @@ def fetch_missing(stub: rpc.FederationStub, wanted: dict[str, int], cache: BlobS
             cache.put_bytes(data)
             continue
         missing.append(sha256)
-    total = 0
+    lock, calls, stopping = threading.Lock(), [], threading.Event()
     with byte_progress(sum(wanted[sha256] for sha256 in missing), "download") as bar:
-        for sha256 in missing:
-            total += download_blob(stub, sha256, cache, bar.update, retry, stall_seconds)
+
+        def received(size: int) -> None:
+            with lock:
+                bar.update(size)
+
+        def opened(call: grpc.Call) -> None:
+            calls.append(call)
+            if stopping.is_set():
+                call.cancel()
+
+        def download_all(blobs: list[str]) -> int:
+            return sum(download_blob(stub, sha256, cache, received, opened, retry, stall_seconds) for sha256 in blobs)
+
+        streams = spread({sha256: wanted[sha256] for sha256 in missing})
+        pool = ThreadPoolExecutor(max(1, len(streams)), thread_name_prefix="download")
+        try:
+            total = sum(pool.map(download_all, streams))
+        except BaseException:  # a failed stream or SIGTERM: end the others now rather than wait for them
+            stopping.set()
+            for call in list(calls):
+                call.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=True)
     return len(missing), total
 
 
@@ -114,10 +144,21 @@ def write_version(version: pb.Version, cache: BlobStore, out_dir: Path) -> Path:
             if file.sha256:
                 shutil.copyfile(cache.path(file.sha256), staging / file.name)
             else:
-                tensors = {entry.name: tensor_from_bytes(entry, cache.read_bytes(entry.sha256))
-                           for entry in file.shard.tensors}
-                save_shard(staging / file.name, tensors)
+                write_shard_from_blobs(staging / file.name, file.shard, cache)
     return out_dir
+
+
+def write_shard_from_blobs(path: Path, shard: tensors_pb2.TensorManifest, cache: BlobStore) -> None:
+    """A shard file assembled from its tensors' blobs, which are already the bytes the file holds: its header,
+    then each blob appended as it is (no tensor is deserialised or re-serialised)."""
+    entries = {entry.name: entry for entry in shard.tensors}
+    layout = [ShardTensor(entry.name, entry.dtype, tuple(entry.shape), entry.size_bytes) for entry in shard.tensors]
+    with open(path, "wb", buffering=0) as handle:
+        header = memoryview(shard_header(layout, SHARD_METADATA))
+        while header:
+            header = header[handle.write(header):]
+        for tensor in shard_order(layout):
+            append_file(cache.path(entries[tensor.name].sha256), handle.fileno(), tensor.size)
 
 
 def fetch_version(stub: rpc.FederationStub, number: int, cache: BlobStore, out_dir: Path,

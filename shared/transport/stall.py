@@ -39,7 +39,8 @@ class Stalled(grpc.RpcError):
 
 
 class ProgressDeadline:
-    """Call ``progressed`` at every chunk; ``watching(call)`` cancels the call once ``seconds`` pass without one."""
+    """Call ``progressed`` at every chunk; ``watching(*calls)`` cancels the calls once ``seconds`` pass without one
+    (several streams of one transfer share a deadline: progress on any of them counts)."""
 
     def __init__(self, seconds: float = STALL_SECONDS) -> None:
         self.seconds = seconds
@@ -50,15 +51,16 @@ class ProgressDeadline:
         self.last = time.monotonic()
 
     @contextmanager
-    def watching(self, call: Cancellable) -> Iterator[None]:
-        """Watches ``call`` for the block; raises ``Stalled`` (instead of the cancellation) if it fired."""
+    def watching(self, *calls: Cancellable) -> Iterator[None]:
+        """Watches ``calls`` for the block; raises ``Stalled`` (instead of the cancellation) if it fired."""
         self.last, self.fired, done = time.monotonic(), False, threading.Event()
 
         def watch() -> None:
             while not done.wait(min(1.0, self.seconds / 10)):
                 if time.monotonic() - self.last > self.seconds:
                     self.fired = True
-                    call.cancel()
+                    for call in calls:
+                        call.cancel()
                     return
 
         watcher = threading.Thread(target=watch, name="progress-deadline", daemon=True)

@@ -12,6 +12,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
 import torch
 
 from dume.v1 import tensors_pb2
@@ -23,26 +24,49 @@ DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# Where each dtype keeps its exponent: a value is NaN or infinite exactly when all its exponent bits are set.
+EXPONENT_BITS: dict[str, tuple[type[numpy.unsignedinteger], int]] = {
+    "F64": (numpy.uint64, 0x7FF0_0000_0000_0000),
+    "F32": (numpy.uint32, 0x7F80_0000),
+    "F16": (numpy.uint16, 0x7C00),
+    "BF16": (numpy.uint16, 0x7F80),
+}
+
+
+def tensor_view(tensor: torch.Tensor) -> memoryview:
+    """A tensor's raw bytes without copying them (a contiguous CPU tensor is viewed; anything else copied once)."""
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return tensor_view(tensor).tobytes()
 
 
-def tensor_entry(name: str, tensor: torch.Tensor) -> tensors_pb2.TensorEntry:
-    data = tensor_bytes(tensor)
+def tensor_entry(name: str, tensor: torch.Tensor, sha256: str | None = None) -> tensors_pb2.TensorEntry:
+    """The entry describing ``tensor``; ``sha256`` of its bytes when the caller already hashed them."""
+    data = tensor_view(tensor)
     return tensors_pb2.TensorEntry(
         name=name, dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape),
-        sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data),
+        sha256=sha256 or hashlib.sha256(data).hexdigest(), size_bytes=data.nbytes,
     )
 
 
-def tensor_from_bytes(entry: tensors_pb2.TensorEntry, data: bytes) -> torch.Tensor:
-    """The tensor an entry describes, from its raw bytes (a copy the caller owns)."""
+def tensor_from_bytes(entry: tensors_pb2.TensorEntry, data: bytes | bytearray) -> torch.Tensor:
+    """The tensor an entry describes, from its raw bytes: a copy the caller owns, or the very ``bytearray`` given
+    (then no copy is made: the tensor is that buffer)."""
     dtype = DTYPES[entry.dtype]
     if not data:
         return torch.empty(tuple(entry.shape), dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(tuple(entry.shape))
+    buffer = data if isinstance(data, bytearray) else bytearray(data)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(tuple(entry.shape))
+
+
+def all_finite(data: bytes | bytearray | memoryview, dtype: str) -> bool:
+    """Whether every value of ``dtype`` in ``data`` (a whole number of values) is finite, read in place by its
+    exponent bits (no copy, and bfloat16 too, which numpy lacks)."""
+    bits, exponent = EXPONENT_BITS[dtype]
+    values = numpy.frombuffer(data, dtype=bits)
+    return not bool(numpy.any((values & bits(exponent)) == bits(exponent)))
 
 
 def expected_size(entry: tensors_pb2.TensorEntry) -> int:
