@@ -25,10 +25,11 @@ import time
 from pathlib import Path
 
 import torch
-from transfer_throughput import build_model
 
 from dume.shared.transport.blobs import BlobStore, read_range
 from dume.shared.transport.wire import safetensors_ranges
+
+from transfer_throughput import build_model
 
 MIB = 1 << 20
 MEMBERS = ("alpha", "beta")

@@ -105,6 +105,9 @@ class Uploads:
         self.may_reuse = may_reuse
         root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # one plan admitted at a time, so two cannot both take the last of a quota
+        # A full staging file is named by its hash either by the stream that wrote its last chunk or, after a crash
+        # between that chunk and the rename, by the next look at what is held: never by both at once.
+        self.finishing = threading.Lock()
 
     def begin(self, member: str, plan: federation_pb2.UploadPlan) -> PlannedUpload:
         """Opens (or reopens, to resume) an upload, after checking it fits the member's limits and the disk."""
@@ -225,7 +228,10 @@ class Uploads:
         if part.exists():
             held = part.stat().st_size
             if held == planned.sizes[sha256]:  # written whole, but the daemon died before it verified and named it
-                return held if self._finish(planned, sha256) else 0
+                with self.finishing:
+                    if self.complete_path(planned, sha256).exists():  # the stream that wrote it named it meanwhile
+                        return held
+                    return held if part.exists() and self._finish(planned, sha256) else 0
             return held
         if self.blobs.has(sha256) and self.may_reuse(planned.member, sha256):
             return planned.sizes[sha256]
@@ -355,7 +361,8 @@ class BlobReceiver:
             raise
         if blob.held == size:
             self._blob = None
-            blob.finish(self.uploads.complete_path(planned, sha256))
+            with self.uploads.finishing:
+                blob.finish(self.uploads.complete_path(planned, sha256))
 
     @staticmethod
     def _discontinuous(sha256: str, offset: int, held: int, size: int) -> Refused:
@@ -421,6 +428,8 @@ class _PartialBlob:
         """Verifies the complete blob against its name; renames it to its hash when it matches, else discards it."""
         os.fsync(self.handle.fileno())
         self.handle.close()
+        if complete.exists() and not self.path.exists():
+            return  # a look at what is held found it whole, verified it and named it first
         if self.digest.hexdigest() != self.sha256 or self.path.stat().st_size != self.held:
             self.path.unlink()
             raise Refused("precondition", f"blob {self.sha256[:12]} does not match its SHA-256: it was corrupted; "

@@ -39,3 +39,13 @@ def expert_factory(tmp_path_factory):
         return cache[family]
 
     return make
+
+
+@pytest.fixture
+def coordinator(tmp_path):
+    """The real Coordinator below gRPC on a fresh state directory (see ``in_process``), closed after the test."""
+    from in_process import make_coordinator
+
+    coordinator = make_coordinator(tmp_path / "coordinator")
+    yield coordinator
+    coordinator.close()

@@ -16,7 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from tcp_proxy import TcpProxy
 
 from dume.coordinator.cli import admin_stubs
 from dume.coordinator.state_dir import StateDir
@@ -29,6 +28,8 @@ from dume.shared.transport.download import version_blobs
 from dume.shared.trust.join_token import JoinToken
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
+
+from tcp_proxy import TcpProxy
 
 SETTINGS = MergeSettings(sequence_length=64)
 CHUNK = 8 * 1024

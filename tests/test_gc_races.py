@@ -9,27 +9,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-import pytest
-from test_state_changes import contributed, enrolled, staged_model
-
 from dume.coordinator import publication
 from dume.coordinator.federation import Coordinator
 from dume.coordinator.records import GarbageReport
-from dume.coordinator.state_dir import initialise
 from dume.coordinator.uploads import Uploads
-from dume.shared.method.routers import MergeSettings
+
+from in_process import enrolled
+from test_state_changes import contributed, staged_model
 
 WINDOW_SECONDS = 1.0  # how long the writer stays in its window with the gc started: ample for a gc of a few blobs
-
-
-@pytest.fixture
-def coordinator(tmp_path):
-    state = initialise(tmp_path / "coordinator", "127.0.0.1:0", "127.0.0.1:0", None, None,
-                       MergeSettings(sequence_length=64), None)
-    coordinator = Coordinator(state)
-    coordinator.addresses = {"listen": "127.0.0.1:7600", "enrolment": "127.0.0.1:7601"}
-    yield coordinator
-    coordinator.close()
 
 
 def collect_from_inside(coordinator: Coordinator, reports: list[GarbageReport]) -> Callable[[], None]:

@@ -12,27 +12,16 @@ import shutil
 from dataclasses import replace
 
 import pytest
-from test_state_changes import contributed, enrolled, staged, statistics_committed
 
 from dume.coordinator.errors import Refused
-from dume.coordinator.federation import Coordinator
-from dume.coordinator.state_dir import initialise
 from dume.node import cli as node_cli
 from dume.node.agent import model_upload
 from dume.shared import cli as dume_cli
 from dume.shared.errors import DumeError
 from dume.shared.method.merge import check_member_name
-from dume.shared.method.routers import MergeSettings
 
-
-@pytest.fixture
-def coordinator(tmp_path):
-    state = initialise(tmp_path / "coordinator", "127.0.0.1:0", "127.0.0.1:0", None, None,
-                       MergeSettings(sequence_length=64), None)
-    coordinator = Coordinator(state)
-    coordinator.addresses = {"listen": "127.0.0.1:7600", "enrolment": "127.0.0.1:7601"}
-    yield coordinator
-    coordinator.close()
+from in_process import enrolled
+from test_state_changes import contributed, staged, statistics_committed
 
 
 def test_a_member_joining_after_a_revocation_reads_only_the_latest_version_and_its_own(

@@ -18,11 +18,9 @@ from safetensors.torch import save_file
 from dume.coordinator import commits, publication
 from dume.coordinator.errors import Refused
 from dume.coordinator.federation import Coordinator
-from dume.coordinator.state_dir import initialise
 from dume.node.agent import Upload, described, model_upload
 from dume.shared.method.data import DocumentStream, load_tokenizer
 from dume.shared.method.expert import ExpertDirectory
-from dume.shared.method.routers import MergeSettings
 from dume.shared.method.statistics import statistics_tensors, statistics_under_basis, token_count
 from dume.shared.transport.blobs import read_range
 from dume.shared.transport.wire import safetensors_ranges, tensor_from_bytes
@@ -30,22 +28,7 @@ from dume.shared.trust import pki
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import tensors_pb2
 
-
-@pytest.fixture
-def coordinator(tmp_path):
-    state = initialise(tmp_path / "coordinator", "127.0.0.1:0", "127.0.0.1:0", None, None,
-                       MergeSettings(sequence_length=64), None)
-    coordinator = Coordinator(state)
-    coordinator.addresses = {"listen": "127.0.0.1:7600", "enrolment": "127.0.0.1:7601"}
-    yield coordinator
-    coordinator.close()
-
-
-def enrolled(coordinator: Coordinator, name: str) -> pki.Identity:
-    token = coordinator.create_token(name, 3600)
-    key = pki.create_private_key()
-    certificate, _ = coordinator.enrol(token.secret, pki.create_csr(key, name))
-    return pki.identity_of(certificate)
+from in_process import enrolled
 
 
 def staged_model(coordinator: Coordinator, name: str, model_dir) -> str:

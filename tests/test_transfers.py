@@ -12,32 +12,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dume.coordinator.errors import Refused
-from dume.coordinator.federation import Coordinator
-from dume.coordinator.state_dir import initialise
 from dume.node.agent import model_upload
-from dume.shared.method.routers import MergeSettings
 from dume.shared.method.writer import save_shard
 from dume.shared.transport.blobs import BlobStore, read_range
 from dume.shared.transport.download import write_shard_from_blobs
 from dume.shared.transport.wire import tensor_bytes, tensor_entry
-from dume.shared.trust import pki
 from dume.v1 import tensors_pb2
 
-
-@pytest.fixture
-def coordinator(tmp_path):
-    state = initialise(tmp_path / "coordinator", "127.0.0.1:0", "127.0.0.1:0", None, None,
-                       MergeSettings(sequence_length=64), None)
-    coordinator = Coordinator(state)
-    coordinator.addresses = {"listen": "127.0.0.1:7600", "enrolment": "127.0.0.1:7601"}
-    yield coordinator
-    coordinator.close()
-
-
-def enrolled(coordinator: Coordinator, name: str) -> pki.Identity:
-    token = coordinator.create_token(name, 3600)
-    certificate, _ = coordinator.enrol(token.secret, pki.create_csr(pki.create_private_key(), name))
-    return pki.identity_of(certificate)
+from in_process import enrolled
 
 
 def test_a_shard_assembled_from_blobs_is_the_file_safetensors_writes(tmp_path):

@@ -23,14 +23,13 @@ from dume.coordinator import messages
 from dume.coordinator.errors import Refused, storage_refusal
 from dume.coordinator.federation import Coordinator
 from dume.coordinator.limits import Limits
-from dume.coordinator.state_dir import StateDir, initialise
+from dume.coordinator.state_dir import StateDir
 from dume.node import cli as node_cli
 from dume.node.agent import Agent, Upload, enrol, model_upload
 from dume.node.workdir import Workdir
 from dume.shared.errors import DumeError
 from dume.shared.lab.harness import Federation
 from dume.shared.method.expert import ExpertDirectory
-from dume.shared.method.routers import MergeSettings
 from dume.shared.method.statistics import triangle_size
 from dume.shared.method.writer import TOKENIZER_FILES
 from dume.shared.transport.blobs import read_range, sha256_file
@@ -40,26 +39,9 @@ from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 from dume.v1 import tensors_pb2
 
+from in_process import enrolled, make_coordinator, started
+
 TIB = 1 << 40
-
-
-def make_coordinator(root, architecture=None, **limits) -> Coordinator:
-    state = initialise(root, "127.0.0.1:0", "127.0.0.1:0", None, None, MergeSettings(sequence_length=64),
-                       architecture)
-    state.update_config(limits={**asdict(Limits()), **limits})
-    return started(state)
-
-
-def started(state: StateDir) -> Coordinator:
-    coordinator = Coordinator(state)
-    coordinator.addresses = {"listen": "127.0.0.1:7600", "enrolment": "127.0.0.1:7601"}
-    return coordinator
-
-
-def enrolled(coordinator: Coordinator, name: str) -> pki.Identity:
-    token = coordinator.create_token(name, 3600)
-    certificate, _ = coordinator.enrol(token.secret, pki.create_csr(pki.create_private_key(), name))
-    return pki.identity_of(certificate)
 
 
 def send(coordinator: Coordinator, planned, upload: Upload, limit: int | None = None) -> None:

@@ -1,0 +1,36 @@
+"""A coordinator run in the test process, below gRPC: the real ``Coordinator`` on a fresh state directory, and
+nodes enrolled into it with real tokens, keys and certificates. For tests of state changes that need no daemon."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from dume.coordinator.federation import Coordinator
+from dume.coordinator.limits import Limits
+from dume.coordinator.state_dir import StateDir, initialise
+from dume.shared.method.routers import MergeSettings
+from dume.shared.trust import pki
+
+
+def make_coordinator(root: Path, architecture: dict | None = None, **limits: float) -> Coordinator:
+    """A coordinator on a new state directory at ``root``; ``limits`` override the default resource limits."""
+    state = initialise(root, "127.0.0.1:0", "127.0.0.1:0", None, None, MergeSettings(sequence_length=64),
+                       architecture)
+    if limits:
+        state.update_config(limits={**asdict(Limits()), **limits})
+    return started(state)
+
+
+def started(state: StateDir) -> Coordinator:
+    """The coordinator of an existing state directory, as a (re)started daemon opens it."""
+    coordinator = Coordinator(state)
+    coordinator.addresses = {"listen": "127.0.0.1:7600", "enrolment": "127.0.0.1:7601"}
+    return coordinator
+
+
+def enrolled(coordinator: Coordinator, name: str) -> pki.Identity:
+    """A node named ``name`` enrolled with a fresh token and key: the identity its certificate carries."""
+    token = coordinator.create_token(name, 3600)
+    certificate, _ = coordinator.enrol(token.secret, pki.create_csr(pki.create_private_key(), name))
+    return pki.identity_of(certificate)
