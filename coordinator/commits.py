@@ -30,8 +30,9 @@ log = logging.getLogger("dume.coordinator")
 
 def commit_upload(ledger: Ledger, uploads: Uploads, settings: MergeSettings, member: str, planned: PlannedUpload,
                   still_authorised: Callable[[], object],
-                  validating: Callable[[], AbstractContextManager] = nullcontext) -> None:
-    """Records a complete upload of ``member``; its staging is removed whether it is accepted or refused.
+                  validating: Callable[[], AbstractContextManager] = nullcontext) -> bool:
+    """Records a complete upload of ``member``; its staging is removed whether it is accepted or refused. Returns
+    False for the same upload committed again (its answer was lost on the way): acknowledged, not recorded twice.
 
     ``still_authorised`` is called inside the transaction that records the upload and raises ``Refused`` when the
     member may no longer act (revoked or gone since the call began): the ledger's state is never overwritten by an
@@ -43,9 +44,9 @@ def commit_upload(ledger: Ledger, uploads: Uploads, settings: MergeSettings, mem
                       f"{len(missing)} blobs of the upload are incomplete: send them before committing")
     try:
         if planned.plan.kind == pb.UPLOAD_KIND_MODEL:
-            _commit_model(ledger, uploads, member, planned, still_authorised)
+            recorded = _commit_model(ledger, uploads, member, planned, still_authorised)
         else:
-            _commit_statistics(ledger, uploads, settings, member, planned, still_authorised, validating)
+            recorded = _commit_statistics(ledger, uploads, settings, member, planned, still_authorised, validating)
     except Refused:
         uploads.discard(planned)
         raise
@@ -57,10 +58,11 @@ def commit_upload(ledger: Ledger, uploads: Uploads, settings: MergeSettings, mem
         log.warning("refused %s upload of %s: %s", messages.UPLOAD_KINDS[planned.plan.kind], member, error)
         raise Refused("invalid", str(error)) from None
     uploads.discard(planned)
+    return recorded
 
 
 def _commit_model(ledger: Ledger, uploads: Uploads, member: str, planned: PlannedUpload,
-                  still_authorised: Callable[[], object]) -> None:
+                  still_authorised: Callable[[], object]) -> bool:
     plan = planned.plan
     files = {name: uploads.blob_path(planned, sha) for name, sha in messages.file_hashes(plan).items()}
     config = validation.read_config(files)
@@ -72,18 +74,19 @@ def _commit_model(ledger: Ledger, uploads: Uploads, member: str, planned: Planne
         still_authorised()
         uploads.adopt(planned)
         if _model_recorded(ledger, member, plan):
-            return  # the same commit again (its answer was lost): acknowledged, not recorded twice
+            return False  # the same commit again (its answer was lost): acknowledged, not recorded twice
         if reference is None:
             ledger.set_meta("architecture", messages.architecture_of(config, plan.manifest,
                                                                      messages.tokenizer_files(plan)))
         ledger.set_model(member, plan)
         ledger.audit("upload", member, what="model", upload=planned.upload_id, bytes=sum(planned.sizes.values()))
     log.info("%s uploaded its model (%d tensors)", member, len(plan.manifest.tensors))
+    return True
 
 
 def _commit_statistics(ledger: Ledger, uploads: Uploads, settings: MergeSettings, member: str, planned: PlannedUpload,
                        still_authorised: Callable[[], object],
-                       validating: Callable[[], AbstractContextManager] = nullcontext) -> None:
+                       validating: Callable[[], AbstractContextManager] = nullcontext) -> bool:
     header = planned.plan.statistics
     config = ledger.get_meta("architecture")["config"]
     basis = ledger.basis(header.basis_hash)
@@ -96,11 +99,12 @@ def _commit_statistics(ledger: Ledger, uploads: Uploads, settings: MergeSettings
         uploads.adopt(planned)
         if ledger.statistics().get(member) == Statistics(member, header.basis_hash, header.token_count,
                                                           planned.plan.manifest):
-            return  # the same commit again (its answer was lost): acknowledged, not recorded twice
+            return False  # the same commit again (its answer was lost): acknowledged, not recorded twice
         ledger.set_statistics(Statistics(member, header.basis_hash, header.token_count, planned.plan.manifest))
         ledger.audit("upload", member, what="statistics", basis_hash=header.basis_hash, tokens=header.token_count)
     log.info("%s uploaded statistics under basis %s (%d tokens)", member, header.basis_hash[:12],
              header.token_count)
+    return True
 
 
 def _model_recorded(ledger: Ledger, member: str, plan: pb.UploadPlan) -> bool:

@@ -192,11 +192,13 @@ class Coordinator:
         member = self.authorise(identity)
         planned = self.uploads.planned(member, upload_id)
         metrics = self.metrics
-        commit_upload(self.ledger, self.uploads, self.settings, member, planned, lambda: self.authorise(identity),
-                      lambda: metrics.timed(metrics.statistics_validation_seconds))
-        kind = "model" if planned.plan.kind == pb.UPLOAD_KIND_MODEL else "statistics"
-        metrics.uploads.labels(kind).inc()
-        metrics.upload_bytes.labels(kind).inc(sum(planned.sizes.values()))
+        recorded = commit_upload(self.ledger, self.uploads, self.settings, member, planned,
+                                 lambda: self.authorise(identity),
+                                 lambda: metrics.timed(metrics.statistics_validation_seconds))
+        if recorded:  # a commit repeated because its answer was lost is not counted again
+            kind = "model" if planned.plan.kind == pb.UPLOAD_KIND_MODEL else "statistics"
+            metrics.uploads.labels(kind).inc()
+            metrics.upload_bytes.labels(kind).inc(sum(planned.sizes.values()))
         self.publisher.request()
         return self.ledger.get_meta("current_basis") or ""
 

@@ -145,3 +145,15 @@ def test_a_leave_during_validation_wins_over_the_commit(coordinator, expert_fact
     with pytest.raises(Refused, match="has left"):
         coordinator.commit_upload(identity, upload_id)
     assert coordinator.ledger.member("math").state == "left"
+
+
+def test_a_commit_repeated_after_its_answer_was_lost_is_acknowledged_once(coordinator, expert_factory):
+    """A node that died between the coordinator's commit and its own record commits the same upload again: the
+    ledger, the audit log and the metrics keep one upload."""
+    spec = expert_factory("llama")["code"]
+    identity = enrolled(coordinator, spec.name)
+    for _ in range(2):
+        coordinator.commit_upload(identity, staged_model(coordinator, spec.name, spec.model_dir))
+    uploads = [entry for entry in coordinator.ledger.audit_entries() if entry.kind == "upload"]
+    assert len(uploads) == 1
+    assert coordinator.metrics.registry.get_sample_value("dume_uploads_total", {"kind": "model"}) == 1
