@@ -222,16 +222,26 @@ class Uploads:
         return planned
 
     def _held(self, planned: PlannedUpload, sha256: str) -> int:
-        if self.complete_path(planned, sha256).exists():
-            return planned.sizes[sha256]
-        part = self.part_path(planned, sha256)
-        if part.exists():
+        """Bytes of the blob held: complete, partly staged, or already in the store for this member. Another
+        stream may name a staged blob by its hash at any moment, so a staging file that vanishes is looked for
+        again under its hash."""
+        size = planned.sizes[sha256]
+        complete, part = self.complete_path(planned, sha256), self.part_path(planned, sha256)
+        if complete.exists():
+            return size
+        try:
             held = part.stat().st_size
-            if held == planned.sizes[sha256]:  # written whole, but the daemon died before it verified and named it
-                with self.finishing:
-                    if self.complete_path(planned, sha256).exists():  # the stream that wrote it named it meanwhile
-                        return held
-                    return held if part.exists() and self._finish(planned, sha256) else 0
+        except FileNotFoundError:
+            held = None
+        if held is None:
+            if complete.exists():  # the stream that wrote its last chunk named it meanwhile
+                return size
+        elif held == size:  # written whole, but the daemon died before it verified and named it
+            with self.finishing:
+                if complete.exists():  # the stream that wrote it named it meanwhile
+                    return size
+                return size if part.exists() and self._finish(planned, sha256) else 0
+        else:
             return held
         if self.blobs.has(sha256) and self.may_reuse(planned.member, sha256):
             return planned.sizes[sha256]
