@@ -9,7 +9,10 @@ from pathlib import Path
 from dume.coordinator.federation import Coordinator
 from dume.coordinator.limits import Limits
 from dume.coordinator.state_dir import StateDir, initialise
+from dume.coordinator.uploads import PlannedUpload
+from dume.node.agent import Upload
 from dume.shared.method.routers import MergeSettings
+from dume.shared.transport.blobs import read_range
 from dume.shared.trust import pki
 
 
@@ -34,3 +37,13 @@ def enrolled(coordinator: Coordinator, name: str) -> pki.Identity:
     token = coordinator.create_token(name, 3600)
     certificate, _ = coordinator.enrol(token.secret, pki.create_csr(pki.create_private_key(), name))
     return pki.identity_of(certificate)
+
+
+def send(coordinator: Coordinator, planned: PlannedUpload, upload: Upload, limit: int | None = None) -> None:
+    """Sends the blobs the coordinator lacks (at most ``limit`` bytes of each), as a node does."""
+    for sha256, offset in coordinator.uploads.held(planned).items():
+        where = upload.sources[sha256]
+        left = where.size - offset if limit is None else min(limit, where.size - offset)
+        for data in read_range(where.path, where.start + offset, left):
+            coordinator.uploads.write(planned, sha256, offset, data)
+            offset += len(data)

@@ -22,13 +22,12 @@ from dume.node.agent import Upload, described, model_upload
 from dume.shared.method.data import DocumentStream, load_tokenizer
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.statistics import statistics_tensors, statistics_under_basis, token_count
-from dume.shared.transport.blobs import read_range
 from dume.shared.transport.wire import safetensors_ranges, tensor_from_bytes
 from dume.shared.trust import pki
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import tensors_pb2
 
-from in_process import enrolled
+from in_process import enrolled, send
 
 
 def staged_model(coordinator: Coordinator, name: str, model_dir) -> str:
@@ -39,11 +38,7 @@ def staged_model(coordinator: Coordinator, name: str, model_dir) -> str:
 def staged(coordinator: Coordinator, name: str, upload: Upload) -> str:
     """Begins an upload and sends what the coordinator does not hold yet, as a node does; returns the upload id."""
     planned = coordinator.begin_upload(name, upload.plan)
-    for sha256, offset in coordinator.uploads.held(planned).items():
-        where = upload.sources[sha256]
-        for data in read_range(where.path, where.start + offset, where.size - offset):
-            coordinator.uploads.write(planned, sha256, offset, data)
-            offset += len(data)
+    send(coordinator, planned, upload)
     return planned.upload_id
 
 

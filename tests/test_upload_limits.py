@@ -25,7 +25,7 @@ from dume.coordinator.federation import Coordinator
 from dume.coordinator.limits import Limits
 from dume.coordinator.state_dir import StateDir
 from dume.node import cli as node_cli
-from dume.node.agent import Agent, Upload, enrol, model_upload
+from dume.node.agent import Agent, enrol, model_upload
 from dume.node.workdir import Workdir
 from dume.shared.errors import DumeError
 from dume.shared.lab.harness import Federation
@@ -39,19 +39,9 @@ from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 from dume.v1 import tensors_pb2
 
-from in_process import enrolled, make_coordinator, started
+from in_process import enrolled, make_coordinator, send, started
 
 TIB = 1 << 40
-
-
-def send(coordinator: Coordinator, planned, upload: Upload, limit: int | None = None) -> None:
-    """Sends the blobs the coordinator lacks (at most ``limit`` bytes of each), as a node does."""
-    for sha256, offset in coordinator.uploads.held(planned).items():
-        where = upload.sources[sha256]
-        left = where.size - offset if limit is None else min(limit, where.size - offset)
-        for data in read_range(where.path, where.start + offset, left):
-            coordinator.uploads.write(planned, sha256, offset, data)
-            offset += len(data)
 
 
 def architecture(model_dir) -> dict:
