@@ -79,10 +79,13 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_token(args: argparse.Namespace) -> None:
     admin, _ = admin_stubs(StateDir(args.state))
     try:
-        token = admin.CreateToken(pb.TokenRequest(node=args.node, ttl_seconds=args.expires)).token
+        token = admin.CreateToken(pb.TokenRequest(node=args.node, ttl_seconds=args.expires,
+                                                  expert=args.expert or "")).token
     except grpc.RpcError as error:
         raise refusal(error, f"cannot create a token for {args.node!r}") from None
-    report(args, {"node": args.node, "token": token, "expires_at": JoinToken.decode(token).expires_at}, token)
+    decoded = JoinToken.decode(token)
+    report(args, {"node": args.node, "expert": decoded.expert, "token": token, "expires_at": decoded.expires_at},
+           token)
 
 
 def status_object(state: StateDir) -> dict:
@@ -104,19 +107,38 @@ def run_status(args: argparse.Namespace) -> None:
     print(f"basis {status['basis_hash'] or '-'}; audit log: {status['audit_entries']} entries")
     if status["publication_error"]:
         print(f"publication failing, the latest version is behind the ledger: {status['publication_error']}")
+    print("members:")
     for member in status["members"]:
         flags = ["online" if member["online"] else "offline",
                  "statistics current" if member["stats_current"] else "statistics stale or missing"]
         reason = f" ({member['reason']})" if member.get("reason") else ""
-        print(f"  {member['name']:<20} {member['state']:<9}{reason} {', '.join(flags)}")
+        role = "owner" if member["expert"] == member["name"] else f"contributes to {member['expert']}"
+        print(f"  {member['name']:<20} {member['state']:<9}{reason} {role}; {', '.join(flags)}")
+    print("experts:")
+    for expert in status["experts"]:
+        contributors = f", contributors {', '.join(expert['contributors'])}" if expert["contributors"] else ""
+        weights = (expert["expert_hash"] or "")[:12] or "not uploaded"
+        print(f"  {expert['name']:<20} owner {expert['owner']}{contributors}; weights {weights}")
+        for c in expert["contributions"]:
+            print(f"    {c['node'] + '/' + c['dataset']:<30} {c['token_count']:>10} tokens, basis "
+                  f"{c['basis_hash'][:12]}, {'current' if c['current'] else 'stale'}")
 
 
 def run_revoke(args: argparse.Namespace) -> None:
     admin, _ = admin_stubs(StateDir(args.state))
     try:
-        response = admin.Revoke(pb.RevokeRequest(node=args.name, reason=args.reason))
+        response = admin.Revoke(pb.RevokeRequest(node=args.name, reason=args.reason, dataset=args.dataset or ""))
     except grpc.RpcError as error:
         raise refusal(error, f"cannot revoke {args.name!r}") from None
+    if args.dataset:
+        what = f"dataset {args.dataset} of {args.name}"
+        if response.publication_error:
+            raise DumeError(f"took {what} out of the ledger, but {response.publication_error}: see `dume-coordinator "
+                            "status` and the daemon's log")
+        report(args, {"revoked": args.name, "dataset": args.dataset, "version": response.version or None},
+               f"revoked {what}; version {response.version} published without it" if response.version
+               else f"revoked {what}; no contribution remains, so no version was published")
+        return
     if response.publication_error:
         raise DumeError(f"revoked {args.name} (its certificate is refused), but {response.publication_error}: "
                         "see `dume-coordinator status` and the daemon's log")
@@ -230,13 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_format(served)
     token = command("token", "print a one-time join token for a node", run_token)
     token.add_argument("--node", required=True, help="the node's name in the federation")
+    token.add_argument("--expert", help="an existing expert the node will feed with statistics as a contributor "
+                       "(default: the node owns an expert named after it and uploads its weights)")
     token.add_argument("--expires", type=duration, default=86400.0, help="lifetime, e.g. 30m, 12h, 7d (default 1d)")
     add_json(token)
-    status = command("status", "show the published version and the members", run_status)
+    status = command("status", "show the published version, the members, and the experts with their contributions",
+                     run_status)
     add_json(status)
     revoke = command("revoke", "remove a member's contribution exactly and refuse its certificate", run_revoke)
     revoke.add_argument("name", help="the member to revoke")
     revoke.add_argument("--reason", default="", help="recorded in the ledger and the audit log")
+    revoke.add_argument("--dataset", help="revoke only this dataset of the member (its statistics); the member and "
+                        "its other contributions stay")
     add_json(revoke)
     export = command("export", "write a published version as a Hugging Face directory", run_export)
     export.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")

@@ -16,9 +16,10 @@ import torch
 from dume.coordinator import messages, validation
 from dume.coordinator.errors import Refused
 from dume.coordinator.ledger import Ledger, StateChanged
-from dume.coordinator.records import BasisRecord, Statistics
+from dume.coordinator.records import BasisRecord, Contribution
 from dume.coordinator.uploads import PlannedUpload, Uploads
 from dume.shared.errors import DumeError
+from dume.shared.method.expert_weights import expert_hash
 from dume.shared.method.families import detect_family
 from dume.shared.method.routers import MergeSettings
 from dume.shared.transport.blobs import BlobStore
@@ -89,22 +90,40 @@ def _commit_statistics(ledger: Ledger, uploads: Uploads, settings: MergeSettings
                        validating: Callable[[], AbstractContextManager] = nullcontext) -> bool:
     header = planned.plan.statistics
     config = ledger.get_meta("architecture")["config"]
+    node = ledger.member(member)
     basis = ledger.basis(header.basis_hash)
     norm_weight = _router_input_norms(basis, config, uploads.blobs) if basis is not None else None
     with validating():
         validation.check_statistics(header, planned.plan.manifest, config, norm_weight, settings,
                                     lambda sha: uploads.blob_path(planned, sha))
+    contribution = Contribution(member, header.dataset, node.expert, header.basis_hash, header.expert_hash,
+                                header.token_count, planned.plan.manifest)
     with ledger.transaction():  # adopted and recorded together, so `gc` never sees the blobs unnamed
         still_authorised()
+        _check_current_weights(ledger, contribution)
         uploads.adopt(planned)
-        if ledger.statistics().get(member) == Statistics(member, header.basis_hash, header.token_count,
-                                                          planned.plan.manifest):
+        if ledger.contribution(member, header.dataset) == contribution:
             return False  # the same commit again (its answer was lost): acknowledged, not recorded twice
-        ledger.set_statistics(Statistics(member, header.basis_hash, header.token_count, planned.plan.manifest))
-        ledger.audit("upload", member, what="statistics", basis_hash=header.basis_hash, tokens=header.token_count)
-    log.info("%s uploaded statistics under basis %s (%d tokens)", member, header.basis_hash[:12],
-             header.token_count)
+        ledger.set_contribution(contribution)
+        ledger.audit("upload", member, what="statistics", dataset=header.dataset, expert=node.expert,
+                     basis_hash=header.basis_hash, expert_hash=header.expert_hash, tokens=header.token_count)
+    log.info("%s uploaded statistics of %s for %s under basis %s (%d tokens)", member, header.dataset, node.expert,
+             header.basis_hash[:12], header.token_count)
     return True
+
+
+def _check_current_weights(ledger: Ledger, contribution: Contribution) -> None:
+    """Statistics count only when computed with the expert's current weights (an update makes earlier ones stale;
+    recomputing under the new weights is the node's next step anyway)."""
+    owner = ledger.member(contribution.expert)
+    current = ledger.expert_weights(owner) if owner is not None and owner.state == "active" else None
+    if current is None:
+        raise Refused("precondition", f"expert {contribution.expert!r} has no weights in the federation now: its "
+                      "owner has not uploaded them, or has left")
+    if expert_hash(current) != contribution.expert_hash:
+        raise Refused("precondition", f"the statistics were computed with weights {contribution.expert_hash[:12]} "
+                      f"of expert {contribution.expert!r}, whose current weights are {expert_hash(current)[:12]}: "
+                      "recompute them with the current weights (the node does so when it follows the federation)")
 
 
 def _model_recorded(ledger: Ledger, member: str, plan: pb.UploadPlan) -> bool:

@@ -25,7 +25,11 @@ from dume.coordinator.metrics import Metrics
 from dume.coordinator.publication import Publisher
 from dume.coordinator.records import (
     BasisRecord,
+    Contribution,
+    ContributionStatus,
+    ExpertStatus,
     GarbageReport,
+    Member,
     MemberStatus,
     Published,
     Removal,
@@ -35,6 +39,7 @@ from dume.coordinator.records import (
 from dume.coordinator.state_dir import ADMIN_NAME, StateDir
 from dume.coordinator.uploads import EMPTY_SHA256, PlannedUpload, Uploads
 from dume.shared.errors import DumeError
+from dume.shared.method.expert_weights import expert_hash
 from dume.shared.method.merge import check_member_name
 from dume.shared.transport.blobs import BlobStore
 from dume.shared.trust import pki
@@ -99,36 +104,54 @@ class Coordinator:
             raise Refused("permission", "this call needs the admin identity of the state dir")
 
     # -- membership -----------------------------------------------------------------------------------------------
-    def create_token(self, node: str, ttl_seconds: float) -> JoinToken:
-        """A one-time join token for ``node``; only its digest is kept."""
+    def create_token(self, node: str, ttl_seconds: float, expert: str = "") -> JoinToken:
+        """A one-time join token for ``node``, which owns the expert named after it or, with ``expert``, contributes
+        to that existing expert; only the token's digest is kept."""
+        expert = expert or node
         try:
             node = check_member_name(node)
+            check_member_name(expert)
         except DumeError as error:
             raise Refused("invalid", str(error)) from None
-        if node == ADMIN_NAME:
+        if ADMIN_NAME in (node, expert):
             raise Refused("invalid", f"{ADMIN_NAME!r} is reserved: choose another node name")
-        member = self.ledger.member(node)
-        if member is not None and member.state == "revoked":
-            raise Refused("precondition", f"node {node!r} was revoked: choose another name")
         if not ttl_seconds > 0:
             raise Refused("invalid", "the token lifetime must be positive")
         secret, expires_at = new_secret(), time.time() + ttl_seconds
         with self.ledger.transaction():
-            self.ledger.add_token(secret_digest(secret), node, expires_at)
-            self.ledger.audit("token", node, expires_at=expires_at)
+            self._check_token_target(node, expert)
+            self.ledger.add_token(secret_digest(secret), node, expert, expires_at)
+            self.ledger.audit("token", node, expires_at=expires_at, expert=expert)
         return JoinToken(coordinator=self.addresses["listen"], enrolment=self.addresses["enrolment"],
                          ca_fingerprint=pki.fingerprint(self.ca_cert), node=node, secret=secret,
-                         expires_at=expires_at)
+                         expires_at=expires_at, expert=expert)
 
-    def enrol(self, secret: str, csr_pem: bytes) -> tuple[bytes, str]:
-        """Exchanges a join token's secret and a CSR for a certificate; returns it and the node's name."""
+    def _check_token_target(self, node: str, expert: str) -> None:
+        """A node owns at most one expert and contributes to one: a token may only confirm what a current member
+        already does, and a contributor's expert must exist (its owner enrolled and not gone)."""
+        member = self.ledger.member(node)
+        if member is not None and member.state == "revoked":
+            raise Refused("precondition", f"node {node!r} was revoked: choose another name")
+        current = member is not None and member.state in ("enrolled", "active")
+        if current and member.expert != expert:
+            role = "owns expert" if member.owner else "contributes to expert"
+            raise Refused("precondition", f"node {node!r} {role} {member.expert!r}; a node contributes to one "
+                          f"expert: `dume-coordinator revoke {node}` (or the node leaves) before it joins another")
+        if expert != node:
+            owner = self.ledger.member(expert)
+            if owner is None or owner.state not in ("enrolled", "active") or not owner.owner:
+                raise Refused("not_found", f"there is no expert {expert!r} to contribute to: its owner must join "
+                              f"first (`dume-coordinator token --node {expert}`); see `dume-coordinator status`")
+
+    def enrol(self, secret: str, csr_pem: bytes) -> tuple[bytes, str, str]:
+        """Exchanges a join token's secret and a CSR for a certificate; returns it, the node's name and its expert."""
         ledger = self.ledger
         with ledger.transaction():
             token = ledger.token(secret_digest(secret))
             if token is None:
                 raise Refused("unauthenticated", "this join token was not issued by this coordinator: "
                               "ask this coordinator's admin for a token")
-            node, expires_at, used_at = token
+            node, expert, expires_at, used_at = token
             if used_at is not None:
                 raise Refused("unauthenticated", "this join token was already used: ask for a new one")
             if time.time() >= expires_at:
@@ -137,6 +160,7 @@ class Coordinator:
             member = ledger.member(node)
             if member is not None and member.state == "revoked":
                 raise Refused("permission", f"node {node!r} was revoked and cannot rejoin")
+            self._check_token_target(node, expert)  # the expert may have gone since the token was made
             try:
                 certificate, serial = pki.sign_csr(self.ca_key, self.ca_cert, csr_pem, node, "node")
             except DumeError as error:
@@ -145,10 +169,10 @@ class Coordinator:
             if member is not None and member.state in ("active", "enrolled"):
                 ledger.enrol_again(node, str(serial))
             else:
-                ledger.enrol(node, str(serial))
-            ledger.audit("enrol", node, serial=str(serial))
-        log.info("enrolled %s", node)
-        return certificate, node
+                ledger.enrol(node, str(serial), expert)
+            ledger.audit("enrol", node, serial=str(serial), expert=expert)
+        log.info("enrolled %s for expert %s", node, expert)
+        return certificate, node, expert
 
     def leave(self, identity: pki.Identity) -> Removal:
         """Takes a member out of the federation; says what was published without it."""
@@ -159,8 +183,11 @@ class Coordinator:
         log.info("%s left", member)
         return self._publish_without(member)
 
-    def revoke(self, node: str, reason: str) -> Removal:
-        """Removes a member's contribution and refuses its certificate; says what was published without it."""
+    def revoke(self, node: str, reason: str, dataset: str = "") -> Removal:
+        """Removes a member's contributions (an owner's: its expert and every contribution to it) and refuses its
+        certificate, or with ``dataset`` removes only that dataset of the node; says what was published without."""
+        if dataset:
+            return self._remove_dataset(node, dataset, "revoke", reason=reason)
         with self.ledger.transaction():
             member = self.ledger.member(node)
             if member is None:
@@ -172,11 +199,38 @@ class Coordinator:
         log.info("revoked %s (%s)", member.name, reason)
         return self._publish_without(member.name)
 
+    def forget(self, identity: pki.Identity, dataset: str) -> Removal:
+        """Takes one of the calling node's datasets out; says what was published without it."""
+        return self._remove_dataset(self.authorise(identity), dataset, "forget", identity=identity)
+
+    def _remove_dataset(self, node: str, dataset: str, kind: str, identity: pki.Identity | None = None,
+                        reason: str = "") -> Removal:
+        with self.ledger.transaction():
+            if identity is not None:
+                self.authorise(identity)  # inside the transaction: a revocation landing first wins
+            member = self.ledger.member(node)
+            if member is None:
+                raise Refused("not_found", f"no member {node!r}: see `dume-coordinator status`")
+            if self.ledger.contribution(node, dataset) is None:
+                held = sorted(c.dataset for c in self.ledger.contributions() if c.node == node)
+                raise Refused("not_found", f"{node!r} has no dataset {dataset!r} in the federation (it has: "
+                              f"{', '.join(held) or 'none'}): see `dume-coordinator status`")
+            self.ledger.remove_dataset(node, dataset)
+            self.ledger.audit(kind, node, dataset=dataset, **({"reason": reason} if kind == "revoke" else {}))
+        log.info("%s: dataset %s of %s taken out", kind, dataset, node)
+        return self._publish_without(node, f"{node}/{dataset}")
+
     # -- uploads --------------------------------------------------------------------------------------------------
     def begin_upload(self, member: str, plan: pb.UploadPlan) -> PlannedUpload:
-        """Opens an upload once its plan fits the federation's architecture and the member's limits."""
-        if plan.kind == pb.UPLOAD_KIND_STATISTICS and self.ledger.member(member).model is None:
-            raise Refused("precondition", "upload the model before its statistics")
+        """Opens an upload once its plan fits the federation's architecture and the member's limits: weights only
+        from an expert's owner, statistics only once the weights of the node's expert are in."""
+        record = self.ledger.member(member)
+        if plan.kind == pb.UPLOAD_KIND_MODEL and not record.owner:
+            raise Refused("permission", f"{member} contributes to expert {record.expert!r}, whose weights come from "
+                          "its owner: a contributor sends statistics only (join without --model)")
+        if plan.kind == pb.UPLOAD_KIND_STATISTICS and self.ledger.experts().get(record.expert) is None:
+            raise Refused("precondition", "upload the model before its statistics" if record.owner else
+                          f"expert {record.expert!r} has no weights in the federation yet: wait for its owner")
         try:
             validation.check_plan(plan, self.ledger.get_meta("architecture"))
         except DumeError as error:
@@ -232,9 +286,9 @@ class Coordinator:
         return reader == ADMIN_NAME or reader in members or number == self.ledger.latest_version_number()
 
     def may_read_blob(self, reader: str, sha256: str) -> bool:
-        """A blob of any basis (averaged shared weights, which every node needs for its statistics), or of a
-        version the reader may read; no other blob may be read."""
-        if self.ledger.blob_in_basis(sha256):
+        """A blob of any basis (averaged shared weights, which every node needs for its statistics), of the current
+        weights of the expert the reader contributes to, or of a version the reader may read; no other blob."""
+        if self.ledger.blob_in_basis(sha256) or sha256 in self._expert_blobs(reader):
             return True
         return any(self.may_read_version(reader, number, self.ledger.version_members(number))
                    for number in self.ledger.versions_with_blob(sha256))
@@ -254,16 +308,43 @@ class Coordinator:
         record = self.ledger.member(member)
         own = ({entry.sha256 for entry in record.model.tensors} | set(record.files.values())
                if record is not None and record.model is not None else set())
-        statistics = self.ledger.statistics().get(member)
-        if statistics is not None:
-            own |= {entry.sha256 for entry in statistics.manifest.tensors}
+        for contribution in self.ledger.contributions():
+            if contribution.node == member:
+                own |= {entry.sha256 for entry in contribution.manifest.tensors}
         return sha256 in own
 
-    def published(self) -> Published:
+    def expert(self, reader: str) -> tuple[str, pb.Expert]:
+        """The current weights of the expert ``reader`` contributes to: ``(hash, message)``."""
+        record = self.ledger.member(reader)
+        owner = self.ledger.experts().get(record.expert) if record is not None else None
+        if owner is None:
+            raise Refused("not_found", f"expert {record.expert if record else reader!r} has no weights in the "
+                          "federation yet: wait for its owner to upload them")
+        weights = self.ledger.expert_weights(owner)
+        files = [pb.FileEntry(name=name, sha256=sha, size_bytes=self.blobs.path(sha).stat().st_size)
+                 for name, sha in sorted(owner.files.items())]
+        digest = expert_hash(weights)
+        return digest, pb.Expert(name=owner.name, expert_hash=digest, manifest=weights, files=files)
+
+    def _expert_blobs(self, reader: str) -> set[str]:
+        """The blobs of the current weights of ``reader``'s expert (MLPs, config and tokenizer files), which its
+        owner and contributors read before any version holds them; empty for the admin or an expert not in."""
+        record = self.ledger.member(reader)
+        owner = self.ledger.experts().get(record.expert) if record is not None else None
+        if owner is None:
+            return set()
+        return {entry.sha256 for entry in self.ledger.expert_weights(owner).tensors} | set(owner.files.values())
+
+    def published(self, member: str = "") -> Published:
+        """What a watching node is told; with ``member``, also its expert's current weights and its datasets that
+        were taken out."""
         latest = self.ledger.version()
         basis = self.ledger.basis(self.ledger.get_meta("current_basis") or "")
+        record = self.ledger.member(member) if member else None
+        weights = self.ledger.expert_hashes().get(record.expert, "") if record is not None else ""
         return Published(basis.hash if basis else "", basis.members if basis else [],
-                         latest.number if latest else 0, bool(latest and latest.exact))
+                         latest.number if latest else 0, bool(latest and latest.exact), weights,
+                         self.ledger.removed_datasets(member) if member else [])
 
     @contextmanager
     def watching(self, member: str) -> Iterator[None]:
@@ -311,16 +392,33 @@ class Coordinator:
     # -- administration -------------------------------------------------------------------------------------------
     def status(self) -> Status:
         current = self.ledger.get_meta("current_basis") or ""
-        statistics = self.ledger.statistics()
-        members = [MemberStatus(
-            name=member.name, state=member.state, online=self._online[member.name] > 0,
-            stats_current=member.name in statistics and statistics[member.name].basis_hash == current,
-            reason=member.reason,
-            token_count=statistics[member.name].token_count if member.name in statistics else 0,
-        ) for member in self.ledger.members()]
+        weights = self.ledger.expert_hashes()
+        contributions = self.ledger.contributions()
+
+        def is_current(c: Contribution) -> bool:
+            return c.basis_hash == current and c.expert_hash == weights.get(c.expert)
+
+        members = []
+        for member in self.ledger.members():
+            own = [c for c in contributions if c.node == member.name]
+            members.append(MemberStatus(
+                name=member.name, state=member.state, online=self._online[member.name] > 0,
+                stats_current=bool(own) and all(is_current(c) for c in own), reason=member.reason,
+                token_count=sum(c.token_count for c in own), expert=member.expert or member.name))
+        experts = [ExpertStatus(
+            name=name, owner=owner.name, expert_hash=weights.get(name, ""),
+            contributors=sorted(m.name for m in self.ledger.members()
+                                if m.expert == name and not m.owner and m.state in ("enrolled", "active")),
+            contributions=[ContributionStatus(c.node, c.dataset, c.token_count, c.basis_hash, is_current(c))
+                           for c in contributions if c.expert == name])
+            for name, owner in sorted(self._owners().items())]
         latest = self.ledger.version()
         return Status(latest.number if latest else 0, bool(latest and latest.exact), current, members,
-                      len(self.ledger.audit_entries()), asdict(self.settings), self.publisher.error)
+                      len(self.ledger.audit_entries()), asdict(self.settings), self.publisher.error, experts)
+
+    def _owners(self) -> dict[str, Member]:
+        """Every expert whose owner is enrolled or active (with or without its weights uploaded yet)."""
+        return {m.name: m for m in self.ledger.members() if m.owner and m.state in ("enrolled", "active")}
 
     def audit_entries(self) -> list[AuditEntry]:
         return self.ledger.audit_entries()
@@ -335,16 +433,18 @@ class Coordinator:
             return gc.collect(self.ledger, self.blobs, self.uploads, prune_before, dry_run)
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
-    def _publish_without(self, member: str) -> Removal:
-        """Runs publication for a member just taken out, and checks that the latest version no longer contains it:
-        a removal is reported done only when what is served is without the member."""
+    def _publish_without(self, member: str, contribution: str = "") -> Removal:
+        """Runs publication for a member (or one of its contributions, "node/dataset") just taken out, and checks
+        that the latest version no longer contains it: a removal is reported done only when what is served is
+        without it."""
         self.publisher.wait(self.publisher.request())
         latest = self.ledger.version()
-        if latest is None or member not in latest.members:
+        if latest is None or (contribution not in latest.contributions if contribution
+                              else member not in latest.members):
             return Removal(latest.number if latest else 0)
-        why = self.publisher.error or "no other member has statistics yet"
-        return Removal(0, f"version {latest.number}, the latest, still contains {member}: no version without it "
-                          f"was published ({why})")
+        why = self.publisher.error or "no other contribution remains"
+        return Removal(0, f"version {latest.number}, the latest, still contains {contribution or member}: no "
+                          f"version without it was published ({why})")
 
     def begin_drain(self) -> None:
         """Ends every Watch stream at its next poll."""

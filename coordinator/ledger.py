@@ -1,4 +1,9 @@
-"""The coordinator's ledger: SQLite in WAL mode for tokens, members, statistics, bases, versions and the audit log.
+"""The coordinator's ledger: SQLite in WAL mode for tokens, members, contributions, bases, versions and the audit log.
+
+A member (a node) contributes to one expert: its own (``expert`` equal to its name: the owner, whose model row holds
+the expert's weights) or, admitted by its token, another node's. A contribution is the statistics of one named
+dataset of one node toward its expert, one row each; a dataset taken out leaves a row in ``removed_datasets`` so
+that a stale process cannot bring it back under the same name.
 
 Tensors are not in the database: rows hold serialized messages (a member's ``UploadPlan``, ``TensorManifest``s, a
 version's file list) naming content-addressed blobs in ``state/blobs``. A blob is adopted into the blob store
@@ -19,25 +24,32 @@ from pathlib import Path
 from typing import Any
 
 from dume.coordinator import messages
-from dume.coordinator.records import BasisRecord, BlobUse, Member, Statistics, VersionFile, VersionRecord
+from dume.coordinator.records import BasisRecord, BlobUse, Contribution, Member, VersionFile, VersionRecord
+from dume.shared.method.expert_weights import expert_hash, expert_manifest
+from dume.shared.method.families import detect_family
+from dume.shared.method.settings import DEFAULT_DATASET
 from dume.shared.trust.audit import GENESIS, AuditEntry, canonical_json, entry_hash
 from dume.v1 import federation_pb2, tensors_pb2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (
-    digest TEXT PRIMARY KEY, node TEXT NOT NULL, expires_at REAL NOT NULL, used_at REAL);
+    digest TEXT PRIMARY KEY, node TEXT NOT NULL, expires_at REAL NOT NULL, used_at REAL, expert TEXT);
 CREATE TABLE IF NOT EXISTS members (
     name TEXT PRIMARY KEY, state TEXT NOT NULL, role TEXT NOT NULL DEFAULT 'node', cert_serial TEXT,
-    reason TEXT NOT NULL DEFAULT '', model BLOB, joined_at REAL);
-CREATE TABLE IF NOT EXISTS statistics (
-    member TEXT PRIMARY KEY, basis_hash TEXT NOT NULL, token_count INTEGER NOT NULL, manifest BLOB NOT NULL,
-    at REAL NOT NULL);
+    reason TEXT NOT NULL DEFAULT '', model BLOB, joined_at REAL, expert TEXT);
+CREATE TABLE IF NOT EXISTS contributions (
+    node TEXT NOT NULL, dataset TEXT NOT NULL, expert TEXT NOT NULL, basis_hash TEXT NOT NULL,
+    expert_hash TEXT NOT NULL, token_count INTEGER NOT NULL, manifest BLOB NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (node, dataset));
+CREATE TABLE IF NOT EXISTS removed_datasets (
+    node TEXT NOT NULL, dataset TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (node, dataset));
 CREATE TABLE IF NOT EXISTS bases (
     hash TEXT PRIMARY KEY, members TEXT NOT NULL, manifest BLOB NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS versions (
     number INTEGER PRIMARY KEY, exact INTEGER NOT NULL, basis_hash TEXT NOT NULL, members TEXT NOT NULL,
-    files BLOB NOT NULL, fingerprint TEXT NOT NULL, at REAL NOT NULL, pruned_at REAL);
+    files BLOB NOT NULL, fingerprint TEXT NOT NULL, at REAL NOT NULL, pruned_at REAL,
+    contributions TEXT NOT NULL DEFAULT '[]');
 CREATE TABLE IF NOT EXISTS published_blobs (sha256 TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS basis_blobs (sha256 TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS version_blobs (
@@ -66,8 +78,30 @@ class Ledger:
 
     def _add_missing_columns(self) -> None:
         """Brings a ledger written by an earlier version up to the schema (columns added since)."""
-        if "pruned_at" not in {row[1] for row in self._rows("PRAGMA table_info(versions)")}:
-            self._run("ALTER TABLE versions ADD COLUMN pruned_at REAL")
+        added = {"versions": ("pruned_at REAL", "contributions TEXT NOT NULL DEFAULT '[]'"),
+                 "members": ("expert TEXT",), "tokens": ("expert TEXT",)}
+        with self.transaction():
+            for table, columns in added.items():
+                present = {row[1] for row in self._rows(f"PRAGMA table_info({table})")}
+                for column in columns:
+                    if column.split()[0] not in present:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+            self._db.execute("UPDATE members SET expert = name WHERE expert IS NULL")  # each member its own expert
+            if self._rows("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'statistics'"):
+                self._migrate_member_statistics()
+
+    def _migrate_member_statistics(self) -> None:
+        """A ledger from before contributions held one statistics row per member: each becomes the member's
+        contribution of its dataset ``default`` to its own expert (what its node calls an unnamed --data), made
+        with the expert weights the member's model row holds."""
+        for member, basis_hash, count, manifest, at in self._rows(
+                "SELECT member, basis_hash, token_count, manifest, at FROM statistics"):
+            record = self.member(member)
+            weights = self.expert_weights(record) if record is not None else None
+            self._db.execute("INSERT OR REPLACE INTO contributions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (member, DEFAULT_DATASET, member, basis_hash,
+                              expert_hash(weights) if weights is not None else "", count, manifest, at))
+        self._db.execute("DROP TABLE statistics")
 
     def _index_blobs(self) -> None:
         """Fills the blob indexes of a ledger written before they existed (once: they are kept from then on)."""
@@ -131,45 +165,69 @@ class Ledger:
         self._run("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", key, json.dumps(value, sort_keys=True))
 
     # -- tokens ---------------------------------------------------------------------------------------------------
-    def add_token(self, digest: str, node: str, expires_at: float) -> None:
-        self._run("INSERT INTO tokens (digest, node, expires_at) VALUES (?, ?, ?)", digest, node, expires_at)
+    def add_token(self, digest: str, node: str, expert: str, expires_at: float) -> None:
+        self._run("INSERT INTO tokens (digest, node, expert, expires_at) VALUES (?, ?, ?, ?)",
+                  digest, node, expert, expires_at)
 
-    def token(self, digest: str) -> tuple[str, float, float | None] | None:
-        rows = self._rows("SELECT node, expires_at, used_at FROM tokens WHERE digest = ?", digest)
+    def token(self, digest: str) -> tuple[str, str, float, float | None] | None:
+        """``(node, expert, expires_at, used_at)``; a token from before experts makes the node its own expert."""
+        rows = self._rows("SELECT node, COALESCE(expert, node), expires_at, used_at FROM tokens WHERE digest = ?",
+                          digest)
         return rows[0] if rows else None
 
     def use_token(self, digest: str, at: float) -> None:
         self._run("UPDATE tokens SET used_at = ? WHERE digest = ?", at, digest)
 
     # -- members --------------------------------------------------------------------------------------------------
+    _MEMBER_COLUMNS = "name, state, cert_serial, reason, model, expert"
+
     def member(self, name: str) -> Member | None:
-        rows = self._rows("SELECT name, state, cert_serial, reason, model FROM members WHERE name = ?", name)
+        rows = self._rows(f"SELECT {self._MEMBER_COLUMNS} FROM members WHERE name = ?", name)
         return self._member(rows[0]) if rows else None
 
     def members(self) -> list[Member]:
-        rows = self._rows("SELECT name, state, cert_serial, reason, model FROM members ORDER BY name")
+        rows = self._rows(f"SELECT {self._MEMBER_COLUMNS} FROM members ORDER BY name")
         return [self._member(row) for row in rows]
 
     @staticmethod
     def _member(row: tuple) -> Member:
-        name, state, serial, reason, model = row
+        name, state, serial, reason, model, expert = row
         if model is None:
-            return Member(name, state, serial, reason, None, {})
+            return Member(name, state, serial, reason, None, {}, expert)
         plan = federation_pb2.UploadPlan.FromString(model)
-        return Member(name, state, serial, reason, plan.manifest, messages.file_hashes(plan))
+        return Member(name, state, serial, reason, plan.manifest, messages.file_hashes(plan), expert)
 
     def active_members(self) -> list[Member]:
         return [member for member in self.members() if member.state == "active"]
 
-    def enrol(self, name: str, cert_serial: str) -> None:
-        """A (re-)enrolled member starts over: a left member's old contribution is not reused."""
-        self._run(
-            "INSERT INTO members (name, state, cert_serial, joined_at) VALUES (?, 'enrolled', ?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET state = 'enrolled', cert_serial = excluded.cert_serial, "
-            "reason = '', model = NULL, joined_at = excluded.joined_at",
-            name, cert_serial, time.time(),
-        )
-        self._run("DELETE FROM statistics WHERE member = ?", name)
+    def experts(self) -> dict[str, Member]:
+        """Expert name -> its owner, for every active owner whose weights are recorded: the experts of a version."""
+        return {member.name: member for member in self.active_members()
+                if member.model is not None and member.expert == member.name}
+
+    def expert_weights(self, owner: Member) -> tensors_pb2.TensorManifest | None:
+        """The MLP manifest of an owner's recorded model (None before its upload)."""
+        if owner.model is None:
+            return None
+        family = detect_family(self.get_meta("architecture")["config"])
+        return expert_manifest(owner.model, family)
+
+    def expert_hashes(self) -> dict[str, str]:
+        """Expert name -> the hash of its current weights, for every expert of ``experts``."""
+        return {name: expert_hash(self.expert_weights(owner)) for name, owner in self.experts().items()}
+
+    def enrol(self, name: str, cert_serial: str, expert: str) -> None:
+        """A (re-)enrolled member starts over: a left member's old contributions are not reused, and the datasets
+        it had taken out may be contributed again."""
+        with self.transaction():
+            self._db.execute(
+                "INSERT INTO members (name, state, cert_serial, joined_at, expert) VALUES (?, 'enrolled', ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET state = 'enrolled', cert_serial = excluded.cert_serial, "
+                "reason = '', model = NULL, joined_at = excluded.joined_at, expert = excluded.expert",
+                (name, cert_serial, time.time(), expert),
+            )
+            self._db.execute("DELETE FROM contributions WHERE node = ?", (name,))
+            self._db.execute("DELETE FROM removed_datasets WHERE node = ?", (name,))
 
     def enrol_again(self, name: str, cert_serial: str) -> None:
         """A member that lost its key gets a new certificate and keeps its contribution; the old one is refused."""
@@ -184,32 +242,58 @@ class Ledger:
             raise StateChanged(f"member {name!r} is no longer enrolled or active")
 
     def set_state(self, name: str, state: str, expected: tuple[str, ...], reason: str = "") -> None:
-        """Moves a member to ``state``, only from one of the ``expected`` states."""
+        """Moves a member to ``state``, only from one of the ``expected`` states. A member that leaves or is revoked
+        takes its contributions with it and, when it owns an expert, every contribution to that expert."""
         with self.transaction():
             placeholders = ", ".join("?" * len(expected))
             if self._run(f"UPDATE members SET state = ?, reason = ? WHERE name = ? AND state IN ({placeholders})",
                          state, reason, name, *expected) != 1:
                 raise StateChanged(f"member {name!r} is not in state {' or '.join(expected)}")
             if state in ("left", "revoked"):
-                self._run("DELETE FROM statistics WHERE member = ?", name)
+                self._run("DELETE FROM contributions WHERE node = ? OR expert = ?", name, name)
 
-    # -- statistics -----------------------------------------------------------------------------------------------
-    def set_statistics(self, statistics: Statistics) -> None:
-        """Records a member's statistics; only an active member's."""
+    # -- contributions --------------------------------------------------------------------------------------------
+    def set_contribution(self, contribution: Contribution) -> None:
+        """Records (or replaces) one dataset's statistics: only for a node that is enrolled or active, toward the
+        expert it contributes to, and for a dataset it has not taken out. A contributor becomes active with it."""
         with self.transaction():
-            if not self._rows("SELECT 1 FROM members WHERE name = ? AND state = 'active'", statistics.member):
-                raise StateChanged(f"member {statistics.member!r} is not active")
-            self._run(
-                "INSERT OR REPLACE INTO statistics (member, basis_hash, token_count, manifest, at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                statistics.member, statistics.basis_hash, statistics.token_count,
-                statistics.manifest.SerializeToString(deterministic=True), time.time(),
+            member = self.member(contribution.node)
+            if member is None or member.state not in ("enrolled", "active") or member.expert != contribution.expert:
+                raise StateChanged(f"node {contribution.node!r} does not contribute to {contribution.expert!r} now")
+            if self._rows("SELECT 1 FROM removed_datasets WHERE node = ? AND dataset = ?", contribution.node,
+                          contribution.dataset):
+                raise StateChanged(f"dataset {contribution.dataset!r} of {contribution.node!r} was taken out of the "
+                                   "federation; it is not taken back under that name")
+            self._db.execute(
+                "INSERT OR REPLACE INTO contributions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (contribution.node, contribution.dataset, contribution.expert, contribution.basis_hash,
+                 contribution.expert_hash, contribution.token_count,
+                 contribution.manifest.SerializeToString(deterministic=True), time.time()),
             )
+            self._db.execute("UPDATE members SET state = 'active' WHERE name = ? AND state = 'enrolled'",
+                             (contribution.node,))
 
-    def statistics(self) -> dict[str, Statistics]:
-        rows = self._rows("SELECT member, basis_hash, token_count, manifest FROM statistics ORDER BY member")
-        return {member: Statistics(member, basis_hash, count, tensors_pb2.TensorManifest.FromString(manifest))
-                for member, basis_hash, count, manifest in rows}
+    def contributions(self) -> list[Contribution]:
+        """Every contribution recorded, in the canonical order: expert, node, dataset."""
+        rows = self._rows("SELECT node, dataset, expert, basis_hash, expert_hash, token_count, manifest "
+                          "FROM contributions ORDER BY expert, node, dataset")
+        return [Contribution(node, dataset, expert, basis_hash, weights, count,
+                             tensors_pb2.TensorManifest.FromString(manifest))
+                for node, dataset, expert, basis_hash, weights, count, manifest in rows]
+
+    def contribution(self, node: str, dataset: str) -> Contribution | None:
+        return next((c for c in self.contributions() if c.node == node and c.dataset == dataset), None)
+
+    def remove_dataset(self, node: str, dataset: str) -> None:
+        """Takes one dataset's contribution out and remembers that it was (raises StateChanged when there is none)."""
+        with self.transaction():
+            if self._run("DELETE FROM contributions WHERE node = ? AND dataset = ?", node, dataset) != 1:
+                raise StateChanged(f"node {node!r} has no dataset {dataset!r} in the federation")
+            self._db.execute("INSERT OR REPLACE INTO removed_datasets VALUES (?, ?, ?)", (node, dataset, time.time()))
+
+    def removed_datasets(self, node: str) -> list[str]:
+        return [row[0] for row in self._rows("SELECT dataset FROM removed_datasets WHERE node = ? ORDER BY dataset",
+                                             node)]
 
     # -- bases and versions ---------------------------------------------------------------------------------------
     def add_basis(self, record: BasisRecord) -> None:
@@ -239,8 +323,8 @@ class Ledger:
             if member.model is not None:  # an enrolled member before its upload, or one whose model gc released
                 hashes.update(entry.sha256 for entry in member.model.tensors)
             hashes.update(member.files.values())
-        for statistics in self.statistics().values():
-            hashes.update(entry.sha256 for entry in statistics.manifest.tensors)
+        for contribution in self.contributions():
+            hashes.update(entry.sha256 for entry in contribution.manifest.tensors)
         return hashes
 
     def basis(self, basis_hash: str) -> BasisRecord | None:
@@ -251,14 +335,17 @@ class Ledger:
         return BasisRecord(found, json.loads(members), tensors_pb2.TensorManifest.FromString(manifest))
 
     def add_version(self, exact: bool, basis_hash: str, members: list[str], files: list[VersionFile],
-                    fingerprint: str) -> int:
+                    fingerprint: str, contributions: list[str]) -> int:
+        """Records a published version: the nodes whose weights or statistics it holds (``members``) and its
+        contributions ("node/dataset")."""
         with self.transaction():
             number = (self._rows("SELECT COALESCE(MAX(number), 0) FROM versions")[0][0]) + 1
             self._db.execute(
-                "INSERT INTO versions (number, exact, basis_hash, members, files, fingerprint, at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO versions (number, exact, basis_hash, members, files, fingerprint, at, contributions) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (number, int(exact), basis_hash, json.dumps(members),
-                 messages.file_list_message(files).SerializeToString(deterministic=True), fingerprint, time.time()),
+                 messages.file_list_message(files).SerializeToString(deterministic=True), fingerprint, time.time(),
+                 json.dumps(contributions)),
             )
             self._publish_blobs(sha for file in files for sha in file.blob_hashes())
             self._index_version(number, files)
@@ -279,21 +366,22 @@ class Ledger:
 
     def version(self, number: int = 0) -> VersionRecord | None:
         """Version ``number``, or the latest with 0 (never pruned: ``gc`` keeps the latest)."""
-        sql = "SELECT number, exact, basis_hash, members, files, fingerprint, at, pruned_at FROM versions"
+        sql = ("SELECT number, exact, basis_hash, members, files, fingerprint, at, pruned_at, contributions "
+               "FROM versions")
         rows = self._rows(sql + " WHERE number = ?", number) if number else self._rows(sql + " ORDER BY number DESC")
         if not rows:
             return None
-        number, exact, basis_hash, members, files, fingerprint, at, pruned_at = rows[0]
+        number, exact, basis_hash, members, files, fingerprint, at, pruned_at, contributions = rows[0]
         return VersionRecord(number, bool(exact), basis_hash, json.loads(members),
                              messages.file_list(federation_pb2.Version.FromString(files)), fingerprint, at,
-                             pruned_at)
+                             pruned_at, json.loads(contributions))
 
     # -- garbage collection ---------------------------------------------------------------------------------------
     def blob_use(self, prune_before: int = 0) -> BlobUse:
         """Which blobs the ledger still needs, and which it names only through what ``gc`` may drop: members revoked
         or gone, versions numbered below ``prune_before`` (or pruned before), and bases nothing kept names.
 
-        Kept: the models of enrolled and active members, every statistics row (only theirs exist), every version
+        Kept: the models of enrolled and active members, every contribution (only theirs exist), every version
         not pruned, and the current basis with those the kept versions and statistics were made under.
         """
         live: set[str] = set()
@@ -305,7 +393,7 @@ class Ledger:
                 live |= blobs
             elif member.model is not None:
                 departed[member.name] = blobs
-        statistics = self.statistics().values()
+        statistics = self.contributions()
         for record in statistics:
             live.update(entry.sha256 for entry in record.manifest.tensors)
         kept_bases = {self.get_meta("current_basis")} | {record.basis_hash for record in statistics}

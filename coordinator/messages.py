@@ -79,18 +79,23 @@ def version_message(record: VersionRecord) -> pb.Version:
 
 def event_message(published: Published) -> pb.Event:
     return pb.Event(basis_hash=published.basis_hash, basis_members=published.basis_members,
-                    version=published.version, exact=published.exact)
+                    version=published.version, exact=published.exact, expert_hash=published.expert_hash,
+                    removed_datasets=published.removed_datasets)
 
 
 # -- administration ----------------------------------------------------------------------------------------------
 def status_message(status: Status) -> pb.StatusResponse:
     members = [pb.MemberStatus(name=member.name, state=member.state, online=member.online,
                                stats_current=member.stats_current, reason=member.reason,
-                               token_count=member.token_count) for member in status.members]
+                               token_count=member.token_count, expert=member.expert) for member in status.members]
+    experts = [pb.ExpertStatus(name=expert.name, owner=expert.owner, expert_hash=expert.expert_hash,
+                               contributors=expert.contributors,
+                               contributions=[pb.ContributionStatus(**asdict(c)) for c in expert.contributions])
+               for expert in status.experts]
     return pb.StatusResponse(version=status.version, exact=status.exact, basis_hash=status.basis_hash,
                              members=members, audit_entries=status.audit_entries,
                              settings_json=json.dumps(status.settings, sort_keys=True),
-                             publication_error=status.publication_error)
+                             publication_error=status.publication_error, experts=experts)
 
 
 def status_dict(status: pb.StatusResponse) -> dict[str, Any]:
@@ -99,9 +104,15 @@ def status_dict(status: pb.StatusResponse) -> dict[str, Any]:
         "version": status.version or None,
         "exact": status.exact,
         "basis_hash": status.basis_hash or None,
-        "members": [{"name": m.name, "state": m.state, "online": m.online, "stats_current": m.stats_current,
-                     "token_count": m.token_count, **({"reason": m.reason} if m.reason else {})}
+        "members": [{"name": m.name, "state": m.state, "expert": m.expert, "online": m.online,
+                     "stats_current": m.stats_current, "token_count": m.token_count,
+                     **({"reason": m.reason} if m.reason else {})}
                     for m in status.members],
+        "experts": [{"name": e.name, "owner": e.owner, "expert_hash": e.expert_hash or None,
+                     "contributors": list(e.contributors),
+                     "contributions": [{"node": c.node, "dataset": c.dataset, "token_count": c.token_count,
+                                        "basis_hash": c.basis_hash, "current": c.current} for c in e.contributions]}
+                    for e in status.experts],
         "audit_entries": status.audit_entries,
         "settings": json.loads(status.settings_json),
         "publication_error": status.publication_error or None,

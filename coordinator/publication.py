@@ -1,11 +1,11 @@
-"""Publication: one worker brings the basis over the active members, and the model version built from it, up to
-date with the ledger.
+"""Publication: one worker brings the basis over the experts, and the model version built from it, up to date with
+the ledger.
 
 Nothing here is specific to the federation's math: the basis is ``dume.shared.method.averaging.compute_basis``,
 the routers and the ``dume`` block ``dume.shared.method.routers.solve_for_checkpoint`` and the checkpoint
-``dume.shared.method.writer.write_moe_checkpoint``, reading each member's tensors from its blobs in canonical
-(member-name) order. So the same member set and inputs give the same bytes as ``dume merge``, whatever the order
-members joined, left or were revoked in.
+``dume.shared.method.writer.write_moe_checkpoint``, reading each expert's tensors and each contribution's
+statistics from their blobs in canonical (expert, node, dataset) order. So the same experts and contributions
+give the same bytes as ``dume merge``, whatever the order they joined, left or were revoked in.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import torch
 
 from dume.coordinator.ledger import Ledger
 from dume.coordinator.metrics import Metrics
-from dume.coordinator.records import BasisRecord, Member, Statistics, VersionFile
+from dume.coordinator.records import BasisRecord, Contribution, Member, VersionFile
 from dume.shared.method.averaging import compute_basis, tensors_hash
 from dume.shared.method.expert import DenseWeights
 from dume.shared.method.families import detect_family
-from dume.shared.method.routers import MergeSettings, solve_for_checkpoint
+from dume.shared.method.routers import MergeSettings, solve_for_checkpoint, sum_contributions
 from dume.shared.method.statistics import gram_from_tensors
 from dume.shared.method.writer import LazyTensors, write_moe_checkpoint
 from dume.shared.transport.blobs import BlobStore
@@ -94,15 +94,15 @@ def manifest_into(blobs: BlobStore, tensors: dict[str, torch.Tensor]) -> tensors
     return tensors_pb2.TensorManifest(tensors=[store_tensor(blobs, name, tensors[name]) for name in sorted(tensors)])
 
 
-def statistics_tensor(statistics: Statistics, blobs: BlobStore, hidden_size: int) -> torch.Tensor:
-    """A member's full (layers, d+1, d+1) G from the per-layer upper triangles it uploaded."""
+def statistics_tensor(contribution: Contribution, blobs: BlobStore, hidden_size: int) -> torch.Tensor:
+    """One contribution's full (layers, d+1, d+1) G from the per-layer upper triangles its node uploaded."""
     return gram_from_tensors({entry.name: tensor_from_bytes(entry, blobs.read_bytes(entry.sha256))
-                              for entry in statistics.manifest.tensors}, hidden_size)
+                              for entry in contribution.manifest.tensors}, hidden_size)
 
 
 def refresh_basis(ledger: Ledger, blobs: BlobStore) -> BasisRecord | None:
-    """Makes the basis of the current active members the current one; returns it if it is new."""
-    active = {member.name: member for member in ledger.active_members() if member.model is not None}
+    """Makes the basis over the current experts (their owners' models) the current one; returns it if it is new."""
+    active = ledger.experts()
     key = hashlib.sha256(b"".join(name.encode() + b"\0" + active[name].model.SerializeToString(deterministic=True)
                                   for name in sorted(active))).hexdigest()
     if ledger.get_meta("basis_inputs") == key:
@@ -126,34 +126,42 @@ def publish_if_due(ledger: Ledger, blobs: BlobStore, settings: MergeSettings,
     """Publishes the next version when one is due; returns its number.
 
     Due means: the basis moved since the latest version (a provisional one, from the statistics at hand), or every
-    active member's statistics are under the current basis and the latest version is not already that model.
+    contribution is under the current basis and its expert's current weights, every expert has one, and the
+    latest version is not already that model.
     """
     basis_hash = ledger.get_meta("current_basis")
     if not basis_hash:
         return None
-    active = {member.name: member for member in ledger.active_members() if member.model is not None}
-    statistics = {name: stats for name, stats in ledger.statistics().items() if name in active}
-    if not statistics:
+    experts, weights = ledger.experts(), ledger.expert_hashes()
+    contributions = [c for c in ledger.contributions() if c.expert in experts]
+    if not contributions:
         return None
-    exact = len(statistics) == len(active) and all(s.basis_hash == basis_hash for s in statistics.values())
+    stale = sorted(c.label for c in contributions
+                   if c.basis_hash != basis_hash or c.expert_hash != weights[c.expert])
+    exact = not stale and {c.expert for c in contributions} == set(experts)
     fingerprint = hashlib.sha256(json.dumps(
-        [basis_hash, sorted((name, s.basis_hash, s.manifest.SerializeToString(deterministic=True).hex())
-                            for name, s in statistics.items())]).encode()).hexdigest()
+        [basis_hash, sorted(weights.items()),
+         [(c.expert, c.node, c.dataset, c.basis_hash, c.expert_hash,
+           c.manifest.SerializeToString(deterministic=True).hex()) for c in contributions]]).encode()).hexdigest()
     latest = ledger.version()
     if latest is not None and (latest.fingerprint == fingerprint or (latest.basis_hash == basis_hash and not exact)):
         return None
-    members = {name: StoredMember(member, blobs) for name, member in active.items()}
+    members = {name: StoredMember(owner, blobs) for name, owner in experts.items()}
     hidden_size = int(next(iter(members.values())).config["hidden_size"])
-    grams = {name: (statistics_tensor(statistics[name], blobs, hidden_size) if name in statistics else None)
-             for name in sorted(active)}
-    stale = sorted(name for name, stats in statistics.items() if stats.basis_hash != basis_hash)
+    statistics = {name: sum_contributions((c.node, c.dataset, lambda c=c: statistics_tensor(c, blobs, hidden_size))
+                                          for c in contributions if c.expert == name)
+                  for name in sorted(experts)}
     with solving():
-        solved = solve_for_checkpoint(grams, settings, basis_hash, stale)
+        solved = solve_for_checkpoint(statistics, settings, basis_hash, stale)
+    del statistics
     sink = BlobSink(blobs)
     write_moe_checkpoint(sink, members, solved.routers, solved.top_k, solved.dume_block)
+    nodes = sorted(set(experts) | {c.node for c in contributions})
+    labels = [c.label for c in contributions]
     with ledger.transaction():
-        number = ledger.add_version(exact, basis_hash, sorted(active), sink.files, fingerprint)
-        ledger.audit("publish", str(number), exact=exact, basis_hash=basis_hash, members=sorted(active))
+        number = ledger.add_version(exact, basis_hash, nodes, sink.files, fingerprint, labels)
+        ledger.audit("publish", str(number), exact=exact, basis_hash=basis_hash, members=nodes,
+                     contributions=labels)
     return number
 
 

@@ -14,20 +14,37 @@ from dume.v1 import tensors_pb2
 
 @dataclass(frozen=True)
 class Member:
+    """An enrolled node. It owns the expert named after it when ``expert == name`` (its model is the expert's
+    weights), else it contributes statistics to ``expert``."""
+
     name: str
     state: str  # enrolled, active, left, revoked
     cert_serial: str | None
     reason: str
     model: tensors_pb2.TensorManifest | None
     files: dict[str, str]  # file name -> blob sha256
+    expert: str = ""
+
+    @property
+    def owner(self) -> bool:
+        return self.expert == self.name
 
 
 @dataclass(frozen=True)
-class Statistics:
-    member: str
+class Contribution:
+    """The statistics of one named dataset of one node toward one expert, and what they were computed under."""
+
+    node: str
+    dataset: str
+    expert: str
     basis_hash: str
+    expert_hash: str
     token_count: int
     manifest: tensors_pb2.TensorManifest
+
+    @property
+    def label(self) -> str:
+        return f"{self.node}/{self.dataset}"
 
 
 @dataclass(frozen=True)
@@ -61,6 +78,7 @@ class VersionRecord:
     fingerprint: str
     at: float
     pruned_at: float | None = None  # when ``gc`` deleted its blobs; a pruned version is no longer served
+    contributions: list[str] = field(default_factory=list)  # "node/dataset" of every contribution it holds
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,8 @@ class Published:
     basis_members: list[str]
     version: int
     exact: bool
+    expert_hash: str = ""  # the current weights of the watching node's expert
+    removed_datasets: list[str] = field(default_factory=list)  # the watching node's datasets taken out
 
 
 @dataclass(frozen=True)
@@ -81,6 +101,25 @@ class MemberStatus:
     stats_current: bool
     reason: str
     token_count: int
+    expert: str
+
+
+@dataclass(frozen=True)
+class ContributionStatus:
+    node: str
+    dataset: str
+    token_count: int
+    basis_hash: str
+    current: bool  # under the current basis and its expert's current weights
+
+
+@dataclass(frozen=True)
+class ExpertStatus:
+    name: str
+    owner: str
+    expert_hash: str  # "" before the owner's upload
+    contributors: list[str]  # nodes admitted to its group besides the owner
+    contributions: list[ContributionStatus]  # in the order they are summed
 
 
 @dataclass(frozen=True)
@@ -94,6 +133,7 @@ class Status:
     audit_entries: int
     settings: dict[str, Any]
     publication_error: str  # why the last publication round failed; "" when it succeeded
+    experts: list[ExpertStatus] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -90,8 +90,8 @@ class EnrolmentService(rpc.EnrolmentServicer):
 
     @refusals_abort
     def Enrol(self, request: pb.EnrolRequest, context: grpc.ServicerContext) -> pb.EnrolResponse:
-        certificate, node = self.c.enrol(request.secret, request.csr_pem)
-        return pb.EnrolResponse(certificate_pem=certificate, node=node)
+        certificate, node, expert = self.c.enrol(request.secret, request.csr_pem)
+        return pb.EnrolResponse(certificate_pem=certificate, node=node, expert=expert)
 
 
 class FederationService(rpc.FederationServicer):
@@ -135,7 +135,7 @@ class FederationService(rpc.FederationServicer):
             # clients vanished without a word come back at the latest then.
             while not self.c.stopping and context.is_active() and time.monotonic() < ends:
                 self._member(context)  # ends the stream with PERMISSION_DENIED once revoked or gone
-                published = self.c.published()
+                published = self.c.published(member)
                 if published != sent:
                     yield messages.event_message(published)
                     sent = published
@@ -167,6 +167,15 @@ class FederationService(rpc.FederationServicer):
         removal = self.c.leave(peer_identity(context))
         return pb.LeaveResponse(version=removal.version, publication_error=removal.publication_error)
 
+    @refusals_abort
+    def GetExpert(self, request: pb.ExpertRequest, context: grpc.ServicerContext) -> pb.Expert:
+        return self.c.expert(self._member(context))[1]
+
+    @refusals_abort
+    def Forget(self, request: pb.ForgetRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
+        removal = self.c.forget(peer_identity(context), request.dataset)
+        return pb.LeaveResponse(version=removal.version, publication_error=removal.publication_error)
+
 
 class AdminService(rpc.AdminServicer):
     def __init__(self, coordinator: Coordinator) -> None:
@@ -178,7 +187,7 @@ class AdminService(rpc.AdminServicer):
     @refusals_abort
     def CreateToken(self, request: pb.TokenRequest, context: grpc.ServicerContext) -> pb.TokenResponse:
         self._admin(context)
-        token = self.c.create_token(request.node, request.ttl_seconds)
+        token = self.c.create_token(request.node, request.ttl_seconds, request.expert)
         return pb.TokenResponse(token=token.encode(), expires_at=token.expires_at)
 
     @refusals_abort
@@ -189,7 +198,7 @@ class AdminService(rpc.AdminServicer):
     @refusals_abort
     def Revoke(self, request: pb.RevokeRequest, context: grpc.ServicerContext) -> pb.RevokeResponse:
         self._admin(context)
-        removal = self.c.revoke(request.node, request.reason)
+        removal = self.c.revoke(request.node, request.reason, request.dataset)
         return pb.RevokeResponse(version=removal.version, publication_error=removal.publication_error)
 
     @refusals_abort

@@ -19,6 +19,7 @@ from dume.shared.errors import DumeError
 from dume.shared.method.families import check_same_architecture, detect_family
 from dume.shared.method.ridge import check_solvable
 from dume.shared.method.routers import MergeSettings
+from dume.shared.method.settings import check_name
 from dume.shared.method.statistics import exceeds_norm_bound, expected_layout, from_upper_triangle, layer_index
 from dume.shared.transport.blobs import read_range
 from dume.shared.transport.wire import DTYPES, all_finite, tensor_from_bytes
@@ -122,8 +123,14 @@ def check_statistics_layout(header: tensors_pb2.StatisticsHeader, manifest: tens
     if header.hidden_size != hidden or header.num_layers != layers:
         raise DumeError(f"statistics are for hidden size {header.hidden_size} and {header.num_layers} layers, the "
                         f"federation's model has {hidden} and {layers}")
-    if header.token_count < 1:
-        raise DumeError("statistics cover no tokens: give the node some data")
+    if header.token_count < hidden + 1:
+        raise DumeError(f"statistics cover {header.token_count} tokens; a router over hidden size {hidden} needs at "
+                        f"least {hidden + 1} per dataset (fewer would say more about single tokens than a sum "
+                        "should): give the dataset more data")
+    try:
+        check_name(header.dataset, "dataset name")
+    except DumeError as error:
+        raise DumeError(f"{error} (StatisticsHeader.dataset)") from None
     expected = expected_layout(hidden, layers)
     if {entry.name for entry in manifest.tensors} != set(expected) or len(manifest.tensors) != layers:
         raise DumeError(f"statistics must be exactly the tensors {sorted(expected)}")

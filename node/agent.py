@@ -28,10 +28,12 @@ from tqdm import tqdm
 from dume.node.lifecycle import Reconnect
 from dume.node.workdir import Workdir
 from dume.shared.errors import CoordinatorUnreachable, DumeError
-from dume.shared.files import atomic_path
+from dume.shared.files import atomic_path, staged_directory
 from dume.shared.method.averaging import tensors_hash
 from dume.shared.method.data import DocumentStream, load_tokenizer
 from dume.shared.method.expert import ExpertDirectory
+from dume.shared.method.expert_weights import expert_hash, expert_manifest
+from dume.shared.method.families import detect_family
 from dume.shared.method.placement import CPU, Placement
 from dume.shared.method.statistics import (
     check_enough_tokens,
@@ -71,7 +73,7 @@ def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def enrol(token: JoinToken, workdir: Workdir, model: Path, data: Path) -> None:
+def enrol(token: JoinToken, workdir: Workdir, model: Path | None, datasets: dict[str, Path]) -> None:
     """Checks the coordinator against the token's CA fingerprint, then trades the token and a CSR for a cert."""
     host, _, port = token.enrolment.rpartition(":")
     try:
@@ -90,9 +92,13 @@ def enrol(token: JoinToken, workdir: Workdir, model: Path, data: Path) -> None:
     except grpc.RpcError as error:
         raise refusal(error, "enrolment refused") from None
     workdir.save_identity(key_pem, response.certificate_pem, ca_pem)
-    workdir.update(name=response.node, coordinator=token.coordinator, model=str(model.resolve()),
-                   data=str(data.resolve()), model_upload=None, statistics_basis=None, left=False)
-    say(f"enrolled as {response.node} with the coordinator at {token.coordinator}")
+    expert = response.expert or response.node
+    workdir.update(name=response.node, expert=expert, coordinator=token.coordinator,
+                   model=str(model.resolve()) if model is not None else None,
+                   datasets={name: str(path.resolve()) for name, path in datasets.items()}, removed_datasets=[],
+                   model_upload=None, expert_hash=None, uploaded={}, left=False)
+    role = "the owner of expert" if expert == response.node else "a contributor to expert"
+    say(f"enrolled as {response.node}, {role} {expert}, with the coordinator at {token.coordinator}")
 
 
 @dataclass
@@ -155,6 +161,11 @@ class SentBytes:
             ahead = self.total / self._max_rate - (time.monotonic() - self._started) if self._max_rate else 0.0
         if ahead > 0:
             time.sleep(ahead)
+
+
+class StaleWeights(Exception):
+    """The expert's weights moved between the event a contributor acted on and its download: the next event names
+    the new ones."""
 
 
 class Agent:
@@ -234,16 +245,26 @@ class Agent:
                 offset += len(data)
                 counter.add(len(data))
 
-    def contribute_model(self) -> None:
-        upload = model_upload(Path(self.state["model"]), self.state["name"])
+    @property
+    def owner(self) -> bool:
+        return self.state["expert"] == self.state["name"]
+
+    def contribute_model(self, model_dir: Path | None = None) -> None:
+        """Uploads the owner's model (``model_dir``: a new one, for ``update``); the workdir records it only once
+        the coordinator accepted it, so a refused update leaves the node on its previous weights."""
+        model_dir = model_dir or Path(self.state["model"])
+        upload = model_upload(model_dir, self.state["name"])
+        family = detect_family(ExpertDirectory(model_dir).config)
+        weights = expert_hash(expert_manifest(upload.plan.manifest, family))
         self.workdir.record_own_blobs({sha: (str(where.path), where.start, where.size)
                                        for sha, where in upload.sources.items()})
         self.upload(upload)
-        self.state = self.workdir.update(model_upload=True)
+        self.state = self.workdir.update(model=str(model_dir.resolve()), model_upload=True, expert_hash=weights)
 
     # -- statistics -----------------------------------------------------------------------------------------------
-    def contribute_statistics(self, basis_hash: str) -> None:
-        """Statistics of the node's data under the named basis: downloaded, verified, collected, uploaded."""
+    def contribute_statistics(self, dataset: str, basis_hash: str, weights: str) -> None:
+        """Statistics of one dataset under the named basis and expert weights: downloaded, verified, collected,
+        uploaded."""
         try:
             basis = self.stub.GetBasis(pb.BasisRequest(basis_hash=basis_hash), timeout=60)
             cache = self.workdir.blobs()
@@ -256,48 +277,82 @@ class Agent:
         tensors = {e.name: tensor_from_bytes(e, cache.read_bytes(e.sha256)) for e in basis.manifest.tensors}
         if tensors_hash(tensors) != basis.basis_hash:
             raise DumeError(f"the basis received does not hash to {basis.basis_hash[:12]}: fetch it again")
-        model_dir = Path(self.state["model"])
-        expert = ExpertDirectory(model_dir, self.state["name"])
-        path = self.workdir.statistics / f"{basis.basis_hash}-{self._inputs_tag()}.safetensors"
+        model_dir = Path(self.state["model"]) if self.owner else self.expert_weights(weights, basis)
+        expert = ExpertDirectory(model_dir, self.state["expert"])
+        path = self.workdir.statistics / f"{basis.basis_hash}-{weights[:16]}-{dataset}-{self._inputs_tag(dataset)}"
+        path = path.with_suffix(".safetensors")
         if not path.is_file():  # a basis seen before (membership went back) reuses its statistics
-            self._collect(expert, basis, tensors, path)
+            self._collect(expert, basis, tensors, dataset, path)
         entries, sources = described(safetensors_ranges(path))
         tokens = layout_token_count(load_file(path))
         header = tensors_pb2.StatisticsHeader(
             basis_hash=basis.basis_hash, hidden_size=int(expert.config["hidden_size"]), num_layers=expert.num_layers,
-            token_count=tokens, sequence_length=int(basis.sequence_length))
+            token_count=tokens, sequence_length=int(basis.sequence_length), dataset=dataset, expert_hash=weights)
         plan = pb.UploadPlan(kind=pb.UPLOAD_KIND_STATISTICS, manifest=tensors_pb2.TensorManifest(tensors=entries),
                              statistics=header)
-        self.upload(Upload(plan, sources, "statistics"))
-        self.state = self.workdir.update(statistics_basis=basis.basis_hash)
+        self.upload(Upload(plan, sources, f"statistics of {dataset}"))
+        uploaded = {**self.state.get("uploaded", {}), dataset: [basis.basis_hash, weights]}
+        self.state = self.workdir.update(uploaded=uploaded)
 
-    def _inputs_tag(self) -> str:
+    def expert_weights(self, weights: str, basis: pb.Basis) -> Path:
+        """A contributor's copy of its expert as a dense model directory: the expert's MLPs, config and tokenizer
+        downloaded from the coordinator and checked against ``weights``, with the basis as its shared parameters
+        (the statistics replace those with the basis anyway)."""
+        directory = self.workdir.experts / weights
+        if (directory / "model.safetensors").is_file():
+            return directory
+        try:
+            expert = self.stub.GetExpert(pb.ExpertRequest(), timeout=60)
+            cache = self.workdir.blobs()
+            wanted = {e.sha256: e.size_bytes for e in expert.manifest.tensors}
+            wanted.update({f.sha256: f.size_bytes for f in expert.files})
+            fetch_missing(self.stub, wanted, cache, self.workdir.own_blob, stall_seconds=self.stall_seconds)
+        except grpc.RpcError as error:
+            if error.code() in TRANSIENT:
+                raise
+            raise refusal(error, f"cannot download the weights of expert {self.state['expert']}") from None
+        if expert_hash(expert.manifest) != weights:
+            raise StaleWeights(f"expert {expert.name} now has weights {expert_hash(expert.manifest)[:12]}, not "
+                               f"{weights[:12]}")
+        tensors = {e.name: tensor_from_bytes(e, cache.read_bytes(e.sha256)) for e in basis.manifest.tensors}
+        tensors.update({e.name: tensor_from_bytes(e, cache.read_bytes(e.sha256)) for e in expert.manifest.tensors})
+        with staged_directory(directory) as staging:
+            for file in expert.files:
+                (staging / file.name).write_bytes(cache.read_bytes(file.sha256))
+            save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        say(f"downloaded the weights of expert {expert.name} ({weights[:12]})")
+        return directory
+
+    def _inputs_tag(self, dataset: str) -> str:
         """Names the model, data and settings the statistics came from, so that changed inputs are never served
         from the cache."""
-        stamps = [(path, os.stat(path).st_mtime_ns, os.stat(path).st_size)
-                  for path in (self.state["model"], self.state["data"])]
+        sources = [self.state["datasets"][dataset]] + ([self.state["model"]] if self.owner else [])
+        stamps = [(path, os.stat(path).st_mtime_ns, os.stat(path).st_size) for path in sources]
         stamps.append([self.placement.device, self.placement.dtype, self.max_tokens])
         return hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:12]
 
-    def _collect(self, expert: ExpertDirectory, basis: pb.Basis, tensors: dict, path: Path) -> None:
-        data = DocumentStream(Path(self.state["data"]), load_tokenizer(expert.path), int(basis.sequence_length),
-                              self.max_tokens)
+    def _collect(self, expert: ExpertDirectory, basis: pb.Basis, tensors: dict, dataset: str, path: Path) -> None:
+        data = DocumentStream(Path(self.state["datasets"][dataset]), load_tokenizer(expert.path),
+                              int(basis.sequence_length), self.max_tokens)
         started = time.monotonic()
         gram = statistics_under_basis(expert, tensors, data, int(basis.batch_size), self.placement)
-        check_enough_tokens(gram, self.state["name"])
+        check_enough_tokens(gram, f"{self.state['name']}/{dataset}")
         seconds, tokens = time.monotonic() - started, token_count(gram)
-        say(f"statistics under basis {basis.basis_hash[:12]}: {tokens} tokens in {seconds:.2f} s")
-        self.workdir.record_transfer("statistics", basis=basis.basis_hash, tokens=tokens, seconds=seconds)
+        say(f"statistics of {dataset} under basis {basis.basis_hash[:12]}: {tokens} tokens in {seconds:.2f} s")
+        self.workdir.record_transfer("statistics", basis=basis.basis_hash, dataset=dataset, tokens=tokens,
+                                     seconds=seconds)
         with atomic_path(path) as partial:
             save_file(statistics_tensors(gram), str(partial))
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self, once: bool = False) -> None:
-        """Contributes, then follows the coordinator: recomputes statistics whenever the basis moves.
+        """Contributes, then follows the coordinator: recomputes a dataset's statistics whenever the basis or the
+        expert's weights move.
 
-        With ``once``, returns as soon as the node's statistics are current for the basis of that moment.
+        With ``once``, returns as soon as every dataset's statistics are current for the basis and weights of
+        that moment.
         """
-        if not self.state.get("model_upload"):
+        if self.owner and not self.state.get("model_upload"):
             self.contribute_model()
         seen_version, reconnect = None, Reconnect(self.state["coordinator"], self.give_up_after)
         while True:
@@ -307,16 +362,57 @@ class Agent:
                     if event.version and event.version != seen_version:
                         seen_version = event.version
                         say(f"version {event.version} published ({'exact' if event.exact else 'provisional'})")
-                    # A basis that does not include this node's model yet is skipped: the one that does follows.
-                    if (event.basis_hash and event.basis_hash != self.state.get("statistics_basis")
-                            and self.state["name"] in event.basis_members):
-                        self.contribute_statistics(event.basis_hash)
-                    if once and event.basis_hash and event.basis_hash == self.state.get("statistics_basis"):
-                        return
+                    self.state = self.workdir.state()  # `forget` or `update` may have changed it meanwhile
+                    self._drop(event.removed_datasets)
+                    if self._ready(event):
+                        for dataset in self._due(event):
+                            try:
+                                self.contribute_statistics(dataset, event.basis_hash, event.expert_hash)
+                            except StaleWeights as stale:
+                                say(f"{stale}: waiting for the federation to catch up")
+                                break
+                        if once and not self._due(event):
+                            return
             except grpc.RpcError as error:
                 if error.code() not in TRANSIENT:
                     raise refusal(error, "the coordinator ended this node's session") from None
                 reconnect.failed(error, "lost the coordinator")
+
+    def _ready(self, event: pb.Event) -> bool:
+        """Whether statistics can be computed now: the basis includes the node's expert, whose weights are in (and,
+        for an owner, are the ones it uploaded last: an update is not yet recorded otherwise)."""
+        return bool(event.basis_hash and event.expert_hash and self.state["expert"] in event.basis_members
+                    and (not self.owner or event.expert_hash == self.state.get("expert_hash")))
+
+    def _due(self, event: pb.Event) -> list[str]:
+        """The datasets whose uploaded statistics are not under this event's basis and weights."""
+        uploaded = self.state.get("uploaded", {})
+        return [name for name in sorted(self.state["datasets"])
+                if uploaded.get(name) != [event.basis_hash, event.expert_hash]]
+
+    def _drop(self, removed: list[str]) -> None:
+        """Stops contributing the datasets the coordinator took out (a `revoke --dataset`)."""
+        gone = sorted(set(removed) & set(self.state["datasets"]))
+        if gone:
+            self.state = self.workdir.forget_locally(gone)
+            say(f"dataset {', '.join(gone)} was taken out of the federation; this node no longer contributes it")
+
+    def forget(self, dataset: str) -> int:
+        """Takes one dataset out of the federation and stops contributing it; returns the version published
+        without it (0 if none)."""
+        if dataset not in self.state["datasets"]:
+            known = ", ".join(sorted(self.state["datasets"])) or "none"
+            raise DumeError(f"this node has no dataset {dataset!r} (it has: {known}): see `dume-node status`")
+        try:
+            response = self.stub.Forget(pb.ForgetRequest(dataset=dataset), timeout=600)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND or dataset in self.state.get("uploaded", {}):
+                raise refusal(error, f"cannot forget {dataset}") from None
+            response = pb.LeaveResponse()  # never uploaded: nothing to take out, only to stop contributing
+        self.state = self.workdir.forget_locally([dataset])
+        if response.publication_error:
+            raise DumeError(f"forgot {dataset}, but {response.publication_error}: tell the coordinator's admin")
+        return response.version
 
     def leave(self) -> int:
         """Leaves the federation; returns the version published without this node (0 if none was ever published)."""

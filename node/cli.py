@@ -1,7 +1,9 @@
 """``dume-node``: what runs on a member's host.
 
-``join`` enrols with a join token and contributes the member's expert, then keeps its statistics current;
-``fetch`` downloads a published version; ``leave`` takes the member out; ``train`` fine-tunes the expert.
+``join`` enrols with a join token and contributes the node's expert (an owner) or statistics toward another's (a
+contributor), one named dataset each, then keeps them current; ``forget`` takes one dataset out; ``update``
+replaces an owner's expert; ``fetch`` downloads a published version; ``leave`` takes the node out; ``train``
+fine-tunes an expert.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dume.shared.commandline import (
 from dume.shared.config import add_config_command, join_token
 from dume.shared.errors import DumeError
 from dume.shared.logs import add_log_format, configure_logging
-from dume.shared.method.settings import TRAINABLE, TrainSettings
+from dume.shared.method.settings import TRAINABLE, TrainSettings, check_unique_datasets, parse_dataset
 from dume.shared.transport.channels import DEFAULT_CHUNK_BYTES
 from dume.shared.transport.stall import STALL_SECONDS
 from dume.shared.trust.join_token import JoinToken
@@ -56,18 +58,32 @@ def _join(args: argparse.Namespace) -> None:
     from dume.shared.method.expert import ExpertDirectory
 
     workdir = Workdir(args.workdir)
-    for path, what in ((args.model, "--model"), (args.data, "--data")):
+    datasets = given_datasets(args.data)
+    if args.model is not None and not args.model.exists():
+        raise DumeError(f"--model {args.model} does not exist: give the expert's model directory")
+    for name, path in datasets.items():
         if not path.exists():
-            raise DumeError(f"{what} {path} does not exist: give the expert's model directory and its data")
+            raise DumeError(f"--data {path} (dataset {name}) does not exist: give the data the node contributes")
     # Everything that can be wrong here is refused before enrolling or sending a byte.
-    ExpertDirectory(args.model)
-    check_documents(args.data)
+    if args.model is not None:
+        ExpertDirectory(args.model)
+    for path in datasets.values():
+        check_documents(path)
     chosen = placement(args)
     with disk_full_is_one_line(args.workdir):
-        _contribute(args, workdir, chosen)
+        _contribute(args, workdir, datasets, chosen)
 
 
-def _contribute(args: argparse.Namespace, workdir: Workdir, chosen: Placement) -> None:
+def given_datasets(items: list[str]) -> dict[str, Path]:
+    """``--data [NAME=]PATH`` given once or more: dataset name -> path; a name given twice is refused."""
+    datasets = [parse_dataset(item) for item in items]
+    if any(dataset.node for dataset in datasets):
+        raise DumeError("--data takes NAME=PATH: a node contributes only its own datasets")
+    check_unique_datasets(datasets, "this node")
+    return {dataset.name: dataset.path for dataset in datasets}
+
+
+def _contribute(args: argparse.Namespace, workdir: Workdir, datasets: dict[str, Path], chosen: Placement) -> None:
     from dume.node.agent import Agent, enrol, say
 
     if args.token or args.token_file:
@@ -75,11 +91,14 @@ def _contribute(args: argparse.Namespace, workdir: Workdir, chosen: Placement) -
         if workdir.enrolled() and workdir.state().get("name") not in (token.node, None):
             raise DumeError(f"{args.workdir} belongs to node {workdir.state()['name']!r}, the token is for "
                             f"{token.node!r}: use another --workdir")
-        enrol(token, workdir, args.model, args.data)
+        check_role(token.contributor, token.expert, args.model)
+        enrol(token, workdir, args.model, datasets)
     elif not workdir.enrolled():
         raise DumeError(f"{args.workdir} holds no enrolled node: pass --token (from `dume-coordinator token`)")
     else:
-        check_same_inputs(workdir, args.model, args.data)
+        state = workdir.state()
+        check_role(state["expert"] != state["name"], state["expert"], args.model)
+        add_datasets(workdir, args.model, datasets)
     agent = Agent(workdir, args.chunk_kib * 1024, args.max_rate_kib * 1024 if args.max_rate_kib else 0.0,
                   chosen, args.max_tokens, args.deadline if args.once else None, args.stall_timeout)
     agent.run(once=args.once)
@@ -87,14 +106,33 @@ def _contribute(args: argparse.Namespace, workdir: Workdir, chosen: Placement) -
         say("contribution complete; statistics are current")
 
 
-def check_same_inputs(workdir: Workdir, model: Path, data: Path) -> None:
-    """A node resumes with the model and data it enrolled with: another one would change its contribution without
-    anyone noticing, so it is refused (leave, then join again with a new token, to contribute another)."""
+def check_role(contributor: bool, expert: str, model: Path | None) -> None:
+    """An owner uploads its expert's weights (--model); a contributor computes with the owner's and sends none."""
+    if contributor and model is not None:
+        raise DumeError(f"this node contributes to expert {expert!r}, whose weights come from its owner: drop "
+                        "--model (a contributor downloads the expert's weights and sends statistics only)")
+    if not contributor and model is None:
+        raise DumeError(f"this node owns expert {expert!r}: give its weights with --model MODEL_DIR")
+
+
+def add_datasets(workdir: Workdir, model: Path | None, datasets: dict[str, Path]) -> None:
+    """A node resumes with the model it enrolled with (`dume-node update` replaces it) and the datasets it has;
+    datasets it does not have yet are added (their statistics alone are uploaded), and one it took out is not
+    taken back under its name."""
     state = workdir.state()
-    for key, path, flag in (("model", model, "--model"), ("data", data, "--data")):
-        if str(path.resolve()) != state[key]:
-            raise DumeError(f"{workdir.root} joined with {flag} {state[key]}, not {path.resolve()}: rejoin with the "
-                            f"same {flag}, or `dume-node leave` and join again with a new token to contribute another")
+    if model is not None and str(model.resolve()) != state["model"]:
+        raise DumeError(f"{workdir.root} joined with --model {state['model']}, not {model.resolve()}: rejoin with the "
+                        "same --model, or `dume-node update --model` to replace the expert's weights")
+    known = dict(state["datasets"])
+    for name, path in datasets.items():
+        if name in state["removed_datasets"]:
+            raise DumeError(f"dataset {name!r} was taken out of the federation: contribute it under another name")
+        if name in known and known[name] != str(path.resolve()):
+            raise DumeError(f"{workdir.root} contributes dataset {name!r} from {known[name]}, not {path.resolve()}: "
+                            f"`dume-node forget --dataset {name}` first, or give it another name (NAME=PATH)")
+        known[name] = str(path.resolve())
+    if known != state["datasets"]:
+        workdir.update(datasets=known)
 
 
 def run_fetch(args: argparse.Namespace) -> None:
@@ -118,6 +156,51 @@ def run_status(args: argparse.Namespace) -> None:
     print(json.dumps(status, sort_keys=True) if args.json else describe_status(status))
 
 
+def run_forget(args: argparse.Namespace) -> None:
+    from dume.node.agent import Agent
+
+    version = Agent(Workdir(args.workdir)).forget(args.dataset)
+    report(args, {"forgotten": args.dataset, "version": version or None},
+           f"forgot dataset {args.dataset}; version {version} is published without it" if version
+           else f"forgot dataset {args.dataset}; no contribution remains, so no version was published")
+
+
+def run_update(args: argparse.Namespace) -> None:
+    """SIGTERM or SIGINT ends it cleanly (exit 0); run it again to carry on."""
+    from dume.node.agent import say
+
+    configure_logging(args.log_format, "%(message)s")
+    try:
+        with stop_on_signals():
+            _update(args)
+    except StopRequested as stop:
+        say(f"stopped on {stop.signal_name}; run `dume-node update` again to carry on")
+
+
+def _update(args: argparse.Namespace) -> None:
+    from dume.node.agent import Agent, say
+    from dume.shared.method.expert import ExpertDirectory
+    from dume.shared.method.families import check_same_architecture
+
+    workdir = Workdir(args.workdir)
+    state = workdir.state()
+    if state["expert"] != state["name"]:
+        raise DumeError(f"this node contributes to expert {state['expert']!r}; only its owner updates its weights")
+    if not args.model.exists():
+        raise DumeError(f"--model {args.model} does not exist: give the new fine-tune's model directory")
+    new, current = ExpertDirectory(args.model), ExpertDirectory(Path(state["model"]))
+    try:
+        check_same_architecture({"the current model": current.config, "the new model": new.config})
+    except DumeError as error:
+        raise DumeError(f"{args.model} cannot replace the expert: {error}") from None
+    with disk_full_is_one_line(args.workdir):
+        agent = Agent(workdir, placement=placement(args), max_tokens=args.max_tokens, give_up_after=args.deadline)
+        agent.contribute_model(args.model)
+        say(f"uploaded the new weights of expert {state['expert']}; recomputing the statistics of every dataset")
+        agent.run(once=True)
+    say("update complete; statistics are current")
+
+
 def run_leave(args: argparse.Namespace) -> None:
     from dume.node.agent import Agent
 
@@ -133,8 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     join = commands.add_parser("join", help="enrol and contribute this node's expert, then follow the federation")
     join.add_argument("--token", help="the join token from `dume-coordinator token` (not needed once enrolled)")
     join.add_argument("--token-file", type=Path, help="a file holding the join token (keeps it out of `ps`)")
-    join.add_argument("--model", type=Path, required=True, help="the expert's Hugging Face directory")
-    join.add_argument("--data", type=Path, required=True, help="its domain data (.jsonl, .txt or a directory)")
+    join.add_argument("--model", type=Path, help="the expert's Hugging Face directory (an owner; a contributor to "
+                      "another node's expert gives none)")
+    join.add_argument("--data", action="append", required=True, metavar="[NAME=]PATH",
+                      help="a dataset (.jsonl, .txt or a directory), named NAME (default: 'default'); repeat for "
+                           "several, each contributed on its own; join again with one more to add it")
     join.add_argument("--workdir", type=Path, required=True, help="the node's working directory")
     join.add_argument("--once", action="store_true", help="exit once statistics are current instead of following")
     join.add_argument("--deadline", type=duration, default=600.0,
@@ -163,6 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--workdir", type=Path, required=True, help="the node's working directory")
     add_json(status)
     status.set_defaults(run=run_status)
+    forget = commands.add_parser("forget", help="take one dataset's statistics out of the federation")
+    forget.add_argument("--workdir", type=Path, required=True, help="the node's working directory")
+    forget.add_argument("--dataset", required=True, help="the dataset's name (see `dume-node status`)")
+    add_json(forget)
+    forget.set_defaults(run=run_forget)
+    update = commands.add_parser("update", help="replace this owner's expert with a new fine-tune and recompute")
+    update.add_argument("--workdir", type=Path, required=True, help="the node's working directory")
+    update.add_argument("--model", type=Path, required=True, help="the new model directory (same architecture)")
+    update.add_argument("--deadline", type=duration, default=600.0,
+                        help="give up when the coordinator stays unreachable this long (default 10m)")
+    add_placement(update)
+    add_log_format(update)
+    update.add_argument("--max-tokens", type=positive_int,
+                        help="statistics from at most this many tokens of each dataset (default: all of it)")
+    update.set_defaults(run=run_update)
     leave = commands.add_parser("leave", help="take this node's contribution out of the federation")
     leave.add_argument("--workdir", type=Path, required=True, help="the node's working directory")
     add_json(leave)

@@ -1,10 +1,12 @@
 """A node's working directory: its identity, what it has contributed, and its blob cache.
 
     identity/key.pem, cert.pem, ca.pem   owner-only; the key is made here and never leaves
-    node.json                            name, coordinator address, model and data paths, what is uploaded
+    node.json                            name, expert, coordinator address, model and dataset paths, what is
+                                         uploaded
     blobs/                               downloaded bases and model versions (content-addressed)
     own-blobs.json                       sha256 -> where that blob lies in the node's own model files
-    statistics/                          the statistics files uploaded, one per basis
+    statistics/                          the statistics files uploaded, one per dataset, basis and weights
+    experts/                             a contributor's downloaded expert weights, one directory per version
     transfers.jsonl                      one JSON object a line for each upload and statistics computation
 """
 
@@ -22,6 +24,7 @@ import grpc
 
 from dume.shared.errors import DumeError
 from dume.shared.files import write_atomically
+from dume.shared.method.settings import DEFAULT_DATASET
 from dume.shared.transport.blobs import BlobStore
 from dume.shared.transport.channels import mutual_tls_channel
 from dume.shared.trust import pki
@@ -38,6 +41,18 @@ def disk_full_is_one_line(where: Path) -> Iterator[None]:
             raise
         raise DumeError(f"the disk is full (writing {error.filename or where}): free space there, or use a "
                         "--workdir on another disk, and run the command again; it resumes where it stopped") from None
+
+
+def upgraded(state: dict[str, Any]) -> dict[str, Any]:
+    """node.json as this release writes it: a workdir from before experts and datasets held one ``data`` path,
+    which is its dataset ``default``, and owned its own expert."""
+    if "datasets" not in state and "data" in state:
+        state = {**state, "datasets": {DEFAULT_DATASET: state.pop("data")}}
+        state.pop("statistics_basis", None)  # recomputed (or found again) and acknowledged as the same upload
+    state.setdefault("expert", state.get("name"))
+    state.setdefault("removed_datasets", [])
+    state.setdefault("uploaded", {})
+    return state
 
 
 @dataclass(frozen=True)
@@ -62,11 +77,22 @@ class Workdir:
     def enrolled(self) -> bool:
         return (self.identity / "cert.pem").is_file() and self.state_path.is_file()
 
+    @property
+    def experts(self) -> Path:
+        return self.root / "experts"
+
     def state(self) -> dict[str, Any]:
         if not self.enrolled():
             raise DumeError(f"{self.root} holds no enrolled node: run `dume-node join --token TOKEN ... --workdir "
                             f"{self.root}` first")
-        return json.loads(self.state_path.read_text())
+        return upgraded(json.loads(self.state_path.read_text()))
+
+    def forget_locally(self, datasets: list[str]) -> dict[str, Any]:
+        """Stops contributing ``datasets``: they leave the node's datasets and are remembered as removed."""
+        state = self.state()
+        return self.update(datasets={k: v for k, v in state["datasets"].items() if k not in datasets},
+                           removed_datasets=sorted(set(state["removed_datasets"]) | set(datasets)),
+                           uploaded={k: v for k, v in state["uploaded"].items() if k not in datasets})
 
     def update(self, **changes: Any) -> dict[str, Any]:
         """Merges ``changes`` into node.json atomically (fetch may read it while the agent runs)."""

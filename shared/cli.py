@@ -18,23 +18,28 @@ from dume.shared.commandline import (
     run_cli,
 )
 from dume.shared.errors import DumeError
-from dume.shared.method.settings import ExpertSpec
+from dume.shared.method.settings import ExpertSpec, parse_dataset
 
 
 def parse_expert(value: str) -> ExpertSpec:
+    """``NAME=MODEL_DIR:DATA[,DATA...]``, each DATA ``[[NODE/]DATASET=]PATH`` (see ``parse_dataset``)."""
     name, equals, rest = value.partition("=")
-    model_dir, colon, data_path = rest.partition(":")
-    if not (equals and colon and name and model_dir and data_path):
-        raise argparse.ArgumentTypeError(f"{value!r} is not NAME=MODEL_DIR:DATA_PATH")
-    return ExpertSpec(name, Path(model_dir), Path(data_path))
+    model_dir, colon, data = rest.partition(":")
+    items = data.split(",") if data else []
+    if not (equals and colon and name and model_dir and items and all(items)):
+        raise argparse.ArgumentTypeError(f"{value!r} is not NAME=MODEL_DIR:DATA[,DATA...]")
+    return ExpertSpec(name, Path(model_dir), datasets=tuple(parse_dataset(item) for item in items))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dume", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     merge = commands.add_parser("merge", help="merge dense experts into one MoE checkpoint, on this machine")
-    merge.add_argument("--expert", action="append", type=parse_expert, required=True, metavar="NAME=MODEL_DIR:DATA",
-                       help="a member: its name, its model directory and its data (.jsonl, .txt or a directory)")
+    merge.add_argument("--expert", action="append", type=parse_expert, required=True,
+                       metavar="NAME=MODEL_DIR:DATA[,DATA...]",
+                       help="an expert: its name, its model directory and its datasets (.jsonl, .txt or a directory), "
+                            "each [[NODE/]DATASET=]PATH: named (default: 'default') and, for a dataset another node "
+                            "feeds this expert with, that node's name (default: the expert's)")
     merge.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     add_merge_settings(merge)
     add_placement(merge)
@@ -55,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_merge(args: argparse.Namespace) -> None:
     if len(args.expert) < 2:
         raise DumeError("a merge needs at least two experts (a one-expert MoE is the expert itself): pass --expert "
-                        "NAME=MODEL_DIR:DATA once per expert")
+                        "NAME=MODEL_DIR:DATA[,DATA...] once per expert")
     from dume.shared.method.merge import merge
 
     out = merge(args.expert, args.out, merge_settings(args), placement(args), args.max_tokens)

@@ -242,7 +242,7 @@ def test_malformed_expert_argument_is_a_usage_error(experts, out):
     assert "Traceback" not in result.stderr, result.stderr
     last = result.stderr.splitlines()[-1]
     assert last.startswith("dume merge: error: argument --expert"), last
-    assert "NAME=MODEL_DIR:DATA_PATH" in last, last
+    assert "NAME=MODEL_DIR:DATA[,DATA...]" in last, last
     assert_nothing_written(out)
 
 

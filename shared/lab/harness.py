@@ -120,11 +120,15 @@ def describe(status: dict[str, Any]) -> str:
     return f"{head}: {', '.join(members) if members else 'no members yet'}"
 
 
-def exact_over(status: dict[str, Any], members: list[str]) -> bool:
-    """Whether the latest version is exact over exactly ``members``, all active with current statistics."""
+def exact_over(status: dict[str, Any], members: list[str], contributions: list[str] | None = None) -> bool:
+    """Whether the latest version is exact over exactly ``members``, all active with current statistics (and, when
+    given, exactly these ``contributions``, "node/dataset", all current)."""
     active = [member for member in status["members"] if member["state"] == "active"]
+    recorded = [c for expert in status.get("experts", []) for c in expert["contributions"]]
     return bool(status["exact"] and status["version"] and sorted(m["name"] for m in active) == sorted(members)
-                and all(member["stats_current"] for member in active))
+                and all(member["stats_current"] for member in active)
+                and (contributions is None or (sorted(f"{c['node']}/{c['dataset']}" for c in recorded)
+                                               == sorted(contributions) and all(c["current"] for c in recorded))))
 
 
 class Federation:
@@ -218,10 +222,16 @@ class Federation:
         """Where the running daemon serves the federation."""
         return json.loads((self.state / "daemon.json").read_text())["listen"]
 
-    def join(self, name: str, model: Path, data: Path, token: str, *extra: str) -> subprocess.Popen:
-        """``dume-node join`` for node ``name`` in the background, its workdir under nodes/."""
-        return self._start(f"node-{name}", "node", "join", "--token", token, "--model", str(model), "--data",
-                          str(data), "--workdir", str(self.workdir(name)), *extra, pipe=self.pipe_nodes)
+    def join(self, name: str, model: Path | None, data: Path | str | list[Path | str], token: str | None,
+             *extra: str) -> subprocess.Popen:
+        """``dume-node join`` for node ``name`` in the background, its workdir under nodes/: an owner with its
+        ``model``, a contributor without; ``data`` one dataset or several (``[NAME=]PATH`` each); no token to
+        rejoin from the workdir."""
+        datasets = data if isinstance(data, list) else [data]
+        return self._start(f"node-{name}", "node", "join", *(["--token", token] if token else []),
+                           *(["--model", str(model)] if model is not None else []),
+                           *(arg for item in datasets for arg in ("--data", str(item))),
+                           "--workdir", str(self.workdir(name)), *extra, pipe=self.pipe_nodes)
 
     def workdir(self, name: str) -> Path:
         return self.root / "nodes" / name
@@ -240,19 +250,21 @@ class Federation:
         (each `python -m dume.coordinator` pays ~4 s of CPU importing torch, which would starve the nodes)."""
         return status_object(StateDir(self.state))
 
-    def wait_exact(self, members: list[str], timeout: float = CONVERGE_SECONDS) -> dict[str, Any]:
-        """Polls the status, reporting each change, until the latest version is exact over exactly ``members``;
-        returns that status. Fails early if the coordinator or one of those members' nodes fails."""
-        return wait_until(lambda: self._exact_status(members), timeout,
+    def wait_exact(self, members: list[str], timeout: float = CONVERGE_SECONDS,
+                   contributions: list[str] | None = None) -> dict[str, Any]:
+        """Polls the status, reporting each change, until the latest version is exact over exactly ``members`` (and
+        ``contributions``, when given); returns that status. Fails early if the coordinator or one of those
+        members' nodes fails."""
+        return wait_until(lambda: self._exact_status(members, contributions), timeout,
                           f"an exact version over {', '.join(members)} (logs in {self.logs})", POLL_SECONDS)
 
-    def _exact_status(self, members: list[str]) -> dict[str, Any] | None:
+    def _exact_status(self, members: list[str], contributions: list[str] | None = None) -> dict[str, Any] | None:
         self.check_running(members)
         status = self.status()
         if (line := describe(status)) != self._shown:
             self.say(line)
             self._shown = line
-        return status if exact_over(status, members) else None
+        return status if exact_over(status, members, contributions) else None
 
     # -- stopping -------------------------------------------------------------------------------------------------
     def exited(self, label: str, timeout: float = EXIT_SECONDS) -> int | None:

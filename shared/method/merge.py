@@ -15,7 +15,6 @@ before any heavy work, and the output directory appears only complete.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,20 +27,14 @@ from dume.shared.method.data import DocumentStream, check_documents, load_tokeni
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.families import check_same_architecture
 from dume.shared.method.placement import CPU, Placement
-from dume.shared.method.routers import solve_for_checkpoint
-from dume.shared.method.settings import ExpertSpec, MergeSettings
+from dume.shared.method.routers import ExpertStatistics, solve_for_checkpoint, sum_contributions
+from dume.shared.method.settings import DatasetSpec, ExpertSpec, MergeSettings, check_name
 from dume.shared.method.statistics import check_enough_tokens, statistics_under_basis
 from dume.shared.method.writer import write_moe_checkpoint
 
-MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
 
 def check_member_name(name: str) -> str:
-    if not MEMBER_NAME.fullmatch(name):  # match() would take a trailing newline after $
-        raise DumeError(
-            f"member name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', starting alphanumeric"
-        )
-    return name
+    return check_name(name, "member name")
 
 
 def open_experts(specs: list[ExpertSpec]) -> dict[str, ExpertDirectory]:
@@ -72,7 +65,7 @@ def merge(specs: Sequence[ExpertSpec], out_dir: str | Path, settings: MergeSetti
     forward passes run where ``placement`` says, over at most ``max_tokens`` of each expert's data."""
     specs, out_dir = list(specs), Path(out_dir)
     if not specs:
-        raise DumeError("no experts given: pass --expert NAME=MODEL_DIR:DATA_PATH at least once")
+        raise DumeError("no experts given: pass --expert NAME=MODEL_DIR:DATA[,DATA...] at least once")
     if not 1 <= settings.top_k <= len(specs):
         raise DumeError(f"top-k {settings.top_k} is out of range: use 1 to {len(specs)} (the number of experts)")
     check_free(out_dir)
@@ -87,16 +80,26 @@ def merge(specs: Sequence[ExpertSpec], out_dir: str | Path, settings: MergeSetti
 
 def member_statistics(specs: list[ExpertSpec], experts: dict[str, ExpertDirectory], basis: dict[str, torch.Tensor],
                       settings: MergeSettings, placement: Placement = CPU,
-                      max_tokens: int | None = None) -> dict[str, torch.Tensor]:
-    """Every member's G under ``basis``, its data streamed; every data file and tokenizer is checked first, so bad
-    data fails before any forward pass."""
-    streams = {}
-    for spec in sorted(specs, key=lambda spec: spec.name):
-        check_documents(spec.data_path)
-        streams[spec.name] = DocumentStream(spec.data_path, load_tokenizer(spec.model_dir), settings.sequence_length,
-                                            max_tokens)
+                      max_tokens: int | None = None) -> dict[str, ExpertStatistics]:
+    """Every expert's statistics under ``basis``: one G per dataset (each packed on its own, as a node packs each
+    of its datasets), summed in canonical order. Every data file and tokenizer is checked first, so bad data fails
+    before any forward pass."""
+    contributions = {spec.name: spec.contributions() for spec in specs}
+    for spec in specs:
+        for dataset in contributions[spec.name]:
+            check_documents(dataset.path)
+        load_tokenizer(spec.model_dir)
     statistics = {}
     for name in sorted(experts):
-        statistics[name] = statistics_under_basis(experts[name], basis, streams[name], settings.batch_size, placement)
-        check_enough_tokens(statistics[name], name)
+        spec = next(spec for spec in specs if spec.name == name)
+        tokenizer = load_tokenizer(spec.model_dir)
+
+        def collect(dataset: DatasetSpec, expert: ExpertDirectory = experts[name], tokenizer=tokenizer) -> torch.Tensor:
+            stream = DocumentStream(dataset.path, tokenizer, settings.sequence_length, max_tokens)
+            gram = statistics_under_basis(expert, basis, stream, settings.batch_size, placement)
+            check_enough_tokens(gram, f"{dataset.node}/{dataset.name}")
+            return gram
+
+        statistics[name] = sum_contributions((dataset.node, dataset.name, lambda d=dataset: collect(d))
+                                             for dataset in contributions[name])
     return statistics

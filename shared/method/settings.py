@@ -3,8 +3,12 @@ once (the modules that use them import torch; this one must not)."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from dume.shared.errors import DumeError
 
 # Routing accuracy is flat for rho in [1e-6, 1e-2] and falls from 1e-1 on (benchmarks/rho_sweep.py); 1e-3 sits a
 # decade inside that plateau while keeping G + lambda I well conditioned.
@@ -14,17 +18,76 @@ DEFAULT_RHO = 1e-3
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
+# The name of a dataset given without one (``--data PATH``): a node or expert with one dataset needs no names.
+DEFAULT_DATASET = "default"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(name: str, what: str = "member name") -> str:
+    """Node, expert and dataset names: 1-64 letters, digits, '.', '_' or '-', starting alphanumeric."""
+    if not NAME_PATTERN.fullmatch(name):  # match() would take a trailing newline after $
+        raise DumeError(f"{what} {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', starting "
+                        "alphanumeric")
+    return name
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One contribution's data: a named dataset of one node (the expert's owner when ``node`` is "")."""
+
+    name: str
+    path: Path
+    node: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+
+def parse_dataset(text: str) -> DatasetSpec:
+    """``[[NODE/]NAME=]PATH``: a dataset, optionally named and attributed to a node. The part before the first '='
+    names it only when it is a valid name (or NODE/NAME), so a path that holds an '=' still reads as a path."""
+    label, equals, path = text.partition("=")
+    node, slash, name = label.rpartition("/")
+    if equals and path and NAME_PATTERN.fullmatch(name) and (not slash or NAME_PATTERN.fullmatch(node)):
+        return DatasetSpec(name, Path(path), node)
+    return DatasetSpec(DEFAULT_DATASET, Path(text))
+
+
+def check_unique_datasets(datasets: Sequence[DatasetSpec], owner: str) -> None:
+    """Refuses a dataset name given twice for one node (the second would replace the first's statistics)."""
+    seen: set[tuple[str, str]] = set()
+    for dataset in datasets:
+        key = (dataset.node or owner, dataset.name)
+        if key in seen:
+            raise DumeError(f"dataset name {dataset.name!r} is given twice for node {key[0]!r}: name each dataset, "
+                            f"e.g. notes2025=PATH")
+        seen.add(key)
+
+
 @dataclass(frozen=True)
 class ExpertSpec:
-    """One member of a merge: its name, its model directory and its data (a str or a Path each)."""
+    """One expert of a merge: its name, its model directory and its data: ``data_path`` (one dataset named
+    ``default``) or ``datasets`` (several, each named, possibly of other nodes feeding this expert)."""
 
     name: str
     model_dir: Path
-    data_path: Path
+    data_path: Path | None = None
+    datasets: tuple[DatasetSpec, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
-        object.__setattr__(self, "data_path", Path(self.data_path))
+        if self.data_path is not None:
+            object.__setattr__(self, "data_path", Path(self.data_path))
+        object.__setattr__(self, "datasets", tuple(self.datasets))
+
+    def contributions(self) -> list[DatasetSpec]:
+        """Every dataset with its node named, in the canonical order statistics are summed in: (node, dataset)."""
+        given = list(self.datasets) or ([DatasetSpec(DEFAULT_DATASET, self.data_path)] if self.data_path else [])
+        if not given:
+            raise DumeError(f"expert {self.name!r} has no data: give NAME=MODEL_DIR:DATA[,DATA...]")
+        check_unique_datasets(given, self.name)
+        return sorted((DatasetSpec(d.name, d.path, d.node or self.name) for d in given),
+                      key=lambda d: (d.node, d.name))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: experts, contributions and datasets (StatisticsHeader.dataset, expert_hash)
 METADATA_KEY = "dume-protocol"
 CHECKED_PREFIX = "/dume.v1."
 

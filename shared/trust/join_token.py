@@ -32,6 +32,7 @@ class JoinToken:
     node: str  # the name the CA will put in the node's certificate
     secret: str  # one-time secret; the coordinator stores only secret_digest(secret)
     expires_at: float  # unix seconds
+    expert: str = ""  # the expert the node contributes to: its own (= node) or an existing one; "" in old tokens
 
     def encode(self) -> str:
         """``dume1.`` + unpadded base64url of compact JSON with sorted keys."""
@@ -56,6 +57,7 @@ class JoinToken:
         if not isinstance(data, dict):
             raise DumeError(f"the join token is malformed (not a JSON object): {_HINT}")
         values = {}
+        data.setdefault("expert", data.get("node"))  # a token from before experts: the node owns its expert
         for spec in fields(cls):
             if spec.name not in data:
                 raise DumeError(f"the join token is malformed (missing {spec.name}): {_HINT}")
@@ -69,6 +71,11 @@ class JoinToken:
                 raise DumeError(f"the join token is malformed ({spec.name} has the wrong type): {_HINT}")
             values[spec.name] = value
         return cls(**values)
+
+    @property
+    def contributor(self) -> bool:
+        """Whether the node joins another node's expert (sending statistics only, no weights)."""
+        return self.expert != self.node
 
     def expired(self, now: float | None = None) -> bool:
         """Whether the token is past its expiry at ``now`` (default: this machine's clock)."""

@@ -26,12 +26,14 @@ class EnrolRequest(_message.Message):
     def __init__(self, secret: _Optional[str] = ..., csr_pem: _Optional[bytes] = ...) -> None: ...
 
 class EnrolResponse(_message.Message):
-    __slots__ = ("certificate_pem", "node")
+    __slots__ = ("certificate_pem", "node", "expert")
     CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
     certificate_pem: bytes
     node: str
-    def __init__(self, certificate_pem: _Optional[bytes] = ..., node: _Optional[str] = ...) -> None: ...
+    expert: str
+    def __init__(self, certificate_pem: _Optional[bytes] = ..., node: _Optional[str] = ..., expert: _Optional[str] = ...) -> None: ...
 
 class FileEntry(_message.Message):
     __slots__ = ("name", "sha256", "size_bytes")
@@ -100,16 +102,42 @@ class WatchRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("basis_hash", "version", "exact", "basis_members")
+    __slots__ = ("basis_hash", "version", "exact", "basis_members", "expert_hash", "removed_datasets")
     BASIS_HASH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EXACT_FIELD_NUMBER: _ClassVar[int]
     BASIS_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_HASH_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_DATASETS_FIELD_NUMBER: _ClassVar[int]
     basis_hash: str
     version: int
     exact: bool
     basis_members: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, basis_hash: _Optional[str] = ..., version: _Optional[int] = ..., exact: _Optional[bool] = ..., basis_members: _Optional[_Iterable[str]] = ...) -> None: ...
+    expert_hash: str
+    removed_datasets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, basis_hash: _Optional[str] = ..., version: _Optional[int] = ..., exact: _Optional[bool] = ..., basis_members: _Optional[_Iterable[str]] = ..., expert_hash: _Optional[str] = ..., removed_datasets: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ExpertRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Expert(_message.Message):
+    __slots__ = ("name", "expert_hash", "manifest", "files")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_HASH_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    expert_hash: str
+    manifest: _tensors_pb2.TensorManifest
+    files: _containers.RepeatedCompositeFieldContainer[FileEntry]
+    def __init__(self, name: _Optional[str] = ..., expert_hash: _Optional[str] = ..., manifest: _Optional[_Union[_tensors_pb2.TensorManifest, _Mapping]] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ...) -> None: ...
+
+class ForgetRequest(_message.Message):
+    __slots__ = ("dataset",)
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    def __init__(self, dataset: _Optional[str] = ...) -> None: ...
 
 class BasisRequest(_message.Message):
     __slots__ = ("basis_hash",)
@@ -186,12 +214,14 @@ class LeaveResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., publication_error: _Optional[str] = ...) -> None: ...
 
 class TokenRequest(_message.Message):
-    __slots__ = ("node", "ttl_seconds")
+    __slots__ = ("node", "ttl_seconds", "expert")
     NODE_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
     node: str
     ttl_seconds: float
-    def __init__(self, node: _Optional[str] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+    expert: str
+    def __init__(self, node: _Optional[str] = ..., ttl_seconds: _Optional[float] = ..., expert: _Optional[str] = ...) -> None: ...
 
 class TokenResponse(_message.Message):
     __slots__ = ("token", "expires_at")
@@ -206,23 +236,53 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class MemberStatus(_message.Message):
-    __slots__ = ("name", "state", "online", "stats_current", "reason", "token_count")
+    __slots__ = ("name", "state", "online", "stats_current", "reason", "token_count", "expert")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ONLINE_FIELD_NUMBER: _ClassVar[int]
     STATS_CURRENT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: str
     online: bool
     stats_current: bool
     reason: str
     token_count: int
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., online: _Optional[bool] = ..., stats_current: _Optional[bool] = ..., reason: _Optional[str] = ..., token_count: _Optional[int] = ...) -> None: ...
+    expert: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., online: _Optional[bool] = ..., stats_current: _Optional[bool] = ..., reason: _Optional[str] = ..., token_count: _Optional[int] = ..., expert: _Optional[str] = ...) -> None: ...
+
+class ContributionStatus(_message.Message):
+    __slots__ = ("node", "dataset", "token_count", "basis_hash", "current")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    BASIS_HASH_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    dataset: str
+    token_count: int
+    basis_hash: str
+    current: bool
+    def __init__(self, node: _Optional[str] = ..., dataset: _Optional[str] = ..., token_count: _Optional[int] = ..., basis_hash: _Optional[str] = ..., current: _Optional[bool] = ...) -> None: ...
+
+class ExpertStatus(_message.Message):
+    __slots__ = ("name", "owner", "expert_hash", "contributors", "contributions")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_HASH_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    owner: str
+    expert_hash: str
+    contributors: _containers.RepeatedScalarFieldContainer[str]
+    contributions: _containers.RepeatedCompositeFieldContainer[ContributionStatus]
+    def __init__(self, name: _Optional[str] = ..., owner: _Optional[str] = ..., expert_hash: _Optional[str] = ..., contributors: _Optional[_Iterable[str]] = ..., contributions: _Optional[_Iterable[_Union[ContributionStatus, _Mapping]]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "exact", "basis_hash", "members", "audit_entries", "settings_json", "publication_error")
+    __slots__ = ("version", "exact", "basis_hash", "members", "audit_entries", "settings_json", "publication_error", "experts")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EXACT_FIELD_NUMBER: _ClassVar[int]
     BASIS_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +290,7 @@ class StatusResponse(_message.Message):
     AUDIT_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_JSON_FIELD_NUMBER: _ClassVar[int]
     PUBLICATION_ERROR_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
     version: int
     exact: bool
     basis_hash: str
@@ -237,15 +298,18 @@ class StatusResponse(_message.Message):
     audit_entries: int
     settings_json: str
     publication_error: str
-    def __init__(self, version: _Optional[int] = ..., exact: _Optional[bool] = ..., basis_hash: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., audit_entries: _Optional[int] = ..., settings_json: _Optional[str] = ..., publication_error: _Optional[str] = ...) -> None: ...
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertStatus]
+    def __init__(self, version: _Optional[int] = ..., exact: _Optional[bool] = ..., basis_hash: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., audit_entries: _Optional[int] = ..., settings_json: _Optional[str] = ..., publication_error: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertStatus, _Mapping]]] = ...) -> None: ...
 
 class RevokeRequest(_message.Message):
-    __slots__ = ("node", "reason")
+    __slots__ = ("node", "reason", "dataset")
     NODE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
     node: str
     reason: str
-    def __init__(self, node: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    dataset: str
+    def __init__(self, node: _Optional[str] = ..., reason: _Optional[str] = ..., dataset: _Optional[str] = ...) -> None: ...
 
 class RevokeResponse(_message.Message):
     __slots__ = ("version", "publication_error")

@@ -159,6 +159,16 @@ class FederationStub:
                 request_serializer=dume_dot_v1_dot_federation__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=dume_dot_v1_dot_federation__pb2.LeaveResponse.FromString,
                 _registered_method=True)
+        self.GetExpert = channel.unary_unary(
+                '/dume.v1.Federation/GetExpert',
+                request_serializer=dume_dot_v1_dot_federation__pb2.ExpertRequest.SerializeToString,
+                response_deserializer=dume_dot_v1_dot_federation__pb2.Expert.FromString,
+                _registered_method=True)
+        self.Forget = channel.unary_unary(
+                '/dume.v1.Federation/Forget',
+                request_serializer=dume_dot_v1_dot_federation__pb2.ForgetRequest.SerializeToString,
+                response_deserializer=dume_dot_v1_dot_federation__pb2.LeaveResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -223,6 +233,22 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetExpert(self, request, context):
+        """The current weights of the caller's expert (its MLPs, config and tokenizer files), for a contributor to compute
+        its statistics with; only the expert's owner and contributors may read them before they are published.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Forget(self, request, context):
+        """Takes one of the caller's datasets out of the federation; the next version no longer contains its statistics,
+        and the name cannot be contributed again by this node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -264,6 +290,16 @@ def add_FederationServicer_to_server(servicer, server):
             'Leave': grpc.unary_unary_rpc_method_handler(
                     servicer.Leave,
                     request_deserializer=dume_dot_v1_dot_federation__pb2.LeaveRequest.FromString,
+                    response_serializer=dume_dot_v1_dot_federation__pb2.LeaveResponse.SerializeToString,
+            ),
+            'GetExpert': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExpert,
+                    request_deserializer=dume_dot_v1_dot_federation__pb2.ExpertRequest.FromString,
+                    response_serializer=dume_dot_v1_dot_federation__pb2.Expert.SerializeToString,
+            ),
+            'Forget': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forget,
+                    request_deserializer=dume_dot_v1_dot_federation__pb2.ForgetRequest.FromString,
                     response_serializer=dume_dot_v1_dot_federation__pb2.LeaveResponse.SerializeToString,
             ),
     }
@@ -485,6 +521,60 @@ class Federation:
             target,
             '/dume.v1.Federation/Leave',
             dume_dot_v1_dot_federation__pb2.LeaveRequest.SerializeToString,
+            dume_dot_v1_dot_federation__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExpert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dume.v1.Federation/GetExpert',
+            dume_dot_v1_dot_federation__pb2.ExpertRequest.SerializeToString,
+            dume_dot_v1_dot_federation__pb2.Expert.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dume.v1.Federation/Forget',
+            dume_dot_v1_dot_federation__pb2.ForgetRequest.SerializeToString,
             dume_dot_v1_dot_federation__pb2.LeaveResponse.FromString,
             options,
             channel_credentials,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64ume/v1/tensors.proto\x12\x07\x64ume.v1\"]\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\"7\n\x0eTensorManifest\x12%\n\x07tensors\x18\x01 \x03(\x0b\x32\x14.dume.v1.TensorEntry\"}\n\x10StatisticsHeader\x12\x12\n\nbasis_hash\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\x03\x12\x12\n\nnum_layers\x18\x03 \x01(\x03\x12\x13\n\x0btoken_count\x18\x04 \x01(\x03\x12\x17\n\x0fsequence_length\x18\x05 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64ume/v1/tensors.proto\x12\x07\x64ume.v1\"]\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\"7\n\x0eTensorManifest\x12%\n\x07tensors\x18\x01 \x03(\x0b\x32\x14.dume.v1.TensorEntry\"\xa3\x01\n\x10StatisticsHeader\x12\x12\n\nbasis_hash\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\x03\x12\x12\n\nnum_layers\x18\x03 \x01(\x03\x12\x13\n\x0btoken_count\x18\x04 \x01(\x03\x12\x17\n\x0fsequence_length\x18\x05 \x01(\x03\x12\x0f\n\x07\x64\x61taset\x18\x06 \x01(\t\x12\x13\n\x0b\x65xpert_hash\x18\x07 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORENTRY']._serialized_end=127
   _globals['_TENSORMANIFEST']._serialized_start=129
   _globals['_TENSORMANIFEST']._serialized_end=184
-  _globals['_STATISTICSHEADER']._serialized_start=186
-  _globals['_STATISTICSHEADER']._serialized_end=311
+  _globals['_STATISTICSHEADER']._serialized_start=187
+  _globals['_STATISTICSHEADER']._serialized_end=350
 # @@protoc_insertion_point(module_scope)

@@ -27,15 +27,19 @@ class TensorManifest(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ...) -> None: ...
 
 class StatisticsHeader(_message.Message):
-    __slots__ = ("basis_hash", "hidden_size", "num_layers", "token_count", "sequence_length")
+    __slots__ = ("basis_hash", "hidden_size", "num_layers", "token_count", "sequence_length", "dataset", "expert_hash")
     BASIS_HASH_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_HASH_FIELD_NUMBER: _ClassVar[int]
     basis_hash: str
     hidden_size: int
     num_layers: int
     token_count: int
     sequence_length: int
-    def __init__(self, basis_hash: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., token_count: _Optional[int] = ..., sequence_length: _Optional[int] = ...) -> None: ...
+    dataset: str
+    expert_hash: str
+    def __init__(self, basis_hash: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., token_count: _Optional[int] = ..., sequence_length: _Optional[int] = ..., dataset: _Optional[str] = ..., expert_hash: _Optional[str] = ...) -> None: ...
