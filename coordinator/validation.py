@@ -123,14 +123,6 @@ def check_statistics_layout(header: tensors_pb2.StatisticsHeader, manifest: tens
     if header.hidden_size != hidden or header.num_layers != layers:
         raise DumeError(f"statistics are for hidden size {header.hidden_size} and {header.num_layers} layers, the "
                         f"federation's model has {hidden} and {layers}")
-    if header.token_count < hidden + 1:
-        raise DumeError(f"statistics cover {header.token_count} tokens; a router over hidden size {hidden} needs at "
-                        f"least {hidden + 1} per dataset (fewer would say more about single tokens than a sum "
-                        "should): give the dataset more data")
-    try:
-        check_name(header.dataset, "dataset name")
-    except DumeError as error:
-        raise DumeError(f"{error} (StatisticsHeader.dataset)") from None
     expected = expected_layout(hidden, layers)
     if {entry.name for entry in manifest.tensors} != set(expected) or len(manifest.tensors) != layers:
         raise DumeError(f"statistics must be exactly the tensors {sorted(expected)}")
@@ -139,6 +131,14 @@ def check_statistics_layout(header: tensors_pb2.StatisticsHeader, manifest: tens
         if entry.dtype != dtype or list(entry.shape) != shape:
             raise DumeError(f"statistics tensor {entry.name} is {entry.dtype}{list(entry.shape)}: each layer's "
                             f"upper triangle is {dtype}{shape}")
+    if header.token_count < hidden + 1:
+        raise DumeError(f"statistics cover {header.token_count} tokens; a router over hidden size {hidden} needs at "
+                        f"least {hidden + 1} per dataset (fewer would say more about single tokens than a sum "
+                        "should): give the dataset more data")
+    try:
+        check_name(header.dataset, "dataset name")
+    except DumeError as error:
+        raise DumeError(f"{error} (StatisticsHeader.dataset)") from None
 
 
 def _check_gram(gram: torch.Tensor, name: str, token_count: int) -> None:

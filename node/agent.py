@@ -107,7 +107,8 @@ class Upload:
 
     plan: pb.UploadPlan
     sources: dict[str, FileRange]
-    what: str
+    what: str  # "model" or "statistics"
+    dataset: str = ""  # statistics: of which dataset
 
 
 def described(ranges: dict[str, FileRange]) -> tuple[list[tensors_pb2.TensorEntry], dict[str, FileRange]]:
@@ -213,8 +214,10 @@ class Agent:
                     raise refusal(error, f"the coordinator refused the {upload.what} upload") from None
                 reconnect.failed(error, f"{upload.what} upload interrupted")
         seconds = time.monotonic() - started
-        say(f"uploaded {upload.what}: {total / 1e6:.2f} MB ({sent / 1e6:.2f} MB sent) in {seconds:.2f} s")
-        self.workdir.record_transfer("upload", what=upload.what, bytes=total, sent_bytes=sent, seconds=seconds)
+        of = f" of {upload.dataset}" if upload.dataset else ""
+        say(f"uploaded {upload.what}{of}: {total / 1e6:.2f} MB ({sent / 1e6:.2f} MB sent) in {seconds:.2f} s")
+        self.workdir.record_transfer("upload", what=upload.what, bytes=total, sent_bytes=sent, seconds=seconds,
+                                     **({"dataset": upload.dataset} if upload.dataset else {}))
         return response
 
     def _send(self, upload_id: str, upload: Upload, held: dict[str, int], streams: list[list[str]],
@@ -290,7 +293,7 @@ class Agent:
             token_count=tokens, sequence_length=int(basis.sequence_length), dataset=dataset, expert_hash=weights)
         plan = pb.UploadPlan(kind=pb.UPLOAD_KIND_STATISTICS, manifest=tensors_pb2.TensorManifest(tensors=entries),
                              statistics=header)
-        self.upload(Upload(plan, sources, f"statistics of {dataset}"))
+        self.upload(Upload(plan, sources, "statistics", dataset))
         uploaded = {**self.state.get("uploaded", {}), dataset: [basis.basis_hash, weights]}
         self.state = self.workdir.update(uploaded=uploaded)
 

@@ -19,21 +19,25 @@ def node_status(workdir: Workdir) -> dict[str, Any]:
     state = workdir.state()
     transfers = workdir.transfers()
     models = [t for t in transfers if t["event"] == "upload" and t.get("what") == "model"]
-    basis = state.get("statistics_basis")
-    computed = [t for t in transfers if t["event"] == "statistics" and t.get("basis") == basis]
+    datasets = {}
+    for name, path in sorted(state["datasets"].items()):
+        basis, weights = state["uploaded"].get(name, [None, None])
+        computed = [t for t in transfers if t["event"] == "statistics" and t.get("basis") == basis
+                    and t.get("dataset", "default") == name]
+        datasets[name] = {"path": path, "basis": basis, "expert_hash": weights,
+                          "tokens": computed[-1]["tokens"] if computed else None}
     status = {
-        "name": state["name"], "coordinator": state["coordinator"], "model": state.get("model"),
-        "data": state.get("data"), "left": bool(state.get("left")),
+        "name": state["name"], "expert": state["expert"], "owner": state["expert"] == state["name"],
+        "coordinator": state["coordinator"], "model": state.get("model"), "left": bool(state.get("left")),
         "model_uploaded": bool(state.get("model_upload")),
         "model_bytes": models[-1]["bytes"] if models else None,
-        "statistics_basis": basis,
-        "statistics_tokens": computed[-1]["tokens"] if computed else None,
+        "datasets": datasets, "removed_datasets": state["removed_datasets"],
     }
-    status["federation"] = _federation_view(workdir, state["name"], basis)
+    status["federation"] = _federation_view(workdir, state["name"], state["expert"], datasets)
     return status
 
 
-def _federation_view(workdir: Workdir, name: str, basis: str | None) -> dict[str, Any]:
+def _federation_view(workdir: Workdir, name: str, expert: str, datasets: dict[str, Any]) -> dict[str, Any]:
     stub = rpc.FederationStub(workdir.channel())
     stream = None
     try:
@@ -47,8 +51,9 @@ def _federation_view(workdir: Workdir, name: str, basis: str | None) -> dict[str
             stream.cancel()
     return {
         "reachable": True, "version": event.version, "exact": event.exact, "basis_hash": event.basis_hash,
-        "in_basis": name in event.basis_members,
-        "statistics_current": bool(basis) and basis == event.basis_hash,
+        "in_basis": expert in event.basis_members,
+        "statistics_current": bool(datasets) and all(
+            [d["basis"], d["expert_hash"]] == [event.basis_hash, event.expert_hash] for d in datasets.values()),
         "in_version": bool(version) and name in version.members,
     }
 
@@ -57,16 +62,21 @@ def describe_status(status: dict[str, Any]) -> str:
     """The lines a person reads."""
     lines = [f"node {status['name']} of the coordinator at {status['coordinator']}"
              + (" (left the federation)" if status["left"] else "")]
-    if status["model_uploaded"]:
+    if not status["owner"]:
+        lines.append(f"contributes to expert {status['expert']} (its weights come from its owner)")
+    elif status["model_uploaded"]:
         size = f" ({status['model_bytes'] / 1e6:.2f} MB)" if status["model_bytes"] is not None else ""
-        lines.append(f"model: {status['model']} uploaded{size}")
+        lines.append(f"owns expert {status['expert']}; model: {status['model']} uploaded{size}")
     else:
-        lines.append(f"model: {status['model']} not uploaded yet")
-    if status["statistics_basis"]:
-        tokens = f"{status['statistics_tokens']} tokens" if status["statistics_tokens"] is not None else "uploaded"
-        lines.append(f"statistics: {tokens} under basis {status['statistics_basis'][:12]}")
-    else:
-        lines.append("statistics: none uploaded yet")
+        lines.append(f"owns expert {status['expert']}; model: {status['model']} not uploaded yet")
+    for name, dataset in status["datasets"].items():
+        if dataset["basis"]:
+            tokens = f"{dataset['tokens']} tokens" if dataset["tokens"] is not None else "uploaded"
+            lines.append(f"dataset {name}: {tokens} under basis {dataset['basis'][:12]} ({dataset['path']})")
+        else:
+            lines.append(f"dataset {name}: not uploaded yet ({dataset['path']})")
+    if status["removed_datasets"]:
+        lines.append(f"taken out of the federation: {', '.join(status['removed_datasets'])}")
     view = status["federation"]
     if not view["reachable"]:
         lines.append(f"coordinator: not reachable now ({view['error']})")

@@ -32,10 +32,11 @@ def started(state: StateDir) -> Coordinator:
     return coordinator
 
 
-def enrolled(coordinator: Coordinator, name: str) -> pki.Identity:
-    """A node named ``name`` enrolled with a fresh token and key: the identity its certificate carries."""
-    token = coordinator.create_token(name, 3600)
-    certificate, _ = coordinator.enrol(token.secret, pki.create_csr(pki.create_private_key(), name))
+def enrolled(coordinator: Coordinator, name: str, expert: str = "") -> pki.Identity:
+    """A node named ``name`` enrolled with a fresh token and key (owning an expert, or contributing to
+    ``expert``): the identity its certificate carries."""
+    token = coordinator.create_token(name, 3600, expert)
+    certificate, _, _ = coordinator.enrol(token.secret, pki.create_csr(pki.create_private_key(), name))
     return pki.identity_of(certificate)
 
 

@@ -303,7 +303,7 @@ def test_a_node_killed_at_each_stage_resumes_from_its_workdir_and_duplicates_not
         assert_contributed_once(fed, "math")
         # 5. Killed after the coordinator committed but before the node wrote that down (node.json says nothing
         # was acknowledged): joining again sends no byte and records nothing twice.
-        Workdir(fed.workdir("math")).update(model_upload=None, statistics_basis=None)
+        Workdir(fed.workdir("math")).update(model_upload=None, uploaded={})
         assert join().wait(timeout=180) == 0, logged(fed, "node-math")
         again = [t for t in Workdir(fed.workdir("math")).transfers() if t["event"] == "upload"][-2:]
         assert [(t["what"], t["sent_bytes"]) for t in again] == [("model", 0), ("statistics", 0)]

@@ -232,8 +232,8 @@ def test_bad_tokens_foreign_uploads_bad_models_and_bad_statistics_are_refused_an
     empty.write_text("\n")  # refused before enrolling: no member "empty" appears below
     assert "no non-empty documents" in _refused_join(fed, "empty", code.model_dir, empty, fed.token("empty"), 2)
     assert _stable(fed.status())["members"] == before["members"] + [
-        {"name": name, "online": None, "state": "enrolled", "stats_current": False, "token_count": 0}
-        for name in ("poisoned", "wide")]
+        {"name": name, "expert": name, "online": None, "state": "enrolled", "stats_current": False,
+         "token_count": 0} for name in ("poisoned", "wide")]
 
     # Calls made with the enrolled nodes' own certificates, as a modified node would.
     code_stub = rpc.FederationStub(Workdir(fed.workdir("code")).channel())
@@ -271,7 +271,8 @@ def _upload_statistics(fed: Federation, spec, basis: str, fault: str, path) -> N
     save_file(statistics_tensors(gram), str(path))
     entries, sources = described(safetensors_ranges(path))
     header = tensors_pb2.StatisticsHeader(basis_hash="f" * 64 if fault == "basis" else basis, hidden_size=hidden,
-                                          num_layers=layers, token_count=count, sequence_length=64)
+                                          num_layers=layers, token_count=count, sequence_length=64,
+                                          dataset="default")
     plan = pb.UploadPlan(kind=pb.UPLOAD_KIND_STATISTICS, manifest=tensors_pb2.TensorManifest(tensors=entries),
                          statistics=header)
     Agent(Workdir(fed.workdir("code"))).upload(Upload(plan, sources, "statistics"))

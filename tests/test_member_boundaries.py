@@ -58,7 +58,7 @@ def test_a_member_joining_after_a_revocation_reads_only_the_latest_version_and_i
 def test_naming_another_members_blobs_is_not_owning_them(coordinator, expert_factory, tmp_path):
     experts = expert_factory("llama")
     contributed(coordinator, experts["code"], tmp_path)
-    code_statistics = coordinator.ledger.statistics()["code"].manifest
+    code_statistics = coordinator.ledger.contribution("code", "default").manifest
     enrolled(coordinator, "thief")
     # The store holds code's statistics (never published); the thief may not commit them without their bytes.
     upload = model_upload(experts["math"].model_dir, "thief")
@@ -121,4 +121,5 @@ def test_join_refuses_a_fifo_as_data_and_other_inputs_than_it_enrolled_with(expe
     other.write_text(spec.data_path.read_text())
     assert node_cli.main(["join", "--model", str(spec.model_dir), "--data", str(other), "--workdir",
                           str(workdir)]) == 2
-    assert f"joined with --data {spec.data_path.resolve()}, not {other.resolve()}" in capsys.readouterr().err
+    said = capsys.readouterr().err  # a workdir from before datasets: its one --data is the dataset "default"
+    assert f"contributes dataset 'default' from {spec.data_path.resolve()}, not {other.resolve()}" in said

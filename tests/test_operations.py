@@ -159,14 +159,14 @@ def test_sigterm_mid_upload_then_metrics_status_backup_restore_and_the_join_dead
         assert node_cli.main(["status", "--workdir", str(fed.workdir("math")), "--json"]) == 0
         mine = json.loads(capsys.readouterr().out)
         tokens = next(member["token_count"] for member in status["members"] if member["name"] == "math")
-        assert mine["model_uploaded"] and mine["statistics_tokens"] == tokens > 0
-        assert mine["statistics_basis"] == status["basis_hash"]
+        assert mine["model_uploaded"] and mine["datasets"]["default"]["tokens"] == tokens > 0
+        assert mine["datasets"]["default"]["basis"] == status["basis_hash"]
         assert mine["federation"] == {"reachable": True, "version": status["version"], "exact": True,
                                       "basis_hash": status["basis_hash"], "in_basis": True,
                                       "statistics_current": True, "in_version": True}
         assert node_cli.main(["status", "--workdir", str(fed.workdir("math"))]) == 0
         said = capsys.readouterr().out
-        assert f"statistics: {tokens} tokens under basis {status['basis_hash'][:12]}" in said
+        assert f"dataset default: {tokens} tokens under basis {status['basis_hash'][:12]}" in said
         assert f"version {status['version']} (exact) includes this node; this node's statistics are current" in said
 
         archive = tmp_path / "backup.tar"

@@ -62,7 +62,8 @@ def statistics_committed(coordinator: Coordinator, spec, identity: pki.Identity,
     entries, sources = described(safetensors_ranges(path))
     header = tensors_pb2.StatisticsHeader(basis_hash=basis.hash, hidden_size=gram.shape[-1] - 1,
                                           num_layers=gram.shape[0], token_count=token_count(gram),
-                                          sequence_length=coordinator.settings.sequence_length)
+                                          sequence_length=coordinator.settings.sequence_length, dataset="default",
+                                          expert_hash=coordinator.ledger.expert_hashes()[spec.name])
     plan = pb.UploadPlan(kind=pb.UPLOAD_KIND_STATISTICS, manifest=tensors_pb2.TensorManifest(tensors=entries),
                          statistics=header)
     coordinator.commit_upload(identity, staged(coordinator, spec.name, Upload(plan, sources, "statistics")))
@@ -90,7 +91,7 @@ def test_a_revocation_is_reported_done_only_when_the_latest_version_is_without_t
     coordinator.publisher.wait(coordinator.publisher.request())
     assert coordinator.ledger.version().members == ["code"] and coordinator.status().publication_error == ""
     removal = coordinator.revoke("code", "the last one")
-    assert removal.version == 0 and "no other member has statistics" in removal.publication_error
+    assert removal.version == 0 and "no other contribution remains" in removal.publication_error
 
 
 def test_an_empty_file_in_a_model_is_held_and_publication_goes_on(coordinator, expert_factory, tmp_path):

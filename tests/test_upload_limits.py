@@ -218,7 +218,7 @@ def test_a_full_disk_is_a_clear_retryable_refusal_and_work_goes_on_when_space_re
         StateDir(fed.state).update_config(limits={**asdict(Limits()), "min_free_bytes": 4 << 20})
         fed.serve()
         workdir = Workdir(tmp_path / "node")
-        enrol(JoinToken.decode(fed.token("code")), workdir, spec.model_dir, spec.data_path)
+        enrol(JoinToken.decode(fed.token("code")), workdir, spec.model_dir, {"default": spec.data_path})
         stub = rpc.FederationStub(workdir.channel())
         upload = model_upload(spec.model_dir, "code")
         opened = stub.BeginUpload(upload.plan, timeout=30)

@@ -60,7 +60,7 @@ def test_many_watch_streams_of_one_member_leave_status_responsive_and_the_extra_
         stubs = {}
         for name in ("code", "math"):
             workdir = Workdir(tmp_path / name)
-            enrol(JoinToken.decode(fed.token(name)), workdir, spec.model_dir, spec.data_path)
+            enrol(JoinToken.decode(fed.token(name)), workdir, spec.model_dir, {"default": spec.data_path})
             stubs[name] = [rpc.FederationStub(workdir.channel()) for _ in range(4)]
         with ThreadPoolExecutor(STREAMS) as pool:
             opened = list(pool.map(lambda i: open_stream(stubs["code"][i % 4]), range(STREAMS)))
