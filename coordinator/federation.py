@@ -22,7 +22,7 @@ from dume.coordinator.commits import commit_upload
 from dume.coordinator.errors import Refused
 from dume.coordinator.ledger import Ledger
 from dume.coordinator.metrics import Metrics
-from dume.coordinator.publication import Publisher
+from dume.coordinator.publication import Publisher, basis_is_current
 from dume.coordinator.records import (
     BasisRecord,
     Contribution,
@@ -95,7 +95,8 @@ class Coordinator:
             raise Refused("permission", f"node {identity.name!r} was revoked "
                           f"({member.reason or 'no reason given'}): its certificate is refused")
         if member.state == "left":
-            raise Refused("permission", f"node {identity.name!r} has left the federation: "
+            why = f" ({member.reason})" if member.reason else ""
+            raise Refused("permission", f"node {identity.name!r} has left the federation{why}: "
                           "ask the admin for a new join token to rejoin")
         return identity.name
 
@@ -339,7 +340,10 @@ class Coordinator:
         """What a watching node is told; with ``member``, also its expert's current weights and its datasets that
         were taken out."""
         latest = self.ledger.version()
-        basis = self.ledger.basis(self.ledger.get_meta("current_basis") or "")
+        # While a model just recorded waits for the publisher, no basis is named: statistics under the previous one
+        # (with the new weights) would be stale at once.
+        current = self.ledger.get_meta("current_basis") if basis_is_current(self.ledger) else None
+        basis = self.ledger.basis(current or "")
         record = self.ledger.member(member) if member else None
         weights = self.ledger.expert_hashes().get(record.expert, "") if record is not None else ""
         return Published(basis.hash if basis else "", basis.members if basis else [],
@@ -403,7 +407,9 @@ class Coordinator:
             own = [c for c in contributions if c.node == member.name]
             members.append(MemberStatus(
                 name=member.name, state=member.state, online=self._online[member.name] > 0,
-                stats_current=bool(own) and all(is_current(c) for c in own), reason=member.reason,
+                # A contributor left without datasets has nothing to recompute; an owner has its own data.
+                stats_current=(bool(own) or not member.owner) and all(is_current(c) for c in own),
+                reason=member.reason,
                 token_count=sum(c.token_count for c in own), expert=member.expert or member.name))
         experts = [ExpertStatus(
             name=name, owner=owner.name, expert_hash=weights.get(name, ""),

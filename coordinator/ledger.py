@@ -243,7 +243,8 @@ class Ledger:
 
     def set_state(self, name: str, state: str, expected: tuple[str, ...], reason: str = "") -> None:
         """Moves a member to ``state``, only from one of the ``expected`` states. A member that leaves or is revoked
-        takes its contributions with it and, when it owns an expert, every contribution to that expert."""
+        takes its contributions with it and, when it owns an expert, every contribution to that expert, whose
+        contributors leave with it."""
         with self.transaction():
             placeholders = ", ".join("?" * len(expected))
             if self._run(f"UPDATE members SET state = ?, reason = ? WHERE name = ? AND state IN ({placeholders})",
@@ -251,6 +252,9 @@ class Ledger:
                 raise StateChanged(f"member {name!r} is not in state {' or '.join(expected)}")
             if state in ("left", "revoked"):
                 self._run("DELETE FROM contributions WHERE node = ? OR expert = ?", name, name)
+                # An owner's contributors have nothing left to feed: their membership ends with its expert.
+                self._run("UPDATE members SET state = 'left', reason = ? WHERE expert = ? AND name != ? "
+                          "AND state IN ('enrolled', 'active')", f"its expert {name} is {state}", name, name)
 
     # -- contributions --------------------------------------------------------------------------------------------
     def set_contribution(self, contribution: Contribution) -> None:

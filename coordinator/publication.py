@@ -100,11 +100,22 @@ def statistics_tensor(contribution: Contribution, blobs: BlobStore, hidden_size:
                               for entry in contribution.manifest.tensors}, hidden_size)
 
 
+def basis_inputs(experts: dict[str, Member]) -> str:
+    """Names the models a basis averages: the current basis is up to date when it was computed from these."""
+    return hashlib.sha256(b"".join(name.encode() + b"\0" + experts[name].model.SerializeToString(deterministic=True)
+                                   for name in sorted(experts))).hexdigest()
+
+
+def basis_is_current(ledger: Ledger) -> bool:
+    """Whether the current basis averages the experts' models as recorded now (not while a new model or an
+    expert's departure waits for the publisher)."""
+    return ledger.get_meta("basis_inputs") == basis_inputs(ledger.experts())
+
+
 def refresh_basis(ledger: Ledger, blobs: BlobStore) -> BasisRecord | None:
     """Makes the basis over the current experts (their owners' models) the current one; returns it if it is new."""
     active = ledger.experts()
-    key = hashlib.sha256(b"".join(name.encode() + b"\0" + active[name].model.SerializeToString(deterministic=True)
-                                  for name in sorted(active))).hexdigest()
+    key = basis_inputs(active)
     if ledger.get_meta("basis_inputs") == key:
         return None
     if not active:
