@@ -73,7 +73,8 @@ def run_demo_command(args: argparse.Namespace) -> None:
     table = run_demo(args.workdir, args.base_steps, args.expert_steps)
     results = json.loads((args.workdir / "results.json").read_text())
     print(format_table(table))
-    for key, what in (("all", "with all three members"), ("after_revoke", "after the revocation")):
+    for key, what in (("all", "with all three members"), ("after_revoke", "after the revocation"),
+                      ("second_node", "with a second node feeding the math expert")):
         identical = "yes" if results["byte_identical"][key] else "NO"
         print(f"federated version {what} byte-identical to a local `dume merge`: {identical}")
     print(f"results: {args.workdir / 'results.json'} (models, data and logs are in {args.workdir})")

@@ -112,7 +112,7 @@ def test_entries_cut_off_the_end_are_caught_with_an_anchor_and_a_skewed_protocol
             (federation.state / "ca" / "cert.pem").read_bytes(), (federation.state / "admin" / "key.pem").read_bytes(),
             (federation.state / "admin" / "cert.pem").read_bytes()), options=CHANNEL_OPTIONS)
         admin, members = rpc.AdminStub(channel), rpc.FederationStub(channel)
-        for metadata, caller in (([("dume-protocol", "2")], "the caller speaks DUME protocol 2"),
+        for metadata, caller in (([("dume-protocol", "1")], "the caller speaks DUME protocol 1"),
                                  ([], "the caller speaks no DUME protocol version")):
             for call in (lambda: admin.Status(pb.StatusRequest(), metadata=metadata, timeout=30),
                          lambda: next(members.Watch(pb.WatchRequest(), metadata=metadata, timeout=30))):

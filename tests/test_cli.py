@@ -142,7 +142,7 @@ def test_data_too_small_for_a_router_is_refused_with_the_tokens_needed(expert_fa
     small.write_text("x = 1\n")
     result = run("dume", "merge", f"--expert=code={specs['code'].model_dir}:{small}",
                  f"--expert=math={specs['math'].model_dir}:{specs['math'].data_path}", "--out", str(tmp_path / "o"))
-    assert_one_error_line(result, "dume", "'code'", f"needs at least {hidden + 1}", "give it more data")
+    assert_one_error_line(result, "dume", "'code/default'", f"needs at least {hidden + 1}", "give it more data")
     assert not (tmp_path / "o").exists()
 
 

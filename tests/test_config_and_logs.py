@@ -140,7 +140,7 @@ def test_join_with_a_token_file_and_json_logs_leaks_no_secret(expert_factory, tm
     records = [json.loads(line) for line in coordinator_lines + node_lines]  # every line is one JSON object
     assert all(set(record) >= {"time", "level", "logger", "message"} for record in records)
     messages = {(record["logger"], record["message"]) for record in records}
-    assert ("dume.coordinator", "enrolled code") in messages and ("dume.coordinator", "enrolled math") in messages
+    assert {("dume.coordinator", f"enrolled {name} for expert {name}") for name in ("code", "math")} <= messages
     assert any(logger == "dume.node" and message.startswith("enrolled as code") for logger, message in messages)
 
     everything = "\n".join(coordinator_lines + node_lines)

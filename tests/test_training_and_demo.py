@@ -62,10 +62,12 @@ def test_demo_prints_a_perplexity_table(tmp_path):
     assert set(table) == {"base", "expert:code", "expert:math", "expert:prose", "weight-average", "dume",
                           "dume-after-revoke"}
     assert all(set(row) == {"code", "math", "prose"} for row in table.values())
-    assert results["byte_identical"] == {"all": True, "after_revoke": True}
+    assert results["byte_identical"] == {"all": True, "after_revoke": True, "second_node": True}
     assert results["exit_codes"]["coordinator"] == 0
     assert results["exit_codes"]["node-prose"] != 0  # refused once revoked
     for name in ("code", "math", "prose"):
         uploads = [event["what"] for event in results["transfers"][name] if event["event"] == "upload"]
         assert uploads[0] == "model" and "statistics" in uploads
+    assert {event["what"] for event in results["transfers"]["math-lab2"] if event["event"] == "upload"} == {
+        "statistics"}  # a contributor sends no weights
     assert processes_mentioning(str(workdir)) == []

@@ -10,7 +10,10 @@
 5. Revokes the prose member: the coordinator publishes a version without it (exact at once: the experts share
    the base's non-MLP weights, so the basis and the remaining statistics do not change), checked byte for byte
    against a local merge of the two; the revoked node is refused and exits on its own.
-6. Stops the nodes and the coordinator (SIGTERM), and prints the held-out perplexity of every model on every
+6. A second node joins the math expert's group with a dataset of its own: it downloads the math owner's
+   weights, sends only its statistics, and the next exact version (checked byte for byte against a local merge
+   given the math expert with both datasets) routes with both.
+7. Stops the nodes and the coordinator (SIGTERM), and prints the held-out perplexity of every model on every
    domain, with what DUME keeps of each expert before and after the revocation.
 
 Every process is started as ``python -m dume.node`` / ``python -m dume.coordinator`` with this interpreter, so
@@ -52,6 +55,7 @@ from dume.shared.method.merge import ExpertSpec, merge, open_experts
 from dume.shared.method.registration import load_merged
 from dume.shared.method.routers import MergeSettings
 from dume.shared.method.routing import build_weight_averaged_model
+from dume.shared.method.settings import DatasetSpec
 from dume.shared.method.training import TrainSettings, train
 
 DEMO_MODEL = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -64,6 +68,7 @@ EXPERT_LEARNING_RATE = 1e-3
 SEQUENCE_LENGTH = 128
 SETTINGS = MergeSettings(sequence_length=SEQUENCE_LENGTH)
 REVOKED = "prose"
+CONTRIBUTED = "math"  # the expert a second node feeds after the revocation
 REVOKE_REASON = "demo: revoked to show exact removal"
 
 Say = Callable[[str], None]
@@ -105,6 +110,8 @@ def run_demo(workdir: Path, base_steps: int = 300, expert_steps: int = 150) -> d
                 identical = {"all": federate(federation, specs)}
             with clock.stage("revoke"):
                 identical["after_revoke"] = revoke(federation, specs)
+            with clock.stage("second_node"):
+                identical["second_node"] = second_node(federation, specs, splits)
                 exit_codes = shut_down(federation)
                 moved = transfers(federation)
         finally:
@@ -175,6 +182,27 @@ def revoke(federation: Federation, specs: list[ExpertSpec]) -> bool:
     return check_export(federation, version, "after-revoke", remaining)
 
 
+def second_node(federation: Federation, specs: list[ExpertSpec], splits: dict[str, tuple[Path, Path]]) -> bool:
+    """A second lab feeds the math expert with a dataset of its own (statistics only, computed with the math
+    owner's weights, which it downloads), until an exact version holds both math contributions; returns whether
+    its export is byte-identical to a local ``dume merge`` given the math expert with both datasets."""
+    say, lab = federation.say, "math-lab2"
+    notes = federation.root / "data" / f"{lab}.jsonl"
+    lines = splits[CONTRIBUTED][0].read_text().splitlines(keepends=True)
+    notes.write_text("".join(lines[: len(lines) // 2]))  # the demo's stand-in for another lab's math notes
+    say(f"a second lab joins the {CONTRIBUTED} expert's group: dume-coordinator token --node {lab} --expert "
+        f"{CONTRIBUTED}, then dume-node join --data notes=... (no --model: it sends statistics only)")
+    token = federation.admin("token", "--node", lab, "--expert", CONTRIBUTED).stdout.strip()
+    federation.join(lab, None, [f"notes={notes}"], token)
+    remaining = [spec for spec in specs if spec.name != REVOKED]
+    contributions = [f"{spec.name}/default" for spec in remaining] + [f"{lab}/notes"]
+    version = federation.wait_exact([spec.name for spec in remaining] + [lab], contributions=contributions)["version"]
+    grown = [ExpertSpec(spec.name, spec.model_dir, datasets=(DatasetSpec("default", spec.data_path),
+                                                             DatasetSpec("notes", notes, lab)))
+             if spec.name == CONTRIBUTED else spec for spec in remaining]
+    return check_export(federation, version, "second-node", grown)
+
+
 def check_export(federation: Federation, version: int, label: str, specs: list[ExpertSpec]) -> bool:
     """Exports ``version`` to federated/LABEL, merges ``specs`` locally to reference-LABEL, compares the bytes."""
     federated = federation.export(federation.root / "federated" / label, version)
@@ -199,13 +227,15 @@ def shut_down(federation: Federation) -> dict[str, int]:
 
 def transfers(federation: Federation) -> dict[str, list[dict[str, Any]]]:
     """What each node recorded computing and sending, in order; says what each sent."""
-    moved = {name: [summary(record) for record in Workdir(federation.workdir(name)).transfers()]
-             for name in MEMBERS}
+    names = sorted(path.name for path in (federation.root / "nodes").iterdir())
+    moved = {name: [summary(record) for record in Workdir(federation.workdir(name)).transfers()] for name in names}
     for name, events in moved.items():
         uploads = [event for event in events if event["event"] == "upload"]
         bases = sum(event["what"] == "statistics" for event in uploads)
+        sent = ("its model once, then statistics" if uploads and uploads[0]["what"] == "model"
+                else "no weights, statistics")
         federation.say(f"{name} sent {sum(event['sent_megabytes'] for event in uploads):.2f} MB in {len(uploads)} "
-                       f"uploads (its model once, then statistics under {bases} {'basis' if bases == 1 else 'bases'})"
+                       f"uploads ({sent} under {bases} {'basis' if bases == 1 else 'bases'})"
                        ": weights and summed statistics only, never its data")
     return moved
 

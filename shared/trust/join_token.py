@@ -34,6 +34,10 @@ class JoinToken:
     expires_at: float  # unix seconds
     expert: str = ""  # the expert the node contributes to: its own (= node) or an existing one; "" in old tokens
 
+    def __post_init__(self) -> None:
+        if not self.expert:
+            object.__setattr__(self, "expert", self.node)
+
     def encode(self) -> str:
         """``dume1.`` + unpadded base64url of compact JSON with sorted keys."""
         payload = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
