@@ -101,6 +101,7 @@ def _commit_statistics(ledger: Ledger, uploads: Uploads, settings: MergeSettings
     with ledger.transaction():  # adopted and recorded together, so `gc` never sees the blobs unnamed
         still_authorised()
         _check_current_weights(ledger, contribution)
+        check_dataset_room(ledger, member, header.dataset, uploads.limits.datasets_per_node)
         uploads.adopt(planned)
         if ledger.contribution(member, header.dataset) == contribution:
             return False  # the same commit again (its answer was lost): acknowledged, not recorded twice
@@ -110,6 +111,14 @@ def _commit_statistics(ledger: Ledger, uploads: Uploads, settings: MergeSettings
     log.info("%s uploaded statistics of %s for %s under basis %s (%d tokens)", member, header.dataset, node.expert,
              header.basis_hash[:12], header.token_count)
     return True
+
+
+def check_dataset_room(ledger: Ledger, node: str, dataset: str, most: int) -> None:
+    """A node records at most ``most`` datasets (a new name past that is refused; replacing one is not)."""
+    held = {c.dataset for c in ledger.contributions() if c.node == node}
+    if dataset not in held and len(held) >= most:
+        raise Refused("precondition", f"{node} already contributes {len(held)} datasets, the most a node may "
+                      f"(limits.datasets_per_node): forget one first, or ask the operator to raise the limit")
 
 
 def _check_current_weights(ledger: Ledger, contribution: Contribution) -> None:

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dume.coordinator import gc, validation
-from dume.coordinator.commits import commit_upload
+from dume.coordinator.commits import check_dataset_room, commit_upload
 from dume.coordinator.errors import Refused
 from dume.coordinator.ledger import Ledger
 from dume.coordinator.metrics import Metrics
@@ -232,6 +232,8 @@ class Coordinator:
         if plan.kind == pb.UPLOAD_KIND_STATISTICS and self.ledger.experts().get(record.expert) is None:
             raise Refused("precondition", "upload the model before its statistics" if record.owner else
                           f"expert {record.expert!r} has no weights in the federation yet: wait for its owner")
+        if plan.kind == pb.UPLOAD_KIND_STATISTICS:
+            check_dataset_room(self.ledger, member, plan.statistics.dataset, self.limits.datasets_per_node)
         try:
             validation.check_plan(plan, self.ledger.get_meta("architecture"))
         except DumeError as error:

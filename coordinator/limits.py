@@ -27,6 +27,7 @@ class Limits:
     watch_stream_seconds: float = 600.0  # a Watch stream then ends cleanly and the node reconnects
     transfers_per_member: int = 4  # SendChunks and ReadBlob streams one member may have open at once
     unary_workers: int = 32  # server threads for every other call, on top of the Watch streams
+    datasets_per_node: int = 16  # contributions one node may have recorded (each holds a G per layer on disk)
 
     @classmethod
     def from_config(cls, values: dict[str, Any] | None) -> Limits:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dume.coordinator.errors import Refused
+from dume.coordinator.ledger import Ledger
+from dume.coordinator.records import Contribution
 from dume.node.workdir import Workdir
 from dume.shared.lab.harness import Federation, cli, differing_files, wait_until
 from dume.shared.lab.tiny import build_tiny_model
@@ -23,6 +26,7 @@ from dume.shared.method.settings import DatasetSpec, ExpertSpec
 
 from conftest import write_domain_text
 from in_process import enrolled
+from test_state_changes import contributed, staged_model, statistics_committed
 
 SETTINGS = MergeSettings(sequence_length=64)
 
@@ -163,3 +167,70 @@ def test_bad_contributions_are_refused_with_one_line_and_change_nothing(coordina
                 "--workdir", str(tmp_path / "math3"), check=False)
     assert twice.returncode == 2 and "dataset name 'x' is given twice" in twice.stderr.strip().splitlines()[-1]
     assert coordinator.ledger.member("math3") is None  # refused before enrolling: the token is still unused
+
+
+def test_an_experts_weights_are_read_by_its_group_only_until_published(coordinator, experts, tmp_path):
+    math = experts["math"]
+    owner = enrolled(coordinator, "math")
+    coordinator.commit_upload(owner, staged_model(coordinator, "math", math.model_dir))
+    contributor, stranger = enrolled(coordinator, "math2", "math"), enrolled(coordinator, "code")
+    weights_hash, weights = coordinator.expert(contributor.name)
+    assert coordinator.ledger.expert_hashes() == {"math": weights_hash}
+    assert {file.name for file in weights.files} >= {"config.json"}
+    mlp = sorted(entry.sha256 for entry in weights.manifest.tensors)
+    assert len(mlp) == 6 and all(".mlp." in entry.name for entry in weights.manifest.tensors)
+    for sha256 in mlp:
+        assert coordinator.published_blob(sha256, "math2").is_file()
+        with pytest.raises(Refused, match="in no basis or version code may read"):
+            coordinator.published_blob(sha256, "code")
+    with pytest.raises(Refused, match="expert 'code' has no weights in the federation yet"):
+        coordinator.expert(stranger.name)
+
+    # The contributor's statistics count for math; after them, a version holds the weights for everyone.
+    statistics_committed(coordinator, math, contributor, tmp_path, "notes")
+    assert [c.label for c in coordinator.ledger.contributions()] == ["math2/notes"]
+    assert all(coordinator.published_blob(sha256, "code").is_file() for sha256 in mlp)
+
+
+def test_a_node_records_at_most_the_datasets_its_limit_allows(expert_factory, tmp_path):
+    from in_process import make_coordinator
+
+    coordinator = make_coordinator(tmp_path / "coordinator", datasets_per_node=2)
+    try:
+        math = expert_factory("llama")["math"]
+        owner = enrolled(coordinator, "math")
+        coordinator.commit_upload(owner, staged_model(coordinator, "math", math.model_dir))
+        coordinator.publisher.wait(coordinator.publisher.request())
+        for dataset in ("a", "b", "a"):  # a dataset sent again replaces its statistics: no room needed
+            statistics_committed(coordinator, math, owner, tmp_path, dataset)
+        with pytest.raises(Refused, match=r"math already contributes 2 datasets.*limits.datasets_per_node"):
+            statistics_committed(coordinator, math, owner, tmp_path, "c")
+        assert [c.label for c in coordinator.ledger.contributions()] == ["math/a", "math/b"]
+    finally:
+        coordinator.close()
+
+
+def test_a_ledger_of_member_statistics_is_migrated_to_contributions(coordinator, experts, tmp_path):
+    """A state directory of the release before contributions: one statistics row per member becomes that member's
+    contribution of dataset ``default`` to its own expert, under the weights its model row holds."""
+    math = experts["math"]
+    contributed(coordinator, math, tmp_path)
+    ledger_path = coordinator.ledger._db.execute("PRAGMA database_list").fetchone()[2]
+    row = coordinator.ledger.contribution("math", "default")
+    weights = coordinator.ledger.expert_hashes()["math"]
+    coordinator.close()
+    with sqlite3.connect(ledger_path) as db:  # back to the previous release's schema
+        db.execute("CREATE TABLE statistics (member TEXT PRIMARY KEY, basis_hash TEXT NOT NULL, token_count "
+                   "INTEGER NOT NULL, manifest BLOB NOT NULL, at REAL NOT NULL)")
+        db.execute("INSERT INTO statistics VALUES ('math', ?, ?, ?, 0)",
+                   (row.basis_hash, row.token_count, row.manifest.SerializeToString(deterministic=True)))
+        db.execute("DROP TABLE contributions")
+        db.execute("ALTER TABLE members DROP COLUMN expert")
+    migrated = Ledger(Path(ledger_path))
+    try:
+        assert migrated.contributions() == [Contribution("math", "default", "math", row.basis_hash, weights,
+                                                         row.token_count, row.manifest)]
+        assert migrated.member("math").expert == "math"
+        assert not migrated._rows("SELECT 1 FROM sqlite_master WHERE name = 'statistics'")
+    finally:
+        migrated.close()

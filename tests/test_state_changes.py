@@ -50,23 +50,25 @@ def contributed(coordinator: Coordinator, spec, tmp_path) -> pki.Identity:
     return statistics_committed(coordinator, spec, identity, tmp_path)
 
 
-def statistics_committed(coordinator: Coordinator, spec, identity: pki.Identity, tmp_path) -> pki.Identity:
-    """The member's statistics under the current basis, computed as a node computes them, committed."""
+def statistics_committed(coordinator: Coordinator, spec, identity: pki.Identity, tmp_path, dataset: str = "default",
+                         data=None) -> pki.Identity:
+    """Statistics of ``data`` (default: the expert's own) as dataset ``dataset`` of the node ``identity`` names, for
+    the expert of ``spec``, under the current basis and computed as a node computes them, committed."""
     basis = coordinator.basis("")
     tensors = {entry.name: tensor_from_bytes(entry, coordinator.blobs.read_bytes(entry.sha256))
                for entry in basis.manifest.tensors}
-    data = DocumentStream(spec.data_path, load_tokenizer(spec.model_dir), coordinator.settings.sequence_length)
+    data = DocumentStream(data or spec.data_path, load_tokenizer(spec.model_dir), coordinator.settings.sequence_length)
     gram = statistics_under_basis(ExpertDirectory(spec.model_dir), tensors, data, coordinator.settings.batch_size)
-    path = tmp_path / f"{spec.name}-{basis.hash[:12]}-statistics.safetensors"
+    path = tmp_path / f"{identity.name}-{dataset}-{basis.hash[:12]}-statistics.safetensors"
     save_file(statistics_tensors(gram), str(path))
     entries, sources = described(safetensors_ranges(path))
     header = tensors_pb2.StatisticsHeader(basis_hash=basis.hash, hidden_size=gram.shape[-1] - 1,
                                           num_layers=gram.shape[0], token_count=token_count(gram),
-                                          sequence_length=coordinator.settings.sequence_length, dataset="default",
+                                          sequence_length=coordinator.settings.sequence_length, dataset=dataset,
                                           expert_hash=coordinator.ledger.expert_hashes()[spec.name])
     plan = pb.UploadPlan(kind=pb.UPLOAD_KIND_STATISTICS, manifest=tensors_pb2.TensorManifest(tensors=entries),
                          statistics=header)
-    coordinator.commit_upload(identity, staged(coordinator, spec.name, Upload(plan, sources, "statistics")))
+    coordinator.commit_upload(identity, staged(coordinator, identity.name, Upload(plan, sources, "statistics")))
     coordinator.publisher.wait(coordinator.publisher.request())
     return identity
 
