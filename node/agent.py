@@ -31,15 +31,16 @@ from dume.shared.errors import CoordinatorUnreachable, DumeError
 from dume.shared.files import atomic_path
 from dume.shared.method.averaging import tensors_hash
 from dume.shared.method.data import DocumentStream, load_tokenizer
-from dume.shared.method.expert import ExpertDirectory
+from dume.shared.method.expert import ExpertDirectory, LazyTensors
 from dume.shared.method.placement import CPU, Placement
 from dume.shared.method.statistics import (
     check_enough_tokens,
     layout_token_count,
+    packed_statistics_under_basis,
     statistics_tensors,
-    statistics_under_basis,
     token_count,
 )
+from dume.shared.method.statistics_checkpoint import StatisticsCheckpoint
 from dume.shared.method.writer import TOKENIZER_FILES
 from dume.shared.progress import byte_progress
 from dume.shared.transport.blobs import read_range, sha256_file
@@ -253,7 +254,9 @@ class Agent:
             if error.code() in TRANSIENT:
                 raise  # the follow loop reconnects with backoff and asks again; blobs already cached stay
             raise refusal(error, "cannot download the basis") from None
-        tensors = {e.name: tensor_from_bytes(e, cache.read_bytes(e.sha256)) for e in basis.manifest.tensors}
+        entries = {e.name: e for e in basis.manifest.tensors}  # read a tensor at a time, never the whole basis
+        tensors = LazyTensors(entries,
+                              lambda name: tensor_from_bytes(entries[name], cache.read_buffer(entries[name].sha256)))
         if tensors_hash(tensors) != basis.basis_hash:
             raise DumeError(f"the basis received does not hash to {basis.basis_hash[:12]}: fetch it again")
         model_dir = Path(self.state["model"])
@@ -283,7 +286,8 @@ class Agent:
         data = DocumentStream(Path(self.state["data"]), load_tokenizer(expert.path), int(basis.sequence_length),
                               self.max_tokens)
         started = time.monotonic()
-        gram = statistics_under_basis(expert, tensors, data, int(basis.batch_size), self.placement)
+        checkpoint = StatisticsCheckpoint(path.with_name(path.name + ".partial"), basis.basis_hash)
+        gram = packed_statistics_under_basis(expert, tensors, data, int(basis.batch_size), self.placement, checkpoint)
         check_enough_tokens(gram, self.state["name"])
         seconds, tokens = time.monotonic() - started, token_count(gram)
         say(f"statistics under basis {basis.basis_hash[:12]}: {tokens} tokens in {seconds:.2f} s")

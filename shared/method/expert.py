@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForCausalLM
+from transformers import MODEL_MAPPING, AutoConfig, AutoModelForCausalLM
 
 from dume.shared.errors import DumeError
 from dume.shared.method.families import Family, detect_family, read_config
@@ -122,9 +122,53 @@ def load_dense_model(expert: ExpertDirectory, placement: Placement = CPU) -> tor
     return model.eval()
 
 
+def load_decoder(expert: ExpertDirectory, placement: Placement = CPU,
+                 replacements: Mapping[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """The expert's decoder stack (embeddings, layers, final norm) without its LM head, in evaluation mode: all the
+    statistics' forward needs. ``replacements`` (e.g. the basis) are then read one at a time straight into the
+    parameters they name (a ``LazyTensors`` is never held whole); names of the head are skipped."""
+    config = AutoConfig.from_pretrained(str(expert.path), local_files_only=True)
+    stock = MODEL_MAPPING[type(config)]
+    # The checkpoint's head is left on disk on purpose: not an "unexpected key" to report.
+    decoder_class = type(stock.__name__, (stock,), {"_keys_to_ignore_on_load_unexpected": [
+        *(stock._keys_to_ignore_on_load_unexpected or []), r"^lm_head\."]})
+    model = decoder_class.from_pretrained(str(expert.path), config=config, local_files_only=True,
+                                          **placement.loading_arguments())
+    if replacements is not None:
+        prefix = f"{model.base_model_prefix}."
+        parameters = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in replacements:
+                parameter = parameters.get(name.removeprefix(prefix))
+                if parameter is not None:
+                    parameter.copy_(replacements[name].to(parameter.dtype))
+    return model.eval()
+
+
 def overwrite_parameters(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
     """Replace the named parameters' values (e.g. the shared ones by the basis), keeping all others."""
     with torch.no_grad():
         for name, tensor in tensors.items():
             parameter = model.get_parameter(name)
             parameter.copy_(tensor.to(parameter.dtype))
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """Named tensors read only when looked up, and not kept: a basis in a blob cache or a safetensors file is used
+    a tensor at a time (hashed, or copied into a model) without ever being whole in memory."""
+
+    def __init__(self, names: Iterable[str], read: Callable[[str], torch.Tensor]) -> None:
+        self._names = list(dict.fromkeys(names))
+        self._known = set(self._names)
+        self._read = read
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        return self._read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
