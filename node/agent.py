@@ -31,7 +31,7 @@ from dume.shared.errors import CoordinatorUnreachable, DumeError
 from dume.shared.files import atomic_path
 from dume.shared.method.averaging import tensors_hash
 from dume.shared.method.data import DocumentStream, load_tokenizer
-from dume.shared.method.expert import ExpertDirectory, LazyTensors
+from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.placement import CPU, Placement
 from dume.shared.method.statistics import (
     check_enough_tokens,
@@ -54,7 +54,7 @@ from dume.shared.transport.channels import (
 )
 from dume.shared.transport.download import fetch_missing
 from dume.shared.transport.stall import STALL_SECONDS, ProgressDeadline
-from dume.shared.transport.wire import FileRange, safetensors_ranges, tensor_from_bytes
+from dume.shared.transport.wire import FileRange, safetensors_ranges, stored_tensors
 from dume.shared.trust import pki
 from dume.shared.trust.join_token import JoinToken
 from dume.v1 import federation_pb2 as pb
@@ -254,9 +254,7 @@ class Agent:
             if error.code() in TRANSIENT:
                 raise  # the follow loop reconnects with backoff and asks again; blobs already cached stay
             raise refusal(error, "cannot download the basis") from None
-        entries = {e.name: e for e in basis.manifest.tensors}  # read a tensor at a time, never the whole basis
-        tensors = LazyTensors(entries,
-                              lambda name: tensor_from_bytes(entries[name], cache.read_buffer(entries[name].sha256)))
+        tensors = stored_tensors(basis.manifest.tensors, cache)  # read a tensor at a time, never the whole basis
         if tensors_hash(tensors) != basis.basis_hash:
             raise DumeError(f"the basis received does not hash to {basis.basis_hash[:12]}: fetch it again")
         model_dir = Path(self.state["model"])

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from dume.shared.lab.tiny import build_tiny_model, perturb_mlps, synthetic_documents
 from dume.shared.method.averaging import compute_basis
 from dume.shared.method.data import DocumentStream, load_tokenizer
-from dume.shared.method.expert import ExpertDirectory, LazyTensors, load_decoder
+from dume.shared.method.expert import ExpertDirectory, load_decoder
+from dume.shared.method.lazy_tensors import LazyTensors
 from dume.shared.method.statistics import (
     check_enough_tokens,
     packed_statistics_under_basis,
@@ -30,6 +31,8 @@ from dume.shared.method.statistics import (
     token_count,
 )
 from dume.shared.method.statistics_checkpoint import StatisticsCheckpoint
+from dume.shared.transport.blobs import BlobStore
+from dume.shared.transport.wire import stored_tensors, tensor_bytes, tensor_entry
 
 # sha256 of the statistics file of ``member`` below, computed by the code before the packed accumulator, the
 # decoder without its head and the lazy basis (commit 87f5d37): the change must not move a bit.
@@ -57,12 +60,20 @@ def statistics_sha256(gram: torch.Tensor, path: Path) -> str:
 def test_packed_statistics_from_a_lazy_basis_are_the_bytes_of_before(member, tmp_path):
     root, expert, basis = member
     data = DocumentStream(root / "data.txt", load_tokenizer(expert.path), 32)
-    with safe_open(root / "basis.safetensors", framework="pt") as handle:
-        lazy = LazyTensors(handle.keys(), handle.get_tensor)
-        packed = packed_statistics_under_basis(expert, lazy, data, 4)
+    # As the node holds it: one blob per tensor, read into the parameters (and looked up only as they are needed).
+    blobs = BlobStore(tmp_path / "blobs")
+    entries = [tensor_entry(name, tensor, blobs.put_bytes(tensor_bytes(tensor))) for name, tensor in basis.items()]
+    lookups = []
+    stored = stored_tensors(entries, blobs)
+    lazy = LazyTensors(stored, lambda name: lookups.append(name) or stored[name], stored.read_into)
+    packed = packed_statistics_under_basis(expert, lazy, data, 4)
     assert packed.shape == (2, 33 * 34 // 2) and packed.dtype == torch.float64
     assert statistics_sha256(packed, tmp_path / "packed.safetensors") == FROZEN_STATISTICS_SHA256
-    # The full-matrix form (dume merge's) from a basis held in memory gives the same statistics.
+    assert lookups == []  # every basis tensor of the decoder went straight from its blob into its parameter
+    # The same from a basis file read a tensor at a time, and (dume merge's form) from a basis held in memory.
+    with safe_open(root / "basis.safetensors", framework="pt") as handle:
+        from_file = packed_statistics_under_basis(expert, LazyTensors(handle.keys(), handle.get_tensor), data, 4)
+    assert statistics_sha256(from_file, tmp_path / "file.safetensors") == FROZEN_STATISTICS_SHA256
     full = statistics_under_basis(expert, basis, data, 4)
     assert statistics_sha256(full, tmp_path / "full.safetensors") == FROZEN_STATISTICS_SHA256
     assert token_count(packed) == token_count(full) > 0
@@ -80,6 +91,8 @@ from dume.shared.method.data import DocumentStream, load_tokenizer
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.statistics import packed_statistics_under_basis, statistics_tensors
 from dume.shared.method.statistics_checkpoint import StatisticsCheckpoint
+from dume.shared.transport.blobs import BlobStore
+from dume.shared.transport.wire import stored_tensors, tensor_bytes, tensor_entry
 logging.basicConfig(level=logging.INFO)
 root, out = Path(sys.argv[1]), Path(sys.argv[2])
 expert = ExpertDirectory(root / "other")

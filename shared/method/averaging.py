@@ -57,5 +57,5 @@ def tensors_hash(tensors: Mapping[str, torch.Tensor]) -> str:
         tensor = tensors[name].contiguous()
         header = f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode()
         digest.update(struct.pack("<Q", len(header)) + header)
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
     return digest.hexdigest()

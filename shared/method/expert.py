@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from transformers import MODEL_MAPPING, AutoConfig, AutoModelForCausalLM
 
 from dume.shared.errors import DumeError
 from dume.shared.method.families import Family, detect_family, read_config
+from dume.shared.method.lazy_tensors import LazyTensors
 from dume.shared.method.placement import CPU, Placement
 
 
@@ -140,7 +141,9 @@ def load_decoder(expert: ExpertDirectory, placement: Placement = CPU,
         with torch.no_grad():
             for name in replacements:
                 parameter = parameters.get(name.removeprefix(prefix))
-                if parameter is not None:
+                if parameter is None:
+                    continue
+                if not (isinstance(replacements, LazyTensors) and replacements.read_into(name, parameter.data)):
                     parameter.copy_(replacements[name].to(parameter.dtype))
     return model.eval()
 
@@ -151,24 +154,3 @@ def overwrite_parameters(model: torch.nn.Module, tensors: Mapping[str, torch.Ten
         for name, tensor in tensors.items():
             parameter = model.get_parameter(name)
             parameter.copy_(tensor.to(parameter.dtype))
-
-
-class LazyTensors(Mapping[str, torch.Tensor]):
-    """Named tensors read only when looked up, and not kept: a basis in a blob cache or a safetensors file is used
-    a tensor at a time (hashed, or copied into a model) without ever being whole in memory."""
-
-    def __init__(self, names: Iterable[str], read: Callable[[str], torch.Tensor]) -> None:
-        self._names = list(dict.fromkeys(names))
-        self._known = set(self._names)
-        self._read = read
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._known:
-            raise KeyError(name)
-        return self._read(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
