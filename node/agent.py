@@ -285,6 +285,8 @@ class Agent:
                               self.max_tokens)
         started = time.monotonic()
         checkpoint = StatisticsCheckpoint(path.with_name(path.name + ".partial"), basis.basis_hash)
+        for stale in set(path.parent.glob("*.partial")) - {checkpoint.path}:  # runs under bases gone since
+            stale.unlink(missing_ok=True)
         gram = packed_statistics_under_basis(expert, tensors, data, int(basis.batch_size), self.placement, checkpoint)
         check_enough_tokens(gram, self.state["name"])
         seconds, tokens = time.monotonic() - started, token_count(gram)
