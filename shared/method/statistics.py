@@ -163,31 +163,36 @@ class PackedTriangle:
     """Where each block of the upper-triangle product lands in a layer's packed triangle, on one device.
 
     Row ``r`` of the packed triangle holds columns ``r .. d`` of G, the last one (column d) being the feature sums
-    (and, in row d, the count). A block of rows ``start:stop`` against columns ``start:d`` is the contiguous packed
-    range of those rows once each product row is given a zero for column d and its part below the diagonal is cut.
+    (and, in row d, the count). The product of block rows ``start:stop`` against columns ``start:d`` fills the
+    contiguous packed range of those rows: ``gather`` picks, for each packed entry of the range, its product entry
+    (precomputed once, so each batch costs one index_select), and the sums column gets a zero there, its sums being
+    added in float64 below.
     """
 
     def __init__(self, hidden: int, device: torch.device) -> None:
-        self.hidden = hidden
         size = hidden + 1
         row_starts = [row * size - row * (row - 1) // 2 for row in range(size + 1)]
         block = -(-hidden // GRAM_BLOCKS)
         self.blocks = []
         for start in range(0, hidden, block):
             stop = min(start + block, hidden)
-            rows = torch.arange(stop - start, device=device)[:, None]
-            upper = torch.arange(size - start, device=device)[None, :] >= rows
-            self.blocks.append((start, stop, row_starts[start], row_starts[stop], upper))
+            width = hidden - start  # the product's columns: start .. d-1
+            rows, columns = torch.arange(stop - start)[:, None], torch.arange(width + 1)[None, :]
+            upper = columns >= rows  # each row from its diagonal to column d
+            gather = torch.where(columns < width, rows * width + columns, 0)[upper].to(torch.int32)
+            sums = torch.tensor(row_starts[start + 1:stop + 1]) - row_starts[start] - 1  # column d of each row
+            self.blocks.append((start, stop, row_starts[start], row_starts[stop], gather.to(device), sums.to(device)))
         self.sums = torch.tensor(row_starts[1:size], device=device) - 1  # column d of rows 0 .. d-1
 
     def add_gram(self, accumulator: torch.Tensor, x: torch.Tensor) -> None:
         """``accumulator += upper triangle of [x;1]^T [x;1]``: ``X^T X`` in float32 one block row at a time, each
         block row against the columns from its diagonal on; the feature sums and the count in float64."""
         features = x.to(torch.float32)
-        for start, stop, first, last, upper in self.blocks:
+        for start, stop, first, last, gather, sums in self.blocks:
             product = features[:, start:stop].T @ features[:, start:]
-            product = torch.nn.functional.pad(product, (0, 1))  # column d: its sums are added below, in float64
-            accumulator[first:last] += product[upper].to(torch.float64)
+            values = product.view(-1).index_select(0, gather)
+            values[sums] = 0  # column d: its sums are added below, in float64
+            accumulator[first:last] += values  # each float32 value is widened exactly, then added in float64
         accumulator[self.sums] += x.sum(dim=0, dtype=torch.float64)
         accumulator[-1] += len(x)
 
