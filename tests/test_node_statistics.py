@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dume.shared.errors import DumeError
 from dume.shared.lab.tiny import build_tiny_model, perturb_mlps, synthetic_documents
 from dume.shared.method.averaging import compute_basis
 from dume.shared.method.data import DocumentStream, load_tokenizer
@@ -165,3 +166,23 @@ def test_a_checkpoint_from_other_inputs_is_ignored(member, killed_run, tmp_path,
         assert torch.equal(gram, packed_statistics_under_basis(expert, basis, data, batch_size))
         assert not path.exists()
         caplog.clear()
+
+
+def test_a_checkpoint_the_data_no_longer_reaches_is_refused_and_removed(member, killed_run, tmp_path):
+    root, expert, basis = member
+    _, kept, _ = killed_run
+    data_file = root / "long.txt"
+    text, status = data_file.read_text(), data_file.stat()
+    path = tmp_path / "rewritten.partial"
+    shutil.copyfile(kept, path)
+    try:  # rewritten in place to one short document, with the same size and time: only the replay can tell
+        first = text.index("\n") + 1
+        data_file.write_text(text[:first] + "\n" * (len(text) - first))
+        os.utime(data_file, ns=(status.st_atime_ns, status.st_mtime_ns))
+        data = DocumentStream(data_file, load_tokenizer(expert.path), 16)
+        with pytest.raises(DumeError, match=f"checkpoint {path} does not match the data .*: it was removed"):
+            packed_statistics_under_basis(expert, basis, data, 1, checkpoint=StatisticsCheckpoint(path, "basis-1"))
+        assert not path.exists()
+    finally:
+        data_file.write_text(text)
+        os.utime(data_file, ns=(status.st_atime_ns, status.st_mtime_ns))
