@@ -38,10 +38,11 @@ from dume.shared.method.placement import CPU, Placement
 from dume.shared.method.statistics import (
     check_enough_tokens,
     layout_token_count,
+    packed_statistics_under_basis,
     statistics_tensors,
-    statistics_under_basis,
     token_count,
 )
+from dume.shared.method.statistics_checkpoint import StatisticsCheckpoint
 from dume.shared.method.writer import TOKENIZER_FILES
 from dume.shared.progress import byte_progress
 from dume.shared.transport.blobs import read_range, sha256_file
@@ -53,9 +54,9 @@ from dume.shared.transport.channels import (
     server_tls_channel,
     spread,
 )
-from dume.shared.transport.download import fetch_missing
+from dume.shared.transport.download import fetch_missing, write_shard_from_blobs
 from dume.shared.transport.stall import STALL_SECONDS, ProgressDeadline
-from dume.shared.transport.wire import FileRange, safetensors_ranges, tensor_from_bytes
+from dume.shared.transport.wire import FileRange, safetensors_ranges, stored_tensors
 from dume.shared.trust import pki
 from dume.shared.trust.join_token import JoinToken
 from dume.v1 import federation_pb2 as pb
@@ -277,7 +278,7 @@ class Agent:
             if error.code() in TRANSIENT:
                 raise  # the follow loop reconnects with backoff and asks again; blobs already cached stay
             raise refusal(error, "cannot download the basis") from None
-        tensors = {e.name: tensor_from_bytes(e, cache.read_bytes(e.sha256)) for e in basis.manifest.tensors}
+        tensors = stored_tensors(basis.manifest.tensors, cache)  # read a tensor at a time, never the whole basis
         if tensors_hash(tensors) != basis.basis_hash:
             raise DumeError(f"the basis received does not hash to {basis.basis_hash[:12]}: fetch it again")
         model_dir = Path(self.state["model"]) if self.owner else self.expert_weights(weights, basis)
@@ -317,12 +318,12 @@ class Agent:
         if expert_hash(expert.manifest) != weights:
             raise StaleWeights(f"expert {expert.name} now has weights {expert_hash(expert.manifest)[:12]}, not "
                                f"{weights[:12]}")
-        tensors = {e.name: tensor_from_bytes(e, cache.read_bytes(e.sha256)) for e in basis.manifest.tensors}
-        tensors.update({e.name: tensor_from_bytes(e, cache.read_bytes(e.sha256)) for e in expert.manifest.tensors})
+        entries = sorted([*basis.manifest.tensors, *expert.manifest.tensors], key=lambda entry: entry.name)
         with staged_directory(directory) as staging:
             for file in expert.files:
                 (staging / file.name).write_bytes(cache.read_bytes(file.sha256))
-            save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+            # Straight from the blobs, which are the tensors' bytes: no tensor is held in memory.
+            write_shard_from_blobs(staging / "model.safetensors", tensors_pb2.TensorManifest(tensors=entries), cache)
         say(f"downloaded the weights of expert {expert.name} ({weights[:12]})")
         return directory
 
@@ -338,7 +339,11 @@ class Agent:
         data = DocumentStream(Path(self.state["datasets"][dataset]), load_tokenizer(expert.path),
                               int(basis.sequence_length), self.max_tokens)
         started = time.monotonic()
-        gram = statistics_under_basis(expert, tensors, data, int(basis.batch_size), self.placement)
+        checkpoint = StatisticsCheckpoint(path.with_name(path.name + ".partial"), basis.basis_hash)
+        for stale in path.parent.glob("*.partial"):  # runs under bases gone since (this basis's: resumed in turn)
+            if not stale.name.startswith(basis.basis_hash):
+                stale.unlink(missing_ok=True)
+        gram = packed_statistics_under_basis(expert, tensors, data, int(basis.batch_size), self.placement, checkpoint)
         check_enough_tokens(gram, f"{self.state['name']}/{dataset}")
         seconds, tokens = time.monotonic() - started, token_count(gram)
         say(f"statistics of {dataset} under basis {basis.basis_hash[:12]}: {tokens} tokens in {seconds:.2f} s")

@@ -57,5 +57,6 @@ def tensors_hash(tensors: Mapping[str, torch.Tensor]) -> str:
         tensor = tensors[name].contiguous()
         header = f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode()
         digest.update(struct.pack("<Q", len(header)) + header)
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
+        del tensor  # before the next is read: a lazy mapping then holds one tensor at a time
     return digest.hexdigest()

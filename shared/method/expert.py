@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForCausalLM
+from transformers import MODEL_MAPPING, AutoConfig, AutoModelForCausalLM
 
 from dume.shared.errors import DumeError
 from dume.shared.method.families import Family, detect_family, read_config
+from dume.shared.method.lazy_tensors import LazyTensors
 from dume.shared.method.placement import CPU, Placement
 
 
@@ -119,6 +120,31 @@ def load_dense_model(expert: ExpertDirectory, placement: Placement = CPU) -> tor
     the CPU in its own dtype)."""
     model = AutoModelForCausalLM.from_pretrained(str(expert.path), local_files_only=True,
                                                  **placement.loading_arguments())
+    return model.eval()
+
+
+def load_decoder(expert: ExpertDirectory, placement: Placement = CPU,
+                 replacements: Mapping[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """The expert's decoder stack (embeddings, layers, final norm) without its LM head, in evaluation mode: all the
+    statistics' forward needs. ``replacements`` (e.g. the basis) are then read one at a time straight into the
+    parameters they name (a ``LazyTensors`` is never held whole); names of the head are skipped."""
+    config = AutoConfig.from_pretrained(str(expert.path), local_files_only=True)
+    stock = MODEL_MAPPING[type(config)]
+    # The checkpoint's head is left on disk on purpose: not an "unexpected key" to report.
+    decoder_class = type(stock.__name__, (stock,), {"_keys_to_ignore_on_load_unexpected": [
+        *(stock._keys_to_ignore_on_load_unexpected or []), r"^lm_head\."]})
+    model = decoder_class.from_pretrained(str(expert.path), config=config, local_files_only=True,
+                                          **placement.loading_arguments())
+    if replacements is not None:
+        prefix = f"{model.base_model_prefix}."
+        parameters = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in replacements:
+                parameter = parameters.get(name.removeprefix(prefix))
+                if parameter is None:
+                    continue
+                if not (isinstance(replacements, LazyTensors) and replacements.read_into(name, parameter.data)):
+                    parameter.copy_(replacements[name].to(parameter.dtype))
     return model.eval()
 
 

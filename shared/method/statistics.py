@@ -14,15 +14,18 @@ triangle (row-major, diagonal included), whose last entry is the token count.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 
 from dume.shared.errors import DumeError
-from dume.shared.method.data import Batches
-from dume.shared.method.expert import ExpertDirectory, load_dense_model, overwrite_parameters
+from dume.shared.method.data import Batches, DocumentStream, PackedData, data_files
+from dume.shared.method.expert import ExpertDirectory, load_decoder
 from dume.shared.method.families import detect_family
 from dume.shared.method.placement import CPU, Placement
+from dume.shared.method.statistics_checkpoint import Position, StatisticsCheckpoint, file_stamps, fingerprint
 from dume.shared.progress import token_progress
 
 STATISTICS_DTYPE = "F64"  # the safetensors / wire name of the statistics' dtype
@@ -36,53 +39,119 @@ class _LastLayerCaptured(Exception):
 def collect_statistics(
     model: torch.nn.Module, data: Batches, batch_size: int = 8, description: str = "statistics"
 ) -> torch.Tensor:
-    """``G`` for every layer, shape (layers, d+1, d+1), float64 on the CPU; padding positions are masked out.
+    """``G`` for every layer, shape (layers, d+1, d+1), float64 on the CPU: ``collect_packed_statistics`` mirrored
+    into full symmetric matrices (for callers that solve from them at once)."""
+    packed = collect_packed_statistics(model, data, batch_size, description)
+    return from_upper_triangle(packed, model.config.hidden_size + 1)
 
-    Each batch's ``X^T X`` is a float32 product (TF32 off) over the upper triangle only, added into a float64
-    accumulator on the layer's device; the feature sums and the count are summed in float64. Relative to an
-    all-float64 computation G moves by about 1e-7 (benchmarks/statistics_throughput.py measures it, and the
-    routing agreement that follows). The same code, settings and machine give the same bytes.
+
+def collect_packed_statistics(model: torch.nn.Module, data: Batches, batch_size: int = 8,
+                              description: str = "statistics",
+                              checkpoint: StatisticsCheckpoint | None = None) -> torch.Tensor:
+    """Each layer's upper triangle of ``G`` (the layout ``upper_triangle`` gives), shape (layers, triangle), float64
+    on the CPU; padding positions are masked out. ``model`` is a causal LM or its decoder stack alone.
+
+    Each batch's ``X^T X`` is a float32 product (TF32 off) over the upper triangle only, added into a packed
+    float64 accumulator on the layer's device (G is never held whole); the feature sums and the count are summed
+    in float64. Relative to an all-float64 computation G moves by about 1e-7 (benchmarks/statistics_throughput.py
+    measures it, and the routing agreement that follows). The same code, settings and machine give the same bytes.
+    With a ``checkpoint`` the partial sums are saved now and then and a matching earlier run is resumed.
     """
     family = detect_family(model.config.to_dict())
-    layers = model.model.layers
+    decoder = model.base_model
+    layers = decoder.layers
     hidden = model.config.hidden_size
-    # One accumulator per layer, on that layer's device (a device map may spread the layers over several GPUs).
-    grams = [torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64, device=next(layer.parameters()).device)
-             for layer in layers]
-    input_device = model.model.embed_tokens.weight.device
+    devices = [next(layer.parameters()).device for layer in layers]
+    # The result, and on the CPU the accumulators themselves; a layer on a GPU accumulates there and is copied once.
+    packed = torch.zeros(len(layers), triangle_size(hidden), dtype=torch.float64)
+    accumulators = [packed[index] if device.type == "cpu" else torch.zeros_like(packed[index], device=device)
+                    for index, device in enumerate(devices)]
+    triangles = {device: PackedTriangle(hidden, device) for device in set(devices)}
+    input_device = decoder.embed_tokens.weight.device
     mask: torch.Tensor | None = None
 
     def accumulate(index: int):
         def hook(_module, _inputs, output):
-            add_gram(grams[index], output.reshape(-1, hidden)[mask.to(output.device)])
+            triangles[devices[index]].add_gram(accumulators[index], output.reshape(-1, hidden)[mask.to(output.device)])
             if index == len(layers) - 1:
                 raise _LastLayerCaptured
 
         return hook
 
+    named = {layer_name(index): accumulator for index, accumulator in enumerate(accumulators)}
+    resume_key = _inputs_fingerprint(model, data, batch_size, checkpoint)
+    position = checkpoint.restore(resume_key, named) if checkpoint else Position()
     handles = [getattr(layer, family.router_input).register_forward_hook(accumulate(i))
                for i, layer in enumerate(layers)]
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
+    batches, tokens = 0, 0
     try:
         with torch.inference_mode(), token_progress(data.expected_tokens, description) as bar:
             for input_ids, attention_mask in data.batches(batch_size):
                 mask = attention_mask.reshape(-1).bool()
+                batches, tokens = batches + 1, tokens + int(mask.sum())
+                if batches <= position.batches:  # already in the checkpoint's sums: replay the data only
+                    _check_replay(checkpoint, position, batches, tokens)
+                    bar.update(int(mask.sum()))
+                    continue
                 try:
-                    model.model(input_ids=input_ids.to(input_device), attention_mask=attention_mask.to(input_device),
-                                use_cache=False)
+                    decoder(input_ids=input_ids.to(input_device), attention_mask=attention_mask.to(input_device),
+                            use_cache=False)
                 except _LastLayerCaptured:
                     pass
                 bar.update(int(mask.sum()))
+                if checkpoint is not None and checkpoint.due(batches):
+                    checkpoint.save(named, Position(batches, tokens), resume_key)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         for handle in handles:
             handle.remove()
-    gram = torch.stack([layer_gram.cpu() for layer_gram in grams])
-    if not token_count(gram):
+    if batches < position.batches:
+        _check_replay(checkpoint, position, position.batches, -1)
+    for index, accumulator in enumerate(accumulators):
+        if accumulator.device.type != "cpu":
+            packed[index].copy_(accumulator)
+    if not token_count(packed):
         raise DumeError("the data produced no tokens with this tokenizer: check the data and the model's tokenizer")
-    # Mirror the upper triangle: only it travels, so the local and federated paths see the same exact matrix.
-    return from_upper_triangle(upper_triangle(gram), hidden + 1)
+    if checkpoint is not None:
+        checkpoint.remove()
+    return packed
+
+
+def _check_replay(checkpoint: StatisticsCheckpoint | None, position: Position, batches: int, tokens: int) -> None:
+    """Refuses to go on from a checkpoint whose batches the data does not reproduce (the files were rewritten
+    in place with the same size and time): its sums belong to other data."""
+    if checkpoint is None or batches != position.batches or tokens == position.tokens:
+        return
+    checkpoint.remove()
+    raise DumeError(f"the statistics checkpoint {checkpoint.path} does not match the data (it covers "
+                    f"{position.tokens} tokens in {position.batches} batches): it was removed; run again")
+
+
+def _inputs_fingerprint(model: torch.nn.Module, data: Batches, batch_size: int,
+                        checkpoint: StatisticsCheckpoint | None) -> str:
+    """What a checkpoint must have been made from to be resumed: the caller's inputs (the basis), the model's
+    config and dtype, the data, the batch size and the code's settings."""
+    if checkpoint is None:
+        return ""
+    parameter = next(model.parameters())
+    return fingerprint({"inputs": checkpoint.inputs, "config": model.config.to_dict(), "dtype": parameter.dtype,
+                        "device": parameter.device, "data": _data_fingerprint(data), "batch_size": batch_size,
+                        "gram_blocks": GRAM_BLOCKS, "torch": torch.__version__})
+
+
+def _data_fingerprint(data: Batches) -> object:
+    if isinstance(data, DocumentStream):
+        tokenizer = data.tokenizer
+        return {"files": file_stamps(data_files(data.path)), "sequence_length": data.sequence_length,
+                "max_tokens": data.max_tokens, "tokenizer": [type(tokenizer).__name__, len(tokenizer),
+                                                             tokenizer.eos_token_id, tokenizer.pad_token_id]}
+    if isinstance(data, PackedData):
+        digest = hashlib.sha256(data.input_ids.numpy().tobytes())
+        digest.update(data.attention_mask.numpy().tobytes())
+        return {"packed": digest.hexdigest()}
+    raise TypeError(f"cannot checkpoint statistics over {type(data).__name__}")
 
 
 # Column blocks of the upper-triangle product: more blocks skip more of the lower triangle's work, fewer blocks
@@ -90,42 +159,85 @@ def collect_statistics(
 GRAM_BLOCKS = 4
 
 
-def add_gram(accumulator: torch.Tensor, x: torch.Tensor) -> None:
-    """``accumulator += [x;1]^T [x;1]`` on its upper triangle (the lower one is left as it is).
+class PackedTriangle:
+    """Where each block of the upper-triangle product lands in a layer's packed triangle, on one device.
 
-    ``X^T X`` is computed in float32 one block row at a time, each block row against the columns from its
-    diagonal on; the feature sums (last column) and the count (last entry) are summed in float64.
+    Row ``r`` of the packed triangle holds columns ``r .. d`` of G, the last one (column d) being the feature sums
+    (and, in row d, the count). The product of block rows ``start:stop`` against columns ``start:d`` fills the
+    contiguous packed range of those rows: ``gather`` picks, for each packed entry of the range, its product entry
+    (precomputed once, so each batch costs one index_select), and the sums column gets a zero there, its sums being
+    added in float64 below.
     """
-    hidden = x.shape[1]
-    features = x.to(torch.float32)
-    block = -(-hidden // GRAM_BLOCKS)
-    for start in range(0, hidden, block):
-        stop = min(start + block, hidden)
-        accumulator[start:stop, start:hidden] += (features[:, start:stop].T @ features[:, start:]).to(torch.float64)
-    accumulator[:hidden, hidden] += x.sum(dim=0, dtype=torch.float64)
-    accumulator[hidden, hidden] += len(x)
+
+    def __init__(self, hidden: int, device: torch.device) -> None:
+        size = hidden + 1
+        row_starts = [row * size - row * (row - 1) // 2 for row in range(size + 1)]
+        block = -(-hidden // GRAM_BLOCKS)
+        self.blocks = []
+        for start in range(0, hidden, block):
+            stop = min(start + block, hidden)
+            width = hidden - start  # the product's columns: start .. d-1
+            rows, columns = torch.arange(stop - start)[:, None], torch.arange(width + 1)[None, :]
+            upper = columns >= rows  # each row from its diagonal to column d
+            gather = torch.where(columns < width, rows * width + columns, 0)[upper].to(torch.int32)
+            sums = torch.tensor(row_starts[start + 1:stop + 1]) - row_starts[start] - 1  # column d of each row
+            self.blocks.append((start, stop, row_starts[start], row_starts[stop], gather.to(device), sums.to(device)))
+        self.sums = torch.tensor(row_starts[1:size], device=device) - 1  # column d of rows 0 .. d-1
+
+    def add_gram(self, accumulator: torch.Tensor, x: torch.Tensor) -> None:
+        """``accumulator += upper triangle of [x;1]^T [x;1]``: ``X^T X`` in float32 one block row at a time, each
+        block row against the columns from its diagonal on; the feature sums and the count in float64."""
+        features = x.to(torch.float32)
+        for start, stop, first, last, gather, sums in self.blocks:
+            product = features[:, start:stop].T @ features[:, start:]
+            values = product.view(-1).index_select(0, gather)
+            values[sums] = 0  # column d: its sums are added below, in float64
+            accumulator[first:last] += values  # each float32 value is widened exactly, then added in float64
+        accumulator[self.sums] += x.sum(dim=0, dtype=torch.float64)
+        accumulator[-1] += len(x)
 
 
 def statistics_under_basis(expert: ExpertDirectory, basis: Mapping[str, torch.Tensor], data: Batches,
                            batch_size: int, placement: Placement = CPU) -> torch.Tensor:
-    """One member's G under ``basis``: its own model with the shared parameters swapped for the basis."""
-    model = load_dense_model(expert, placement)
-    overwrite_parameters(model, basis)
-    return collect_statistics(model, data, batch_size, description=f"statistics {expert.name}")
+    """One member's full G under ``basis`` (layers, d+1, d+1): ``packed_statistics_under_basis`` mirrored."""
+    packed = packed_statistics_under_basis(expert, basis, data, batch_size, placement)
+    return from_upper_triangle(packed, int(expert.config["hidden_size"]) + 1)
+
+
+def packed_statistics_under_basis(expert: ExpertDirectory, basis: Mapping[str, torch.Tensor], data: Batches,
+                                  batch_size: int, placement: Placement = CPU,
+                                  checkpoint: StatisticsCheckpoint | None = None) -> torch.Tensor:
+    """One member's packed G under ``basis`` (layers, triangle): its own decoder, without the LM head, with the
+    shared parameters replaced by the basis as they are read (a ``LazyTensors`` basis is never whole in memory).
+    With a ``checkpoint`` the run saves its partial sums and resumes a matching earlier run."""
+    model = load_decoder(expert, placement, basis)
+    if checkpoint is not None:
+        stamps = file_stamps([path for path in expert.path.iterdir() if path.is_file()])
+        checkpoint = replace(checkpoint, inputs=fingerprint([checkpoint.inputs, stamps, placement]))
+    return collect_packed_statistics(model, data, batch_size, f"statistics {expert.name}", checkpoint)
 
 
 def check_enough_tokens(gram: torch.Tensor, member: str) -> None:
     """Refuses statistics from fewer tokens than the ridge system has unknowns: G is (d+1)x(d+1) and reaches full
-    rank only from d+1 tokens on; below that the router would be the ridge's guess, not the member's data."""
-    needed, count = gram.shape[-1], token_count(gram)
+    rank only from d+1 tokens on; below that the router would be the ridge's guess, not the member's data.
+    ``gram`` is full (layers, d+1, d+1) or packed (layers, triangle)."""
+    needed, count = gram_size(gram), token_count(gram)
     if count < needed:
         raise DumeError(f"the data of {member!r} gave {count} tokens; a router over hidden size {needed - 1} needs "
                         f"at least {needed} (one per unknown of its ridge system): give it more data")
 
 
 def token_count(gram: torch.Tensor) -> int:
-    """The number of tokens the statistics were collected over (the bottom-right entry of any layer)."""
-    return int(round(float(gram[0, -1, -1])))
+    """The number of tokens the statistics were collected over (the bottom-right entry of any layer, the last of
+    its packed triangle): ``gram`` is full (layers, d+1, d+1) or packed (layers, triangle)."""
+    return int(round(float(gram[0].reshape(-1)[-1])))
+
+
+def gram_size(gram: torch.Tensor) -> int:
+    """d+1, the side of each layer's G, whether ``gram`` is full (layers, d+1, d+1) or packed (layers, triangle)."""
+    if gram.dim() == 3:
+        return gram.shape[-1]
+    return int(round(((8 * gram.shape[-1] + 1) ** 0.5 - 1) / 2))
 
 
 def upper_triangle(gram: torch.Tensor) -> torch.Tensor:
@@ -185,8 +297,9 @@ def expected_layout(hidden_size: int, num_layers: int) -> dict[str, tuple[str, l
 
 
 def statistics_tensors(gram: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The tensors a node writes and uploads for ``gram`` (layers, d+1, d+1)."""
-    packed = upper_triangle(gram)
+    """The tensors a node writes and uploads for ``gram``: full (layers, d+1, d+1), or already packed (layers,
+    triangle) as ``collect_packed_statistics`` gives it (then each is a view, not a copy)."""
+    packed = upper_triangle(gram) if gram.dim() == 3 else gram
     return {layer_name(layer): packed[layer] for layer in range(len(packed))}
 
 

@@ -58,16 +58,22 @@ class BlobStore:
 
     def read_buffer(self, sha256: str) -> bytearray:
         """The blob's bytes read straight into a buffer the caller owns (for a tensor: no second copy)."""
+        buffer = bytearray(self.path(sha256).stat().st_size)
+        self.read_into(sha256, memoryview(buffer))
+        return buffer
+
+    def read_into(self, sha256: str, buffer: memoryview) -> None:
+        """Fills ``buffer`` (exactly the blob's size: a tensor's memory, say) with the blob's bytes."""
         path = self.path(sha256)
         with open(path, "rb", buffering=0) as handle:
-            buffer = bytearray(os.fstat(handle.fileno()).st_size)
-            view, filled = memoryview(buffer), 0
-            while filled < len(buffer):
-                read = handle.readinto(view[filled:])
+            if os.fstat(handle.fileno()).st_size != buffer.nbytes:
+                raise OSError(f"{path} holds {os.fstat(handle.fileno()).st_size} bytes, not {buffer.nbytes}")
+            filled = 0
+            while filled < buffer.nbytes:
+                read = handle.readinto(buffer[filled:])
                 if not read:
-                    raise OSError(f"{path} ended {len(buffer) - filled} bytes early")
+                    raise OSError(f"{path} ended {buffer.nbytes - filled} bytes early")
                 filled += read
-        return buffer
 
     def put_bytes(self, data: bytes | bytearray | memoryview) -> str:
         """Stores ``data`` (if not already held) and returns its SHA-256."""

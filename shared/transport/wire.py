@@ -9,13 +9,19 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy
 import torch
 
+from dume.shared.method.lazy_tensors import LazyTensors
 from dume.v1 import tensors_pb2
+
+if TYPE_CHECKING:
+    from dume.shared.transport.blobs import BlobStore
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -49,6 +55,24 @@ def tensor_entry(name: str, tensor: torch.Tensor, sha256: str | None = None) -> 
         name=name, dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape),
         sha256=sha256 or hashlib.sha256(data).hexdigest(), size_bytes=data.nbytes,
     )
+
+
+def stored_tensors(entries: Iterable[tensors_pb2.TensorEntry], store: BlobStore) -> LazyTensors:
+    """The tensors of ``entries`` as a mapping that reads each from its blob only when used (a basis is never
+    whole in memory), and straight into a tensor of the same dtype and shape where asked (``read_into``)."""
+    by_name = {entry.name: entry for entry in entries}
+
+    def read(name: str) -> torch.Tensor:
+        return tensor_from_bytes(by_name[name], store.read_buffer(by_name[name].sha256))
+
+    def read_into(name: str, out: torch.Tensor) -> bool:
+        entry = by_name[name]
+        if DTYPES[entry.dtype] != out.dtype or tuple(entry.shape) != tuple(out.shape):
+            return False
+        store.read_into(entry.sha256, memoryview(out.detach().reshape(-1).view(torch.uint8).numpy()))
+        return True
+
+    return LazyTensors(by_name, read, read_into)
 
 
 def tensor_from_bytes(entry: tensors_pb2.TensorEntry, data: bytes | bytearray) -> torch.Tensor:

@@ -1,0 +1,44 @@
+"""Named tensors read from their source only when used, and not kept.
+
+A basis of several GiB (the node's blob cache, a safetensors file) is hashed and copied into a model a tensor at
+a time through this mapping, so it is never whole in memory; a source that can also read a tensor straight into
+existing memory (a parameter of the right dtype and shape) saves even the one tensor's copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import torch
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """``read(name)`` gives a fresh tensor at each lookup; the optional ``read_into(name, out)`` fills ``out`` in
+    place and returns whether it could (same dtype and shape, contiguous, on the CPU)."""
+
+    def __init__(self, names: Iterable[str], read: Callable[[str], torch.Tensor],
+                 read_into: Callable[[str, torch.Tensor], bool] | None = None) -> None:
+        self._names = list(dict.fromkeys(names))
+        self._known = set(self._names)
+        self._read = read
+        self._read_into = read_into
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        return self._read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def read_into(self, name: str, out: torch.Tensor) -> bool:
+        """Fills ``out`` with the named tensor without an intermediate copy, where the source can; else False (the
+        caller then copies ``self[name]``)."""
+        if name not in self._known:
+            raise KeyError(name)
+        if self._read_into is None or out.device.type != "cpu" or not out.is_contiguous():
+            return False
+        return self._read_into(name, out)
