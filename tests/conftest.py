@@ -49,3 +49,12 @@ def coordinator(tmp_path):
     coordinator = make_coordinator(tmp_path / "coordinator")
     yield coordinator
     coordinator.close()
+
+
+@pytest.fixture(scope="module")
+def hostile(expert_factory, tmp_path_factory):
+    """A real coordinator daemon with a published member, a hostile member and a revoked one (see ``hostile``)."""
+    from hostile import serving
+
+    with serving(expert_factory("llama"), tmp_path_factory.mktemp("hostile")) as running:
+        yield running
