@@ -12,7 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded from a
 from dume.shared.lab.tiny import SYNTHETIC_TEMPLATES, build_tiny_model, perturb_mlps, synthetic_documents  # noqa: E402
 from dume.shared.method.merge import ExpertSpec  # noqa: E402
 
+from scorecard import record, register  # noqa: E402, F401  (the fixture that counts for docs/reliability.md)
+
 FAMILIES = ("llama", "mistral", "qwen3")
+
+
+def pytest_configure(config):
+    register(config)  # the reliability scorecard (tests/scorecard.py)
 DOMAINS = SYNTHETIC_TEMPLATES
 
 
