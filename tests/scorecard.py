@@ -54,6 +54,15 @@ SCENARIOS: dict[str, str] = {
     "load": "32 member processes join at once: each contribution counted once, Status responsive, the exact "
             "version byte-identical to `dume merge`",
 }
+CODE = ("proto", "shared", "coordinator", "node", "tests", "pyproject.toml", "constraints.txt")  # what a run tests
+# What the reliability issue asks for that no scenario test covers yet, said on the card so that it claims no more.
+NOT_COVERED = (
+    "SIGKILL of the coordinator during validation, the router solve, the publication of a version and a revocation "
+    "(the kills above land during enrolment and mid-upload)",
+    "a read-only state directory under a running daemon (its refusal is tested below gRPC; a full disk is tested "
+    "for real on a small tmpfs)",
+    "router capture by a member that inflates or pads its statistics with consistent data",
+)
 TOTALLED = ("bad inputs tried", "faults injected", "contributions checked", "contributions lost")
 SCENARIO_FILES = ("test_hostile_members.py", "test_fuzz_ports.py", "test_federation.py", "test_faults.py",
                   "test_upload_limits.py", "test_member_boundaries.py", "test_state_changes.py", "test_gc_races.py",
@@ -148,8 +157,8 @@ class Scorecard:
 def render(scenarios: dict[str, Scenario], seconds: float) -> str:
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", *CODE], capture_output=True,
+                           text=True).stdout.strip()
     totals: Counter[str] = Counter()
     rows = []
     for name in SCENARIOS:
@@ -176,6 +185,10 @@ def render(scenarios: dict[str, Scenario], seconds: float) -> str:
         "| scenario | what is checked | outcome (tests) | counts | seconds |",
         "| --- | --- | --- | --- | --- |",
         *rows,
+        "",
+        "Not covered by a scenario yet:",
+        "",
+        *(f"- {gap}" for gap in NOT_COVERED),
         "",
     ])
 
