@@ -16,6 +16,7 @@ from concurrent import futures
 
 import grpc
 
+from dume.coordinator.decoding import RequestDecoding
 from dume.coordinator.federation import Coordinator
 from dume.coordinator.health import Health
 from dume.coordinator.lock import StateLock
@@ -58,7 +59,8 @@ def _serve_locked(state: StateDir, config: dict, drain_seconds: float,
     # Each Watch stream holds a thread for its life: the pool has one per stream allowed, plus the unary workers,
     # so streams never starve the other calls (Coordinator.watching refuses streams past the limits).
     limits = coordinator.limits
-    interceptors = [MetricsInterceptor(metrics), ProtocolCheck()]  # refusals of another protocol are counted too
+    # Refusals of another protocol are counted too; requests are parsed last, so malformed ones are INVALID_ARGUMENT.
+    interceptors = [MetricsInterceptor(metrics), ProtocolCheck(), RequestDecoding()]
     members = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.watch_streams_total + limits.unary_workers),
                           options=SERVER_OPTIONS, interceptors=interceptors)
     rpc.add_FederationServicer_to_server(FederationService(coordinator), members)

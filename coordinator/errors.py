@@ -11,6 +11,7 @@ from dume.shared.errors import DumeError
 RefusalKind = Literal["unauthenticated", "permission", "invalid", "precondition", "not_found", "exhausted",
                       "unavailable"]
 FULL = {errno.ENOSPC, errno.EDQUOT}
+MESSAGE_CHARACTERS = 2000  # a refusal's message travels in a gRPC trailer (metadata is capped at 8-16 KiB)
 NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
@@ -18,8 +19,19 @@ class Refused(DumeError):
     """The caller asked for something the coordinator will not do; the message says why and what to do instead."""
 
     def __init__(self, kind: RefusalKind, message: str) -> None:
-        super().__init__(message)
+        super().__init__(one_line(message))
         self.kind = kind
+
+
+def one_line(message: str, limit: int = MESSAGE_CHARACTERS) -> str:
+    """The message as one printable line of bounded length. Refusals quote what the caller sent (tensor and file
+    names, upload ids), which may hold newlines or run to megabytes; the cut is in the middle, so the fix the message
+    ends with stays."""
+    line = "".join(character if character.isprintable() else repr(character)[1:-1] for character in message)
+    if len(line) <= limit:
+        return line
+    half = (limit - 5) // 2
+    return f"{line[:half]} ... {line[-half:]}"
 
 
 def storage_refusal(error: Exception) -> Refused | None:

@@ -31,8 +31,8 @@ from typing import Any
 
 from dume.coordinator.errors import Refused
 from dume.coordinator.limits import Limits
+from dume.coordinator.validation import MODEL_FILES
 from dume.shared.files import fsync_file, write_atomically
-from dume.shared.method.writer import TOKENIZER_FILES
 from dume.shared.transport.blobs import BlobStore, read_range, sha256_file
 from dume.shared.transport.wire import DTYPES, all_finite, expected_size
 from dume.v1 import federation_pb2
@@ -40,7 +40,6 @@ from dume.v1 import federation_pb2
 MAX_CHUNK_BYTES = 1 << 20
 MAX_BLOBS = 100_000
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-MODEL_FILES = frozenset(("config.json", *TOKENIZER_FILES))
 PLAN_FILE, MEMBER_FILE = "plan.pb", "member"
 FINITE_SUFFIX = ".finite"  # beside a complete staged blob: its values were all finite as they arrived
 log = logging.getLogger("dume.coordinator")
@@ -348,6 +347,9 @@ class BlobReceiver:
             raise Refused("precondition", f"blob {sha256[:12]} is not part of upload {planned.upload_id}")
         if len(data) > MAX_CHUNK_BYTES:
             raise Refused("precondition", f"a chunk holds {len(data)} bytes; send at most {MAX_CHUNK_BYTES}")
+        if offset + len(data) > size:
+            raise Refused("precondition", f"blob {sha256[:12]}: a chunk of {len(data)} bytes at offset {offset} runs "
+                          f"past the {size} bytes the plan declares for it: send the blob's own bytes only")
         blob = self._blob
         if blob is None or (blob.planned.upload_id, blob.sha256) != (planned.upload_id, sha256):
             self.close()

@@ -21,18 +21,28 @@ from dume.shared.method.ridge import check_solvable
 from dume.shared.method.routers import MergeSettings
 from dume.shared.method.settings import check_name
 from dume.shared.method.statistics import exceeds_norm_bound, expected_layout, from_upper_triangle, layer_index
+from dume.shared.method.writer import TOKENIZER_FILES
 from dume.shared.transport.blobs import read_range
 from dume.shared.transport.wire import DTYPES, all_finite, tensor_from_bytes
 from dume.v1 import federation_pb2, tensors_pb2
 
 CHECK_BYTES = 1 << 22
+MODEL_FILES = frozenset(("config.json", *TOKENIZER_FILES))  # the only files a model upload carries
 CAUCHY_SCHWARZ_TOLERANCE = 1e-6
 
 
 def check_plan(plan: federation_pb2.UploadPlan, reference: dict[str, Any] | None) -> None:
     """What a plan declares, checked against the federation's architecture before any byte of it is accepted: a
     model's tensors must have the architecture's names, shapes and dtypes, statistics the layout the config implies.
-    Without an architecture yet (no ``--architecture`` and no member) only the staging quota bounds a model."""
+    Without an architecture yet (no ``--architecture`` and no member) only the staging quota bounds a model.
+    What a plan is comes first: its kind, and for a model only files a model carries, so that a file named
+    ``/etc/passwd`` is refused as such rather than as a tokenizer file the federation lacks."""
+    if plan.kind not in (federation_pb2.UPLOAD_KIND_MODEL, federation_pb2.UPLOAD_KIND_STATISTICS):
+        raise DumeError("the upload kind is missing: say whether it is a model or statistics")
+    for file in plan.files:
+        if file.name not in MODEL_FILES or plan.kind != federation_pb2.UPLOAD_KIND_MODEL:
+            raise DumeError(f"file {file.name!r} is not one a model upload carries: only "
+                            f"{', '.join(sorted(MODEL_FILES))}")
     if reference is None:
         return
     if plan.kind == federation_pb2.UPLOAD_KIND_MODEL:

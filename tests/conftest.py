@@ -12,7 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded from a
 from dume.shared.lab.tiny import SYNTHETIC_TEMPLATES, build_tiny_model, perturb_mlps, synthetic_documents  # noqa: E402
 from dume.shared.method.merge import ExpertSpec  # noqa: E402
 
+from scorecard import record, register  # noqa: E402, F401  (the fixture that counts for docs/reliability.md)
+
 FAMILIES = ("llama", "mistral", "qwen3")
+
+
+def pytest_configure(config):
+    register(config)  # the reliability scorecard (tests/scorecard.py)
 DOMAINS = SYNTHETIC_TEMPLATES
 
 
@@ -49,3 +55,12 @@ def coordinator(tmp_path):
     coordinator = make_coordinator(tmp_path / "coordinator")
     yield coordinator
     coordinator.close()
+
+
+@pytest.fixture(scope="module")
+def hostile(expert_factory, tmp_path_factory):
+    """A real coordinator daemon with a published member, a hostile member and a revoked one (see ``hostile``)."""
+    from hostile import serving
+
+    with serving(expert_factory("llama"), tmp_path_factory.mktemp("hostile")) as running:
+        yield running

@@ -21,6 +21,8 @@ from dume.shared.trust.audit import entry_hash
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 
+pytestmark = pytest.mark.scenario("audit and version skew")
+
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
     """``dume-coordinator args`` in this process: exit code, stdout, stderr."""

@@ -94,7 +94,8 @@ def upload_record(fed: Federation, name: str, what: str) -> dict:
     return record
 
 
-def test_cut_stalled_and_slowed_links_resume_and_give_the_merge_bytes(experts, federation, tmp_path):
+@pytest.mark.scenario("link faults")
+def test_cut_stalled_and_slowed_links_resume_and_give_the_merge_bytes(experts, federation, tmp_path, record):
     fed = federation
     proxy = TcpProxy(fed.address())
     faults = 0
@@ -108,9 +109,9 @@ def test_cut_stalled_and_slowed_links_resume_and_give_the_merge_bytes(experts, f
         assert proxy.cut() >= 1
         faults += 1
         durable_at_cut = staged_bytes(fed)
-        record = wait_until(lambda: uploaded(fed, "math", "model"), 180, "math's model upload")
+        sent = wait_until(lambda: uploaded(fed, "math", "model"), 180, "math's model upload")
         assert "model upload interrupted (UNAVAILABLE" in logged(fed, "node-math")
-        resent = record["sent_bytes"] - record["bytes"]
+        resent = sent["sent_bytes"] - sent["bytes"]
         # Only what was in flight at the cut goes again: a restart from zero would re-send every durable byte.
         assert 0 <= resent <= 4 * CHUNK < durable_at_cut, (resent, durable_at_cut)
 
@@ -132,7 +133,7 @@ def test_cut_stalled_and_slowed_links_resume_and_give_the_merge_bytes(experts, f
         said = logged(fed, "node-code")
         assert re.search(r"model upload interrupted \(DEADLINE_EXCEEDED: no progress for 3 s.*\); retrying in 1s",
                          said), said
-        fed.wait_exact(["code", "math"])
+        record.lost(["code", "math"], fed.wait_exact(["code", "math"]))
         reference = merge([experts["code"], experts["math"]], tmp_path / "reference", SETTINGS)
         assert not differing_files(fed.export(tmp_path / "exported"), reference)
 
@@ -161,8 +162,9 @@ def test_cut_stalled_and_slowed_links_resume_and_give_the_merge_bytes(experts, f
         assert not differing_files(tmp_path / "fetched", reference)
     finally:
         proxy.close()
+        record.count("faults injected", faults)
     print(f"link faults injected: {faults} (2 cuts, 1 stall); re-sent after the cut: "
-          f"{resent} of {record['bytes']} bytes, {durable_at_cut} were durable; stall noticed after {noticed:.1f} s")
+          f"{resent} of {sent['bytes']} bytes, {durable_at_cut} were durable; stall noticed after {noticed:.1f} s")
 
 
 # -- SIGKILL of the coordinator and of a node -------------------------------------------------------------------
@@ -202,8 +204,9 @@ def assert_contributed_once(fed: Federation, name: str) -> None:
     assert [m["name"] for m in fed.status()["members"]].count(name) == 1
 
 
+@pytest.mark.scenario("processes killed")
 def test_the_coordinator_killed_during_enrolment_and_mid_statistics_upload_loses_nothing(
-        experts, federation, tmp_path):
+        experts, federation, tmp_path, record):
     fed, spec = federation, experts["math"]
     proxy = TcpProxy(fed.address())
     token = via(proxy, fed.token("math"))
@@ -213,6 +216,7 @@ def test_the_coordinator_killed_during_enrolment_and_mid_statistics_upload_loses
         node = fed.join("math", spec.model_dir, spec.data_path, token, "--once")
         wait_until(lambda: connected_to(enrolment_port(fed)), 120, "the node to connect for its enrolment")
         assert fed.stop(signum=signal.SIGKILL) == -signal.SIGKILL
+        record.count("faults injected")
         assert node.wait(timeout=60) == 4  # exit code 4: the coordinator is unreachable
         assert "cannot reach the coordinator's enrolment service" in logged(fed, "node-math").splitlines()[-1]
         fed.serve()
@@ -225,6 +229,7 @@ def test_the_coordinator_killed_during_enrolment_and_mid_statistics_upload_loses
         proxy.slow(1024)  # from the model's last bytes on, so that the statistics (~9 KB) come slowly
         wait_until(lambda: staged_bytes(fed, STATISTICS) >= 2048, 120, "math's statistics upload to be under way")
         assert fed.stop(signum=signal.SIGKILL) == -signal.SIGKILL
+        record.count("faults injected")
         durable = staged_bytes(fed, STATISTICS)
         # As if the kill came after each complete blob's last fsync and before its rename (seen once by chance):
         # the restarted daemon must verify and name the full staging files itself.
@@ -235,20 +240,22 @@ def test_the_coordinator_killed_during_enrolment_and_mid_statistics_upload_loses
         proxy.resume()
         assert node.wait(timeout=180) == 0, logged(fed, "node-math")
         assert "statistics upload interrupted" in logged(fed, "node-math")
-        record = upload_record(fed, "math", "statistics")
+        sent = upload_record(fed, "math", "statistics")
         # Sent again: at most what was not durable at the kill (the slowed link had taken every byte already).
-        assert 0 < record["sent_bytes"] - record["bytes"] <= record["bytes"] - durable
-        fed.wait_exact(["math"])
+        assert 0 < sent["sent_bytes"] - sent["bytes"] <= sent["bytes"] - durable
+        record.lost(["math"], fed.wait_exact(["math"]))
         assert not differing_files(fed.export(tmp_path / "exported"), merge([spec], tmp_path / "reference", SETTINGS))
         assert_contributed_once(fed, "math")
         assert "intact" in fed.admin("audit", "--verify").stdout
     finally:
         proxy.close()
-    print(f"coordinator SIGKILLs: 2; statistics re-sent {record['sent_bytes'] - record['bytes']} of "
-          f"{record['bytes']} bytes ({durable} were durable at the kill)")
+    print(f"coordinator SIGKILLs: 2; statistics re-sent {sent['sent_bytes'] - sent['bytes']} of "
+          f"{sent['bytes']} bytes ({durable} were durable at the kill)")
 
 
-def test_a_node_killed_at_each_stage_resumes_from_its_workdir_and_duplicates_nothing(experts, federation, tmp_path):
+@pytest.mark.scenario("processes killed")
+def test_a_node_killed_at_each_stage_resumes_from_its_workdir_and_duplicates_nothing(experts, federation, tmp_path,
+                                                                                    record):
     fed, spec = federation, experts["math"]
     proxy = TcpProxy(fed.address())
     token = via(proxy, fed.token("math"))
@@ -260,6 +267,7 @@ def test_a_node_killed_at_each_stage_resumes_from_its_workdir_and_duplicates_not
 
     def kill() -> None:
         assert fed.stop("node-math", signal.SIGKILL) == -signal.SIGKILL
+        record.count("faults injected")
 
     try:
         # 1. Enrolment: killed while its enrolment call waits on a frozen coordinator.
@@ -298,7 +306,7 @@ def test_a_node_killed_at_each_stage_resumes_from_its_workdir_and_duplicates_not
         statistics = [t for t in Workdir(fed.workdir("math")).transfers()
                       if t["event"] == "upload" and t["what"] == "statistics"]
         assert len(statistics) == 1 and statistics[0]["sent_bytes"] <= statistics[0]["bytes"] - durable
-        fed.wait_exact(["math"])
+        record.lost(["math"], fed.wait_exact(["math"]))
         assert not differing_files(fed.export(tmp_path / "exported"), merge([spec], tmp_path / "reference", SETTINGS))
         assert_contributed_once(fed, "math")
         # 5. Killed after the coordinator committed but before the node wrote that down (node.json says nothing

@@ -69,13 +69,15 @@ def federation(tmp_path):
         each.close()
 
 
+@pytest.mark.scenario("exact unlearning")
 def test_concurrent_joins_give_the_merge_bytes_then_revocation_gives_the_never_joined_bytes(
-        experts, reference, federation, tmp_path):
+        experts, reference, federation, tmp_path, record):
     fed = federation()
     fed.serve()
     tokens = {name: fed.token(name) for name in experts}
     agents = {name: fed.join(name, spec.model_dir, spec.data_path, tokens[name]) for name, spec in experts.items()}
     status = fed.wait_exact(["code", "math", "prose"])
+    record.lost(["code", "math", "prose"], status)
     assert not differing_files(fed.export(tmp_path / "all"), reference(("code", "math", "prose")))
 
     revoked = json.loads(fed.admin("revoke", "prose", "--reason", "left the consortium", "--json").stdout)
@@ -86,6 +88,7 @@ def test_concurrent_joins_give_the_merge_bytes_then_revocation_gives_the_never_j
     exported = json.loads(fed.admin("export", "--out", str(tmp_path / "after-revoke"), "--json").stdout)
     assert exported == {"version": exact["version"], "exact": True, "out": str(tmp_path / "after-revoke")}
     assert not differing_files(tmp_path / "after-revoke", reference(("code", "math")))
+    record.count("revocations checked byte for byte")
 
     refused = cli("node", "fetch", "--workdir", str(fed.workdir("prose")), "--out", str(tmp_path / "x"),
                   check=False)
@@ -163,7 +166,9 @@ def test_experts_sharing_their_non_mlp_weights_join_without_moving_the_basis(exp
     assert not differing_files(fed.export(tmp_path / "both"), merge(specs, tmp_path / "reference", SETTINGS))
 
 
-def test_an_upload_resumes_after_the_coordinator_is_killed_and_restarted(experts, reference, federation, tmp_path):
+@pytest.mark.scenario("processes killed")
+def test_an_upload_resumes_after_the_coordinator_is_killed_and_restarted(experts, reference, federation, tmp_path,
+                                                                          record):
     fed = federation()
     fed.serve()
     spec = experts["math"]
@@ -173,13 +178,14 @@ def test_an_upload_resumes_after_the_coordinator_is_killed_and_restarted(experts
     wait_until(lambda: any(part.stat().st_size > 16384 for part in uploads.glob("*/*.part")), 60,
                "the upload to be under way")
     assert fed.stop(signum=signal.SIGKILL) == -signal.SIGKILL
+    record.count("faults injected")
     fed.serve()
     assert node.wait(timeout=180) == 0
     log = node.stderr.read()
     assert "model upload interrupted" in log
     total, sent = (float(x) for x in re.search(r"uploaded model: ([\d.]+) MB \(([\d.]+) MB sent\)", log).groups())
     assert sent < 1.5 * total  # resumed from the durable offset, not from zero
-    fed.wait_exact(["math"])
+    record.lost(["math"], fed.wait_exact(["math"]))
     assert not differing_files(fed.export(tmp_path / "out"), reference(("math",)))
     assert "intact" in fed.admin("audit", "--verify").stdout
 
@@ -197,40 +203,45 @@ def _stable(status: dict) -> dict:
     return {**status, "members": [{**m, "online": None} for m in status["members"]]}
 
 
+@pytest.mark.scenario("bad joins")
 def test_bad_tokens_foreign_uploads_bad_models_and_bad_statistics_are_refused_and_change_nothing(
-        experts, federation, tmp_path):
+        experts, federation, tmp_path, record):
     fed = federation()
     fed.serve()
+
+    def refused(*args) -> str:
+        record.count("bad inputs tried")
+        return _refused_join(fed, *args)
+
     code, math = experts["code"], experts["math"]
     token = fed.token("code")
     assert fed.join("code", code.model_dir, code.data_path, token, "--once").wait(timeout=120) == 0
     fed.wait_exact(["code"])
     before = _stable(fed.status())
 
-    assert "already used" in _refused_join(fed, "again", code.model_dir, code.data_path, token)
+    assert "already used" in refused("again", code.model_dir, code.data_path, token)
     expiring = fed.admin("token", "--node", "late", "--expires", "1s").stdout.strip()
     time.sleep(1.5)
-    assert "expired" in _refused_join(fed, "late", code.model_dir, code.data_path, expiring)
+    assert "expired" in refused("late", code.model_dir, code.data_path, expiring)
     decoded = JoinToken.decode(fed.token("stranger"))
     unknown = replace(decoded, secret=new_secret()).encode()
-    assert "not issued by this coordinator" in _refused_join(fed, "stranger", code.model_dir, code.data_path, unknown)
+    assert "not issued by this coordinator" in refused("stranger", code.model_dir, code.data_path, unknown)
     foreign_ca = pki.fingerprint(pki.create_authority()[1])
     foreign = replace(decoded, ca_fingerprint=foreign_ca).encode()
-    assert "another coordinator" in _refused_join(fed, "stranger", code.model_dir, code.data_path, foreign, 2)
+    assert "another coordinator" in refused("stranger", code.model_dir, code.data_path, foreign, 2)
 
     wide = build_tiny_model("llama", tmp_path / "wide", intermediate_size=96)
     # Refused from its plan, before a byte is sent: its MLP shapes are not the federation's.
-    assert "F32[32, 96], the federation's is F32[32, 64]" in _refused_join(fed, "wide", wide, math.data_path,
-                                                                          fed.token("wide"))
+    assert "F32[32, 96], the federation's is F32[32, 64]" in refused("wide", wide, math.data_path, fed.token("wide"))
     poisoned = tmp_path / "poisoned"
     shutil.copytree(math.model_dir, poisoned)
     weights = load_file(poisoned / "model.safetensors")
     weights["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
     save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
-    assert "NaN" in _refused_join(fed, "poisoned", poisoned, math.data_path, fed.token("poisoned"))
+    assert "NaN" in refused("poisoned", poisoned, math.data_path, fed.token("poisoned"))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")  # refused before enrolling: no member "empty" appears below
-    assert "no non-empty documents" in _refused_join(fed, "empty", code.model_dir, empty, fed.token("empty"), 2)
+    assert "no non-empty documents" in refused("empty", code.model_dir, empty, fed.token("empty"), 2)
     assert _stable(fed.status())["members"] == before["members"] + [
         {"name": name, "expert": name, "online": None, "state": "enrolled", "stats_current": False,
          "token_count": 0} for name in ("poisoned", "wide")]
@@ -240,6 +251,7 @@ def test_bad_tokens_foreign_uploads_bad_models_and_bad_statistics_are_refused_an
     wide_stub = rpc.FederationStub(Workdir(fed.workdir("wide")).channel())
     plan = model_upload(code.model_dir, "code").plan
     opened = code_stub.BeginUpload(plan)
+    record.count("bad inputs tried")
     with pytest.raises(grpc.RpcError) as denied:
         wide_stub.SendChunks(iter([pb.Chunk(upload_id=opened.upload_id, sha256=opened.blobs[0].sha256, offset=0,
                                             data=b"x")]))
@@ -248,6 +260,7 @@ def test_bad_tokens_foreign_uploads_bad_models_and_bad_statistics_are_refused_an
     basis = fed.status()["basis_hash"]
     for gram_fault, message in (("count", "count"), ("cauchy", "Cauchy-Schwarz"), ("basis", "never issued"),
                                 ("indefinite", "not positive definite"), ("inflated", "RMS-normalised")):
+        record.count("bad inputs tried")
         with pytest.raises(DumeError, match=message):
             _upload_statistics(fed, code, basis, gram_fault, tmp_path / gram_fault)
     after = fed.status()

@@ -9,6 +9,8 @@ import json
 import os
 import time
 
+import pytest
+
 from dume.coordinator import cli as coordinator_cli
 from dume.coordinator.backup import backup
 from dume.coordinator.federation import Coordinator
@@ -37,6 +39,7 @@ def model_blobs(spec) -> set[str]:
     return {entry.sha256 for entry in upload.plan.manifest.tensors} | {file.sha256 for file in upload.plan.files}
 
 
+@pytest.mark.scenario("exact unlearning")
 def test_gc_after_a_revocation_deletes_what_only_the_revoked_member_named_and_keeps_every_referenced_blob(
         expert_factory, tmp_path, capsys):
     experts = expert_factory("llama")

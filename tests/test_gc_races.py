@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+import pytest
+
 from dume.coordinator import publication
 from dume.coordinator.federation import Coordinator
 from dume.coordinator.records import GarbageReport
@@ -17,6 +19,7 @@ from dume.coordinator.uploads import Uploads
 from in_process import enrolled
 from test_state_changes import contributed, staged_model
 
+pytestmark = pytest.mark.scenario("state changes and races")
 WINDOW_SECONDS = 1.0  # how long the writer stays in its window with the gc started: ample for a gc of a few blobs
 
 

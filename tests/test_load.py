@@ -92,7 +92,8 @@ class StatusProbe:
 
 
 @pytest.mark.load
-def test_32_members_join_at_once_each_counted_once_and_the_exact_version_is_the_merge_bytes(tmp_path):
+@pytest.mark.scenario("load")
+def test_32_members_join_at_once_each_counted_once_and_the_exact_version_is_the_merge_bytes(tmp_path, record):
     started = time.monotonic()
     specs = experts(tmp_path / "experts")
     fed = Federation(tmp_path / "federation", threads=FEDERATION_THREADS)
@@ -107,6 +108,9 @@ def test_32_members_join_at_once_each_counted_once_and_the_exact_version_is_the_
         status = fed.wait_exact(names, timeout=CONVERGE_SECONDS)
         converged = time.monotonic() - started
         latency = probe.stop()
+        record.lost(names, status)
+        record.count("admin Status calls during the load", latency["calls"])
+        record.count("admin Status p99 ms", round(latency["p99_ms"]))
         assert latency["failures"] == 0, probe.failures[:3]
 
         entries = [(e.kind, e.subject, json.loads(e.detail_json))

@@ -23,6 +23,8 @@ from dume.shared.method.merge import check_member_name
 from in_process import enrolled
 from test_state_changes import contributed, staged, statistics_committed
 
+pytestmark = pytest.mark.scenario("member boundaries")
+
 
 def test_a_member_joining_after_a_revocation_reads_only_the_latest_version_and_its_own(
         coordinator, expert_factory, tmp_path):

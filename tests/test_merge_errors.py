@@ -140,6 +140,8 @@ def directory_without_data(folder: Path) -> Path:
         pytest.param(data_file("data.jsonl", b'{"text": "fine"}\n{not json\n'), ["line 2", "JSON"], id="bad-json"),
         pytest.param(data_file("data.jsonl", b'{"body": "no text here"}\n'), ["line 1", '"text"'], id="no-text"),
         pytest.param(data_file("data.txt", b"caf\xe9 au lait\n"), ["UTF-8"], id="not-utf8"),
+        pytest.param(data_file("data.txt", b"PK\x03\x04\x00\x00\x08\x00\n"), ["line 1 holds a NUL byte", "binary"],
+                     id="binary"),
         pytest.param(data_file("data.txt", b"\n   \n\t\n"), ["non-empty documents"], id="blank-lines"),
         pytest.param(directory_without_data, [".jsonl", ".txt"], id="directory-without-data"),
     ],

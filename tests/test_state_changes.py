@@ -29,6 +29,8 @@ from dume.v1 import tensors_pb2
 
 from in_process import enrolled, send
 
+pytestmark = pytest.mark.scenario("state changes and races")
+
 
 def staged_model(coordinator: Coordinator, name: str, model_dir) -> str:
     """Begins the member's model upload and sends every blob, as a node does; returns the upload id."""

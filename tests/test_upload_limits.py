@@ -41,6 +41,7 @@ from dume.v1 import tensors_pb2
 
 from in_process import enrolled, make_coordinator, send, started
 
+pytestmark = pytest.mark.scenario("upload limits and full disk")
 TIB = 1 << 40
 
 

@@ -24,6 +24,7 @@ from dume.shared.trust.join_token import JoinToken
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 
+pytestmark = pytest.mark.scenario("watch streams")
 STREAMS = 40  # more than the 32 threads the server used to have in all
 LIFETIME = 8.0
 

@@ -36,7 +36,11 @@ def _documents_in_file(path: Path) -> Iterator[str]:
 
 
 def _document(path: Path, number: int, line: str) -> str | None:
-    """The document on one line: the line itself in a .txt file, its "text" field in a .jsonl file."""
+    """The document on one line: the line itself in a .txt file, its "text" field in a .jsonl file. A NUL byte is
+    valid UTF-8 but never in text: the file is binary (an archive, a model, an image) given by mistake."""
+    if "\x00" in line:
+        raise DumeError(f"{path} line {number} holds a NUL byte: it is a binary file, not text; pass UTF-8 text "
+                        "(.txt, or .jsonl with a \"text\" field)")
     if not line.strip():
         return None
     if path.suffix == ".txt":
