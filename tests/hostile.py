@@ -103,7 +103,7 @@ def joined(fed: Federation, name: str, spec) -> Workdir:
     """An enrolled node's workdir; the secret of the token it used is kept in its state for replays."""
     workdir = Workdir(fed.root / name)
     token = JoinToken.decode(fed.token(name))
-    enrol(token, workdir, spec.model_dir, spec.data_path)
+    enrol(token, workdir, spec.model_dir, {"default": spec.data_path})
     workdir.update(used_secret=token.secret)
     return workdir
 

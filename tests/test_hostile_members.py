@@ -128,7 +128,7 @@ def statistics(hostile: Hostile, root: Path, spoil: str) -> Upload:
     entries, sources = described(safetensors_ranges(path))
     basis = hostile.admin.Status(pb.StatusRequest(), timeout=30).basis_hash
     header = tensors_pb2.StatisticsHeader(basis_hash=basis, hidden_size=16 if spoil == "hidden size" else HIDDEN,
-                                          num_layers=LAYERS, token_count=100, sequence_length=64)
+                                          num_layers=LAYERS, token_count=100, sequence_length=64, dataset="default")
     if spoil == "full matrix":
         entries[0].shape[:] = [(HIDDEN + 1) ** 2]
         entries[0].size_bytes = 8 * (HIDDEN + 1) ** 2
