@@ -422,7 +422,8 @@ class Coordinator:
             for name, owner in sorted(self._owners().items())]
         latest = self.ledger.version()
         return Status(latest.number if latest else 0, bool(latest and latest.exact), current, members,
-                      len(self.ledger.audit_entries()), asdict(self.settings), self.publisher.error, experts)
+                      len(self.ledger.audit_entries()), asdict(self.settings), self.publisher.error, experts,
+                      latest.contributions if latest else [])
 
     def _owners(self) -> dict[str, Member]:
         """Every expert whose owner is enrolled or active (with or without its weights uploaded yet)."""

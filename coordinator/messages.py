@@ -95,7 +95,8 @@ def status_message(status: Status) -> pb.StatusResponse:
     return pb.StatusResponse(version=status.version, exact=status.exact, basis_hash=status.basis_hash,
                              members=members, audit_entries=status.audit_entries,
                              settings_json=json.dumps(status.settings, sort_keys=True),
-                             publication_error=status.publication_error, experts=experts)
+                             publication_error=status.publication_error, experts=experts,
+                             version_contributions=status.version_contributions)
 
 
 def status_dict(status: pb.StatusResponse) -> dict[str, Any]:
@@ -113,6 +114,7 @@ def status_dict(status: pb.StatusResponse) -> dict[str, Any]:
                      "contributions": [{"node": c.node, "dataset": c.dataset, "token_count": c.token_count,
                                         "basis_hash": c.basis_hash, "current": c.current} for c in e.contributions]}
                     for e in status.experts],
+        "version_contributions": list(status.version_contributions),
         "audit_entries": status.audit_entries,
         "settings": json.loads(status.settings_json),
         "publication_error": status.publication_error or None,

@@ -134,6 +134,7 @@ class Status:
     settings: dict[str, Any]
     publication_error: str  # why the last publication round failed; "" when it succeeded
     experts: list[ExpertStatus] = field(default_factory=list)
+    version_contributions: list[str] = field(default_factory=list)  # "node/dataset" the latest version holds
 
 
 @dataclass(frozen=True)

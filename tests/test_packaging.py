@@ -13,8 +13,9 @@ INSTALL = "pip install -c constraints.txt -e '.[test]'"
 
 
 def test_constraints_pin_a_torch_that_the_declared_range_accepts():
-    declared = {Requirement(line).name: Requirement(line)
-                for line in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = project["dependencies"] + [line for extra in project["optional-dependencies"].values() for line in extra]
+    declared = {Requirement(line).name: Requirement(line) for line in lines}
     pins = [Requirement(line) for line in (ROOT / "constraints.txt").read_text().splitlines()
             if line.strip() and not line.startswith("#")]
     torch_pin = next(pin for pin in pins if pin.name == "torch")

@@ -121,14 +121,15 @@ def describe(status: dict[str, Any]) -> str:
 
 
 def exact_over(status: dict[str, Any], members: list[str], contributions: list[str] | None = None) -> bool:
-    """Whether the latest version is exact over exactly ``members``, all active with current statistics (and, when
-    given, exactly these ``contributions``, "node/dataset", all current)."""
+    """Whether the latest version is exact over exactly ``members``, all active with current statistics, and holds
+    every contribution recorded, all current (exactly ``contributions``, "node/dataset", when given)."""
     active = [member for member in status["members"] if member["state"] == "active"]
-    recorded = [c for expert in status.get("experts", []) for c in expert["contributions"]]
+    recorded = sorted(f"{c['node']}/{c['dataset']}" for expert in status["experts"] for c in expert["contributions"])
+    current = all(c["current"] for expert in status["experts"] for c in expert["contributions"])
     return bool(status["exact"] and status["version"] and sorted(m["name"] for m in active) == sorted(members)
-                and all(member["stats_current"] for member in active)
-                and (contributions is None or (sorted(f"{c['node']}/{c['dataset']}" for c in recorded)
-                                               == sorted(contributions) and all(c["current"] for c in recorded))))
+                and all(member["stats_current"] for member in active) and current
+                and sorted(status["version_contributions"]) == recorded
+                and (contributions is None or recorded == sorted(contributions)))
 
 
 class Federation:

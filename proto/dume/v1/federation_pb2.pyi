@@ -282,7 +282,7 @@ class ExpertStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., owner: _Optional[str] = ..., expert_hash: _Optional[str] = ..., contributors: _Optional[_Iterable[str]] = ..., contributions: _Optional[_Iterable[_Union[ContributionStatus, _Mapping]]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "exact", "basis_hash", "members", "audit_entries", "settings_json", "publication_error", "experts")
+    __slots__ = ("version", "exact", "basis_hash", "members", "audit_entries", "settings_json", "publication_error", "experts", "version_contributions")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EXACT_FIELD_NUMBER: _ClassVar[int]
     BASIS_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -291,6 +291,7 @@ class StatusResponse(_message.Message):
     SETTINGS_JSON_FIELD_NUMBER: _ClassVar[int]
     PUBLICATION_ERROR_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     version: int
     exact: bool
     basis_hash: str
@@ -299,7 +300,8 @@ class StatusResponse(_message.Message):
     settings_json: str
     publication_error: str
     experts: _containers.RepeatedCompositeFieldContainer[ExpertStatus]
-    def __init__(self, version: _Optional[int] = ..., exact: _Optional[bool] = ..., basis_hash: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., audit_entries: _Optional[int] = ..., settings_json: _Optional[str] = ..., publication_error: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertStatus, _Mapping]]] = ...) -> None: ...
+    version_contributions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., exact: _Optional[bool] = ..., basis_hash: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., audit_entries: _Optional[int] = ..., settings_json: _Optional[str] = ..., publication_error: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertStatus, _Mapping]]] = ..., version_contributions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RevokeRequest(_message.Message):
     __slots__ = ("node", "reason", "dataset")
