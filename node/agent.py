@@ -360,8 +360,8 @@ class Agent:
         With ``once``, returns as soon as every dataset's statistics are current for the basis and weights of
         that moment.
         """
-        if self.owner and not self.state.get("model_upload"):
-            self.contribute_model()
+        if self.owner and not (self.state.get("model_upload") and self.state.get("expert_hash")):
+            self.contribute_model()  # also names the weights of a workdir from before experts (nothing is re-sent)
         seen_version, reconnect = None, Reconnect(self.state["coordinator"], self.give_up_after)
         while True:
             try:
