@@ -18,6 +18,7 @@ from dume.shared.method.routers import (
     sum_contributions,
 )
 from dume.shared.method.statistics import from_upper_triangle, token_count, upper_triangle
+from dume.shared.method.statistics_spill import spill_contribution
 
 LAYERS, HIDDEN = 3, 7
 # expert -> its contributions (node, dataset); "delta" has none yet
@@ -111,6 +112,19 @@ def test_the_packed_sum_unpacks_to_the_full_sum():
         packed, counts = statistics["alpha"].layer(layer)
         assert torch.equal(from_upper_triangle(packed[None], HIDDEN + 1)[0], full[layer])
         assert counts == {"n0/books": 5 + 3 * 0, "n0/code": 5 + 3 * 1, "n1/web": 5 + 3 * 2}
+
+
+def test_statistics_spilled_to_disk_give_the_same_routers(tmp_path):
+    grams = random_statistics(seed=5)
+    in_memory = layered_statistics(grams)
+    spilled = {expert: sum_contributions(spill_contribution(tmp_path, c.node, c.dataset, upper_triangle(
+        grams[(c.node, c.dataset)])) for c in statistics.contributions) if statistics else None
+        for expert, statistics in in_memory.items()}
+    assert len(list(tmp_path.glob("*/*.f64"))) == LAYERS * 6  # one file per contribution and layer
+    expected, solved = (solve_for_checkpoint(statistics, MergeSettings(), "b") for statistics in (in_memory, spilled))
+    assert solved.dume_block == expected.dume_block
+    for router, reference in zip(solved.routers, expected.routers, strict=True):
+        assert torch.equal(router.weight, reference.weight)
 
 
 def test_statistics_of_different_depths_are_refused_in_one_line():
