@@ -8,9 +8,11 @@ layer's upper triangle), one contribution per expert. For each (path, experts, l
 routers from them and reports, from ``/proc/self/status``, its resident memory before and its peak during the solve
 (the kernel's high-water mark, reset just before). ``new`` calls the publisher's own functions
 (``contribution_statistics``, ``sum_contributions``, ``solve_for_checkpoint``); ``old`` is the previous code, kept
-here. Both give the same routers (the script checks their bytes when both run).
+here. ``merge`` is ``dume merge``'s way: each contribution's packed statistics (here generated, standing for
+the statistics it computes) spilled to disk before the next, then the same layer-by-layer solve from the files.
+Every path gives the same routers (the script checks their bytes).
 
-    python benchmarks/solve_memory.py [--hidden 4096] [--experts 4] [--layers 1 2 4] [--paths old new]
+    python benchmarks/solve_memory.py [--hidden 4096] [--experts 4] [--layers 1 2 4] [--paths old new merge]
 
 Prints a table and the growth per layer, and writes ``benchmarks/results/solve_memory.json``.
 """
@@ -35,6 +37,7 @@ from dume.coordinator.records import Contribution
 from dume.shared.method.ridge import solve_routers
 from dume.shared.method.routers import MergeSettings, solve_for_checkpoint, sum_contributions
 from dume.shared.method.statistics import gram_from_tensors, layer_name, triangle_size
+from dume.shared.method.statistics_spill import spill_contribution
 from dume.shared.transport.blobs import BlobStore
 from dume.shared.transport.wire import tensor_from_bytes, tensor_view
 from dume.v1 import tensors_pb2
@@ -74,7 +77,8 @@ def store_statistics(blobs: BlobStore, hidden: int, experts: int, layers: int) -
             triangle = synthetic_triangle(hidden, expert * 1000 + layer)
             entries.append({"name": layer_name(layer), "dtype": "F64", "shape": list(triangle.shape),
                             "sha256": blobs.put_bytes(tensor_view(triangle)), "size_bytes": triangle.nbytes})
-        records.append({"expert": f"e{expert}", "node": f"n{expert}", "dataset": "data", "tensors": entries})
+        records.append({"expert": f"e{expert}", "node": f"n{expert}", "dataset": "data", "tensors": entries,
+                        "seeds": [expert * 1000 + layer for layer in range(layers)]})
     return records
 
 
@@ -106,6 +110,19 @@ def new_solve(records: list[dict], blobs: BlobStore, settings) -> list:
     return solve_for_checkpoint(statistics, settings, "").routers
 
 
+def merge_solve(records: list[dict], hidden: int, spill: Path, settings) -> list:
+    """``dume merge``'s solve: each contribution's packed statistics computed (here: generated) whole, spilled to
+    disk and dropped before the next, then solved one layer at a time from the spilled files."""
+    contributions = []
+    for record in records:
+        packed = torch.stack([synthetic_triangle(hidden, seed) for seed in record["seeds"]])
+        contributions.append(spill_contribution(spill, record["node"], record["dataset"], packed))
+        del packed
+    statistics = {record["expert"]: sum_contributions([contribution])
+                  for record, contribution in zip(records, contributions, strict=True)}
+    return solve_for_checkpoint(statistics, settings, "").routers
+
+
 def solve(path: str, store: Path, records_file: Path) -> dict:
     """In the child: one solve; its memory in MiB, its time and a digest of the routers' bytes."""
     stored, blobs, settings = json.loads(records_file.read_text()), BlobStore(store), MergeSettings()
@@ -114,7 +131,13 @@ def solve(path: str, store: Path, records_file: Path) -> dict:
     before = memory()
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from here
     started = time.perf_counter()
-    routers = old_solve(records, blobs, hidden, settings) if path == "old" else new_solve(records, blobs, settings)
+    if path == "old":
+        routers = old_solve(records, blobs, hidden, settings)
+    elif path == "new":
+        routers = new_solve(records, blobs, settings)
+    else:
+        (store.parent / "spill").mkdir()
+        routers = merge_solve(records, hidden, store.parent / "spill", settings)
     seconds = time.perf_counter() - started
     during = memory()
     digest = hashlib.sha256()
@@ -146,7 +169,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--paths", nargs="+", choices=["old", "new"], default=["old", "new"])
+    parser.add_argument("--paths", nargs="+", choices=["old", "new", "merge"], default=["old", "new", "merge"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/solve_memory.json"))
     parser.add_argument("--child", nargs=3, metavar=("PATH", "STORE", "RECORDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
