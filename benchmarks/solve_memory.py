@@ -115,7 +115,9 @@ def merge_solve(records: list[dict], hidden: int, spill: Path, settings) -> list
     disk and dropped before the next, then solved one layer at a time from the spilled files."""
     contributions = []
     for record in records:
-        packed = torch.stack([synthetic_triangle(hidden, seed) for seed in record["seeds"]])
+        packed = torch.empty(len(record["seeds"]), triangle_size(hidden), dtype=torch.float64)  # as collected
+        for layer, seed in enumerate(record["seeds"]):
+            packed[layer] = synthetic_triangle(hidden, seed)
         contributions.append(spill_contribution(spill, record["node"], record["dataset"], packed))
         del packed
     statistics = {record["expert"]: sum_contributions([contribution])
