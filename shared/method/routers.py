@@ -3,6 +3,10 @@
 ``dume merge`` and the coordinator's publisher both call ``solve_for_checkpoint``, so the block that records what a
 version is (members, basis, lambda per layer, settings, exact or provisional) is built in one place, and an exact
 federated version and a local merge of the same members cannot drift apart.
+
+The solve goes one layer at a time: each contribution is a reader of one layer's packed triangle, so the statistics
+in memory at once are one layer's (the total, one expert's sum, one triangle being read), whatever the number of
+layers, experts or contributions. The additions are those of summing whole tensors, in the same order.
 """
 
 from __future__ import annotations
