@@ -4,7 +4,8 @@ the ledger.
 Nothing here is specific to the federation's math: the basis is ``dume.shared.method.averaging.compute_basis``,
 the routers and the ``dume`` block ``dume.shared.method.routers.solve_for_checkpoint`` and the checkpoint
 ``dume.shared.method.writer.write_moe_checkpoint``, reading each expert's tensors and each contribution's
-statistics from their blobs in canonical (expert, node, dataset) order. So the same experts and contributions
+statistics from their blobs in canonical (expert, node, dataset) order; the routers are solved one layer at a time,
+so the statistics held at once are one layer's, whatever the number of layers. So the same experts and contributions
 give the same bytes as ``dume merge``, whatever the order they joined, left or were revoked in.
 """
 
@@ -27,8 +28,8 @@ from dume.coordinator.records import BasisRecord, Contribution, Member, VersionF
 from dume.shared.method.averaging import compute_basis, tensors_hash
 from dume.shared.method.expert import DenseWeights
 from dume.shared.method.families import detect_family
-from dume.shared.method.routers import MergeSettings, solve_for_checkpoint, sum_contributions
-from dume.shared.method.statistics import gram_from_tensors
+from dume.shared.method.routers import ContributionStatistics, MergeSettings, solve_for_checkpoint, sum_contributions
+from dume.shared.method.statistics import layer_name
 from dume.shared.method.writer import LazyTensors, write_moe_checkpoint
 from dume.shared.transport.blobs import BlobStore
 from dume.shared.transport.wire import tensor_entry, tensor_from_bytes, tensor_view
@@ -94,10 +95,16 @@ def manifest_into(blobs: BlobStore, tensors: dict[str, torch.Tensor]) -> tensors
     return tensors_pb2.TensorManifest(tensors=[store_tensor(blobs, name, tensors[name]) for name in sorted(tensors)])
 
 
-def statistics_tensor(contribution: Contribution, blobs: BlobStore, hidden_size: int) -> torch.Tensor:
-    """One contribution's full (layers, d+1, d+1) G from the per-layer upper triangles its node uploaded."""
-    return gram_from_tensors({entry.name: tensor_from_bytes(entry, blobs.read_bytes(entry.sha256))
-                              for entry in contribution.manifest.tensors}, hidden_size)
+def contribution_statistics(contribution: Contribution, blobs: BlobStore) -> ContributionStatistics:
+    """One contribution's statistics as its node uploaded them, one blob per layer's upper triangle: each is read
+    only when the solve reaches its layer, straight into the tensor's memory."""
+    entries = {entry.name: entry for entry in contribution.manifest.tensors}
+
+    def read_layer(layer: int) -> torch.Tensor:
+        entry = entries[layer_name(layer)]
+        return tensor_from_bytes(entry, blobs.read_buffer(entry.sha256))
+
+    return ContributionStatistics(contribution.node, contribution.dataset, len(entries), read_layer)
 
 
 def basis_inputs(experts: dict[str, Member]) -> str:
@@ -158,9 +165,7 @@ def publish_if_due(ledger: Ledger, blobs: BlobStore, settings: MergeSettings,
     if latest is not None and (latest.fingerprint == fingerprint or (latest.basis_hash == basis_hash and not exact)):
         return None
     members = {name: StoredMember(owner, blobs) for name, owner in experts.items()}
-    hidden_size = int(next(iter(members.values())).config["hidden_size"])
-    statistics = {name: sum_contributions((c.node, c.dataset, lambda c=c: statistics_tensor(c, blobs, hidden_size))
-                                          for c in contributions if c.expert == name)
+    statistics = {name: sum_contributions(contribution_statistics(c, blobs) for c in contributions if c.expert == name)
                   for name in sorted(experts)}
     with solving():
         solved = solve_for_checkpoint(statistics, settings, basis_hash, stale)

@@ -140,10 +140,11 @@ def test_data_too_small_for_a_router_is_refused_with_the_tokens_needed(expert_fa
     hidden = json.loads((specs["code"].model_dir / "config.json").read_text())["hidden_size"]
     small = tmp_path / "small.txt"
     small.write_text("x = 1\n")
-    result = run("dume", "merge", f"--expert=code={specs['code'].model_dir}:{small}",
-                 f"--expert=math={specs['math'].model_dir}:{specs['math'].data_path}", "--out", str(tmp_path / "o"))
-    assert_one_error_line(result, "dume", "'code/default'", f"needs at least {hidden + 1}", "give it more data")
+    result = run("dume", "merge", f"--expert=code={specs['code'].model_dir}:{specs['code'].data_path}",
+                 f"--expert=math={specs['math'].model_dir}:{small}", "--out", str(tmp_path / "o"))
+    assert_one_error_line(result, "dume", "'math/default'", f"needs at least {hidden + 1}", "give it more data")
     assert not (tmp_path / "o").exists()
+    assert not list(tmp_path.glob(".o.*"))  # neither the staging folder nor code's statistics, spilled before
 
 
 def test_init_on_an_existing_file_is_refused(tmp_path):

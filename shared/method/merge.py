@@ -15,7 +15,9 @@ before any heavy work, and the output directory appears only complete.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,9 +29,10 @@ from dume.shared.method.data import DocumentStream, check_documents, load_tokeni
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.families import check_same_architecture
 from dume.shared.method.placement import CPU, Placement
-from dume.shared.method.routers import ExpertStatistics, solve_for_checkpoint, sum_contributions
-from dume.shared.method.settings import DatasetSpec, ExpertSpec, MergeSettings, check_name
-from dume.shared.method.statistics import check_enough_tokens, statistics_under_basis
+from dume.shared.method.routers import ExpertStatistics, packed_contribution, solve_for_checkpoint, sum_contributions
+from dume.shared.method.settings import ExpertSpec, MergeSettings, check_name
+from dume.shared.method.statistics import check_enough_tokens, packed_statistics_under_basis
+from dume.shared.method.statistics_spill import spill_contribution
 from dume.shared.method.writer import write_moe_checkpoint
 
 
@@ -72,18 +75,28 @@ def merge(specs: Sequence[ExpertSpec], out_dir: str | Path, settings: MergeSetti
     experts = open_experts(specs)
     with staged_directory(out_dir) as staging:
         basis = compute_basis(experts)
-        statistics = member_statistics(specs, experts, basis, settings, placement, max_tokens)
-        solved = solve_for_checkpoint(statistics, settings, tensors_hash(basis))
+        with spill_directory(out_dir) as spill:
+            statistics = member_statistics(specs, experts, basis, settings, placement, max_tokens, spill)
+            solved = solve_for_checkpoint(statistics, settings, tensors_hash(basis))
         write_moe_checkpoint(staging, experts, solved.routers, solved.top_k, solved.dume_block)
     return out_dir
 
 
+@contextmanager
+def spill_directory(out_dir: Path) -> Iterator[Path]:
+    """A hidden folder beside ``out_dir`` for the statistics until the routers are solved; removed in any case."""
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.statistics-", dir=out_dir.parent) as spill:
+        yield Path(spill)
+
+
 def member_statistics(specs: list[ExpertSpec], experts: dict[str, ExpertDirectory], basis: dict[str, torch.Tensor],
                       settings: MergeSettings, placement: Placement = CPU,
-                      max_tokens: int | None = None) -> dict[str, ExpertStatistics]:
-    """Every expert's statistics under ``basis``: one G per dataset (each packed on its own, as a node packs each
-    of its datasets), summed in canonical order. Every data file and tokenizer is checked first, so bad data fails
-    before any forward pass."""
+                      max_tokens: int | None = None, spill: Path | None = None) -> dict[str, ExpertStatistics]:
+    """Every expert's statistics under ``basis``: one packed G per dataset (as a node computes and uploads each of
+    its datasets), kept packed (half of full matrices) and summed in canonical order one layer at a time by the
+    solve. With ``spill`` (a folder) each is written there as soon as it is collected and read back layer by layer,
+    so memory holds one dataset's statistics at a time, not all of them. Every data file and tokenizer is checked
+    first, so bad data fails before any forward pass."""
     contributions = {spec.name: spec.contributions() for spec in specs}
     for spec in specs:
         for dataset in contributions[spec.name]:
@@ -93,13 +106,13 @@ def member_statistics(specs: list[ExpertSpec], experts: dict[str, ExpertDirector
     for name in sorted(experts):
         spec = next(spec for spec in specs if spec.name == name)
         tokenizer = load_tokenizer(spec.model_dir)
-
-        def collect(dataset: DatasetSpec, expert: ExpertDirectory = experts[name], tokenizer=tokenizer) -> torch.Tensor:
+        collected = []
+        for dataset in sorted(contributions[name], key=lambda dataset: (dataset.node, dataset.name)):
             stream = DocumentStream(dataset.path, tokenizer, settings.sequence_length, max_tokens)
-            gram = statistics_under_basis(expert, basis, stream, settings.batch_size, placement)
-            check_enough_tokens(gram, f"{dataset.node}/{dataset.name}")
-            return gram
-
-        statistics[name] = sum_contributions((dataset.node, dataset.name, lambda d=dataset: collect(d))
-                                             for dataset in contributions[name])
+            packed = packed_statistics_under_basis(experts[name], basis, stream, settings.batch_size, placement)
+            check_enough_tokens(packed, f"{dataset.node}/{dataset.name}")
+            collected.append(packed_contribution(dataset.node, dataset.name, packed) if spill is None
+                             else spill_contribution(spill, dataset.node, dataset.name, packed))
+            del packed
+        statistics[name] = sum_contributions(collected)
     return statistics

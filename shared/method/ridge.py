@@ -41,37 +41,53 @@ def solve_routers(
     normalize: bool = True,
     temperature: float = 1.0,
 ) -> list[LayerRouter]:
-    """Routers for every layer from members' statistics (name -> (layers, d+1, d+1) float64, or None)."""
-    if rho <= 0:
-        raise DumeError(f"rho must be positive (got {rho}): use e.g. --rho {DEFAULT_RHO}")
-    if temperature <= 0:
-        raise DumeError(f"temperature must be positive (got {temperature})")
+    """Routers for every layer from members' whole statistics (name -> (layers, d+1, d+1) float64, or None), all
+    in memory at once: for analyses on small models. The federation solves one layer at a time from packed
+    statistics (``dume.shared.method.routers.solve_for_checkpoint``), with the same ``solve_layer``."""
+    check_router_settings(rho, temperature)
     experts = tuple(name for name in sorted(statistics) if statistics[name] is not None)
     if not experts:
-        raise DumeError("no member has statistics yet: a router needs at least one")
+        raise DumeError(NO_STATISTICS)
     grams = [statistics[name].to(torch.float64) for name in experts]
     total = grams[0].clone()
     for gram in grams[1:]:  # sorted member order, so the same member set always gives the same bytes
         total += gram
     size = system_size(total, router_bias)
-    routers = []
-    for layer in range(total.shape[0]):
-        factor, ridge_lambda = _factor(total[layer, :size, :size], rho)
-        if factor is None:
-            raise DumeError(f"layer {layer}: the statistics are not positive definite even with ridge: increase rho")
-        targets = torch.stack([gram[layer, :size, -1] for gram in grams], dim=1)
-        solution = torch.cholesky_solve(targets, factor)
-        weight, bias = solution[: total.shape[-1] - 1].T, (solution[-1] if router_bias else None)
-        if normalize:
-            norms = weight.norm(dim=1)
-            if bool((norms == 0).any()):
-                raise DumeError(f"layer {layer}: an expert's router column is zero; its statistics are empty")
-            weight = weight / norms[:, None]
-            bias = bias / norms if bias is not None else None
-        weight = weight / temperature
-        bias = bias / temperature if bias is not None else None
-        routers.append(LayerRouter(experts, weight.contiguous(), bias, ridge_lambda))
-    return routers
+    return [solve_layer(layer, total[layer], torch.stack([gram[layer, :size, -1] for gram in grams], dim=1), experts,
+                        rho, router_bias, normalize, temperature)
+            for layer in range(total.shape[0])]
+
+
+NO_STATISTICS = "no member has statistics yet: a router needs at least one"
+
+
+def check_router_settings(rho: float, temperature: float) -> None:
+    if rho <= 0:
+        raise DumeError(f"rho must be positive (got {rho}): use e.g. --rho {DEFAULT_RHO}")
+    if temperature <= 0:
+        raise DumeError(f"temperature must be positive (got {temperature})")
+
+
+def solve_layer(layer: int, total: torch.Tensor, targets: torch.Tensor, experts: tuple[str, ...], rho: float,
+                router_bias: bool, normalize: bool, temperature: float) -> LayerRouter:
+    """One layer's router from its summed G (the full (d+1)x(d+1) matrix) and ``targets``, column j being the
+    last column of expert j's G cut to the system's size."""
+    size = system_size(total[None], router_bias)
+    factor, ridge_lambda = _factor(total[:size, :size], rho)
+    if factor is None:
+        raise DumeError(f"layer {layer}: the statistics are not positive definite even with ridge: increase rho")
+    solution = torch.cholesky_solve(targets, factor)
+    del factor
+    weight, bias = solution[: total.shape[-1] - 1].T, (solution[-1] if router_bias else None)
+    if normalize:
+        norms = weight.norm(dim=1)
+        if bool((norms == 0).any()):
+            raise DumeError(f"layer {layer}: an expert's router column is zero; its statistics are empty")
+        weight = weight / norms[:, None]
+        bias = bias / norms if bias is not None else None
+    weight = weight / temperature
+    bias = bias / temperature if bias is not None else None
+    return LayerRouter(experts, weight.contiguous(), bias, ridge_lambda)
 
 
 def system_size(gram: torch.Tensor, router_bias: bool) -> int:

@@ -3,6 +3,10 @@
 ``dume merge`` and the coordinator's publisher both call ``solve_for_checkpoint``, so the block that records what a
 version is (members, basis, lambda per layer, settings, exact or provisional) is built in one place, and an exact
 federated version and a local merge of the same members cannot drift apart.
+
+The solve goes one layer at a time: each contribution is a reader of one layer's packed triangle, so the statistics
+in memory at once are one layer's (the total, one expert's sum, one triangle being read), whatever the number of
+layers, experts or contributions. The additions are those of summing whole tensors, in the same order.
 """
 
 from __future__ import annotations
@@ -13,38 +17,81 @@ from typing import Any
 
 import torch
 
-from dume.shared.method.ridge import LayerRouter, solve_routers
+from dume.shared.errors import DumeError
+from dume.shared.method.ridge import NO_STATISTICS, LayerRouter, check_router_settings, solve_layer, system_size
 from dume.shared.method.settings import MergeSettings
-from dume.shared.method.statistics import token_count
+from dume.shared.method.statistics import from_upper_triangle, gram_size, last_column
+
+LayerReader = Callable[[int], torch.Tensor]  # layer -> that layer's packed upper triangle of G
+
+
+@dataclass(frozen=True)
+class ContributionStatistics:
+    """One contribution's G (one node's statistics of one named dataset), read one layer's packed triangle (the
+    layout of ``upper_triangle``) at a time: from its blobs in the coordinator, from the computed statistics in
+    ``dume merge``."""
+
+    node: str
+    dataset: str
+    layers: int
+    read_layer: LayerReader
+
+    @property
+    def label(self) -> str:
+        return contribution_label(self.node, self.dataset)
+
+
+def packed_contribution(node: str, dataset: str, packed: torch.Tensor) -> ContributionStatistics:
+    """A contribution whose packed statistics (layers, triangle) are in memory."""
+    return ContributionStatistics(node, dataset, len(packed), packed.__getitem__)
 
 
 @dataclass(frozen=True)
 class ExpertStatistics:
-    """An expert's G, the sum of its contributions, and each contribution's token count ("node/dataset" -> tokens,
-    in the order they were summed)."""
+    """An expert's contributions in the canonical order (node, then dataset). Its G is their sum, formed one layer
+    at a time (``layer``), so no more than one layer of it is ever in memory."""
 
-    gram: torch.Tensor  # (layers, d+1, d+1), float64
-    contributions: dict[str, int]
+    contributions: tuple[ContributionStatistics, ...]
+
+    @property
+    def layers(self) -> int:
+        return self.contributions[0].layers
+
+    def layer(self, index: int) -> tuple[torch.Tensor, dict[str, int]]:
+        """This expert's packed G of layer ``index``, its contributions' triangles summed in canonical order, one
+        read at a time, and the token count each recorded ("node/dataset" -> tokens, in that order)."""
+        total, counts = None, {}
+        for contribution in self.contributions:
+            triangle = contribution.read_layer(index).to(torch.float64)
+            counts[contribution.label] = packed_token_count(triangle)
+            if total is None:
+                total = triangle.clone()
+            else:
+                total += triangle
+            del triangle
+        return total, counts
 
 
 def contribution_label(node: str, dataset: str) -> str:
     return f"{node}/{dataset}"
 
 
-def sum_contributions(contributions: Iterable[tuple[str, str, Callable[[], torch.Tensor]]]) -> ExpertStatistics | None:
-    """An expert's G from its contributions ``(node, dataset, load G)``, summed in the canonical order (node, then
-    dataset) whatever order they come in, one loaded at a time. The same contributions always give the same bytes,
-    so a contribution taken out gives exactly the sum it was never in. None without contributions."""
-    total, counts = None, {}
-    for node, dataset, load in sorted(contributions, key=lambda item: (item[0], item[1])):
-        gram = load().to(torch.float64)
-        counts[contribution_label(node, dataset)] = token_count(gram)
-        if total is None:
-            total = gram.clone()
-        else:
-            total += gram
-        del gram
-    return ExpertStatistics(total, counts) if total is not None else None
+def packed_token_count(triangle: torch.Tensor) -> int:
+    """The token count one layer's packed triangle records (its last entry)."""
+    return int(round(float(triangle[-1])))
+
+
+def sum_contributions(contributions: Iterable[ContributionStatistics]) -> ExpertStatistics | None:
+    """An expert's statistics from its contributions in the canonical order (node, then dataset) whatever order
+    they come in: the same contributions always give the same bytes, so a contribution taken out gives exactly the
+    sum it was never in. None without contributions."""
+    ordered = tuple(sorted(contributions, key=lambda contribution: (contribution.node, contribution.dataset)))
+    if not ordered:
+        return None
+    if len({contribution.layers for contribution in ordered}) > 1:
+        raise DumeError(f"the contributions {', '.join(c.label for c in ordered)} have statistics of different "
+                        "numbers of layers: they must come from one architecture")
+    return ExpertStatistics(ordered)
 
 
 @dataclass(frozen=True)
@@ -64,19 +111,31 @@ def solve_for_checkpoint(statistics: Mapping[str, ExpertStatistics | None], sett
     ``stale`` names the contributions ("node/dataset") computed under another basis than ``basis_hash`` or other
     weights of their expert. The version is exact when no contribution is stale and every expert has one.
     """
-    grams = {name: (expert.gram if expert is not None else None) for name, expert in statistics.items()}
-    routers = solve_routers(grams, settings.rho, settings.router_bias, settings.normalize, settings.temperature)
-    routed = list(routers[0].experts)
-    without = sorted(name for name, gram in grams.items() if gram is None)
+    check_router_settings(settings.rho, settings.temperature)
+    routed = tuple(sorted(name for name, expert in statistics.items() if expert is not None))
+    if not routed:
+        raise DumeError(NO_STATISTICS)
+    layers = {statistics[name].layers for name in routed}
+    if len(layers) > 1:
+        raise DumeError(f"the experts' statistics cover different numbers of layers ({sorted(layers)}): they must "
+                        "come from one architecture")
+    routers, token_counts, contributions = [], {}, {}
+    for layer in range(layers.pop()):
+        router, counts = solve_layer_from_packed(layer, {name: statistics[name] for name in routed}, settings)
+        routers.append(router)
+        if layer == 0:
+            token_counts = {name: tokens for name, (tokens, _) in counts.items()}
+            contributions = {name: by_label for name, (_, by_label) in counts.items()}
+    without = sorted(name for name, expert in statistics.items() if expert is None)
     exact = not stale and not without
     top_k = min(settings.top_k, len(routed))  # at most the experts routed to while some have no statistics yet
     block: dict[str, Any] = {
-        "members": routed,
+        "members": list(routed),
         "members_without_statistics": without,
         "basis_hash": basis_hash,
         "exact": exact,
-        "token_counts": {name: token_count(grams[name]) for name in routed},
-        "contributions": {name: statistics[name].contributions for name in routed},
+        "token_counts": token_counts,
+        "contributions": contributions,
         "ridge_lambda": [router.ridge_lambda for router in routers],
         "column_normalization": "l2" if settings.normalize else "none",
         **asdict(settings),
@@ -85,3 +144,29 @@ def solve_for_checkpoint(statistics: Mapping[str, ExpertStatistics | None], sett
     if not exact:
         block["stale_statistics"] = sorted(stale)
     return SolvedRouters(routers, top_k, block)
+
+
+def solve_layer_from_packed(layer: int, statistics: Mapping[str, ExpertStatistics], settings: MergeSettings
+                            ) -> tuple[LayerRouter, dict[str, tuple[int, dict[str, int]]]]:
+    """Layer ``layer``'s router: each expert's packed G of the layer (its contributions summed in canonical order),
+    added in sorted expert order into the total, which alone is unpacked into a full matrix for the solve. These
+    are the additions of summing whole (layers, d+1, d+1) tensors, so the bytes are the same. Also returns each
+    expert's token count and its contributions' (what the layer's triangles record)."""
+    experts = tuple(sorted(statistics))
+    total, targets, counts = None, [], {}
+    for name in experts:
+        gram, by_label = statistics[name].layer(layer)
+        size = gram_size(gram[None])
+        targets.append(gram[last_column(size)])  # expert j's X^T Y (and its count): a copy
+        counts[name] = (packed_token_count(gram), by_label)
+        if total is None:
+            total = gram
+        else:
+            total += gram
+        del gram
+    full = from_upper_triangle(total[None], size)[0]
+    del total
+    rows = system_size(full, settings.router_bias)
+    router = solve_layer(layer, full, torch.stack(targets, dim=1)[:rows], experts, settings.rho, settings.router_bias,
+                         settings.normalize, settings.temperature)
+    return router, counts

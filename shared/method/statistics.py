@@ -255,6 +255,13 @@ def from_upper_triangle(packed: torch.Tensor, size: int) -> torch.Tensor:
     return gram
 
 
+def last_column(size: int) -> torch.Tensor:
+    """Where column d of G (rows 0 .. d: the feature sums, then the count) lies in a layer's packed triangle: at
+    the end of each row."""
+    rows = torch.arange(1, size + 1)
+    return rows * size - rows * (rows - 1) // 2 - 1
+
+
 # RMSNorm outputs are computed in the model's dtype: bfloat16 rounds each to 2^-8, so allow a few percent.
 NORM_BOUND_TOLERANCE = 0.05
 

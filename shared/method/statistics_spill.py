@@ -1,0 +1,29 @@
+"""Packed statistics spilled to disk while ``dume merge`` collects the others, read back one layer at a time.
+
+Each contribution's packed G (layers, triangle) is as large as its model's layers are many (64 MiB per layer at
+hidden 4096); held in memory until the solve, every dataset's would add up. Written as one raw float64 file per
+layer, exact bytes, they cost disk instead, and the solve reads each layer's file when it reaches that layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy
+import torch
+
+from dume.shared.method.routers import ContributionStatistics
+
+
+def spill_contribution(directory: Path, node: str, dataset: str, packed: torch.Tensor) -> ContributionStatistics:
+    """Writes ``packed`` (layers, triangle), float64, under ``directory`` (a folder of its own per contribution)
+    and returns the contribution that reads it back, one layer per read."""
+    folder = directory / f"{len(list(directory.iterdir())):05d}"
+    folder.mkdir()
+    for layer in range(len(packed)):
+        packed[layer].numpy().tofile(folder / f"{layer}.f64")
+
+    def read_layer(layer: int) -> torch.Tensor:
+        return torch.from_numpy(numpy.fromfile(folder / f"{layer}.f64", dtype=numpy.float64))
+
+    return ContributionStatistics(node, dataset, len(packed), read_layer)
