@@ -34,21 +34,13 @@ from pathlib import Path
 
 import torch
 
+from dume.shared.lab.memory import memory
+
 MIB = 1 << 20
 GIB = 1 << 30
 SHAPE = {"hidden_size": 4096, "intermediate_size": 14336, "vocab_size": 128256, "num_attention_heads": 32,
          "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False, "rms_norm_eps": 1e-5}
 TOKENS = 64  # one batch of 2 rows of 32 tokens: enough to exercise every step, cheap on a CPU in bfloat16
-
-
-def memory() -> dict[str, float]:
-    """This process's resident memory now (VmRSS) and its peak (VmHWM), in MiB."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmHWM", "VmRSS"):
-            fields[name] = int(value.split()[0]) / 1024
-    return fields
 
 
 # -- the model, built a shard at a time ---------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from dume.shared.lab.memory import memory
 from dume.shared.transport.blobs import BlobStore, read_range
 from dume.shared.transport.wire import safetensors_ranges
 
@@ -33,16 +34,6 @@ from transfer_throughput import build_model
 
 MIB = 1 << 20
 MEMBERS = ("alpha", "beta")
-
-
-def memory() -> dict[str, float]:
-    """This process's resident memory now (VmRSS) and its peak (VmHWM), in MiB."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmHWM", "VmRSS"):
-            fields[name] = int(value.split()[0]) / 1024
-    return fields
 
 
 def store_model(model_dir: Path, blobs: BlobStore) -> dict:

@@ -34,6 +34,7 @@ import torch
 
 from dume.coordinator.publication import contribution_statistics
 from dume.coordinator.records import Contribution
+from dume.shared.lab.memory import memory
 from dume.shared.method.ridge import solve_routers
 from dume.shared.method.routers import MergeSettings, solve_for_checkpoint, sum_contributions
 from dume.shared.method.statistics import gram_from_tensors, layer_name, triangle_size
@@ -44,16 +45,6 @@ from dume.v1 import tensors_pb2
 
 MIB = 1 << 20
 TOKENS = 1_000_000  # the count in each contribution's corner
-
-
-def memory() -> dict[str, float]:
-    """This process's resident memory now (VmRSS) and its peak (VmHWM), in MiB."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmHWM", "VmRSS"):
-            fields[name] = int(value.split()[0]) / 1024
-    return fields
 
 
 def synthetic_triangle(hidden: int, seed: int) -> torch.Tensor:
