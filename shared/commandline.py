@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from dume.shared.config import parse_with_configuration
 from dume.shared.errors import INTERRUPTED, DumeError
-from dume.shared.method.settings import DEFAULT_RHO, DTYPE_NAMES, MergeSettings
+from dume.shared.method.settings import DEFAULT_RHO, DTYPE_NAMES, EXPERT_WEIGHTINGS, MergeSettings
 from dume.shared.progress import no_bars_unless_terminal
 from dume.shared.transport.protocol import PROTOCOL_VERSION
 
@@ -61,6 +61,10 @@ def add_merge_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-normalize", action="store_true", help="keep raw ridge columns (no L2 normalisation)")
     parser.add_argument("--sequence-length", type=positive_int, default=256, help="tokens per packed row")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass")
+    parser.add_argument("--expert-weighting", choices=EXPERT_WEIGHTINGS, default="tokens",
+                        help="each expert's weight in the router solve: 'tokens' (its data as collected, the "
+                             "default) or 'equal' (every expert scaled to one token budget, so no member buys a "
+                             "larger share of routing by declaring more or repeated data)")
 
 
 def add_placement(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +86,8 @@ def placement(args: argparse.Namespace) -> Placement:
 def merge_settings(args: argparse.Namespace) -> MergeSettings:
     return MergeSettings(top_k=args.top_k, rho=args.rho, router_bias=args.router_bias,
                          normalize=not args.no_normalize, temperature=args.temperature,
-                         sequence_length=args.sequence_length, batch_size=args.batch_size)
+                         sequence_length=args.sequence_length, batch_size=args.batch_size,
+                         expert_weighting=args.expert_weighting)
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:

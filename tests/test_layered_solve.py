@@ -137,3 +137,22 @@ def test_statistics_of_different_depths_are_refused_in_one_line():
         solve_for_checkpoint({"a": sum_contributions([deep]), "b": sum_contributions([shallow])}, MergeSettings(), "")
     with pytest.raises(DumeError, match="no member has statistics"):
         solve_for_checkpoint({"a": None}, MergeSettings(), "")
+
+
+def test_equal_expert_weighting_gives_a_member_nothing_for_repeating_its_data():
+    """With ``expert_weighting="equal"`` every expert weighs as one token budget: statistics of the same data
+    declared ten times over (G scaled by 10, consistent in every check) route exactly as the honest ones, up to
+    rounding; weighed by tokens, the same inflation moves every router."""
+    grams = random_statistics(3)
+    inflated = {key: (gram * 10 if key == ("n2", "math") else gram) for key, gram in grams.items()}
+    for weighting, moved in (("equal", False), ("tokens", True)):
+        settings = MergeSettings(expert_weighting=weighting)
+        honest = solve_for_checkpoint(layered_statistics(grams), settings, "b").routers
+        attacked = solve_for_checkpoint(layered_statistics(inflated), settings, "b").routers
+        for ours, theirs in zip(honest, attacked, strict=True):
+            assert torch.allclose(ours.weight, theirs.weight, rtol=1e-9, atol=1e-12) is not moved, weighting
+
+
+def test_an_unknown_expert_weighting_is_refused_in_one_line():
+    with pytest.raises(DumeError, match="expert weighting 'fair' is not one of tokens, equal"):
+        MergeSettings(expert_weighting="fair")

@@ -22,6 +22,10 @@ from dume.shared.method.ridge import NO_STATISTICS, LayerRouter, check_router_se
 from dume.shared.method.settings import MergeSettings
 from dume.shared.method.statistics import from_upper_triangle, gram_size, last_column
 
+# What every expert's statistics are scaled to with ``expert_weighting="equal"``. Only the experts' relative weights
+# reach the routers (lambda scales with G, and columns are L2-normalised); a round number keeps G's magnitude usual.
+TOKEN_BUDGET = 1_000_000.0
+
 LayerReader = Callable[[int], torch.Tensor]  # layer -> that layer's packed upper triangle of G
 
 
@@ -157,8 +161,10 @@ def solve_layer_from_packed(layer: int, statistics: Mapping[str, ExpertStatistic
     for name in experts:
         gram, by_label = statistics[name].layer(layer)
         size = gram_size(gram[None])
-        targets.append(gram[last_column(size)])  # expert j's X^T Y (and its count): a copy
         counts[name] = (packed_token_count(gram), by_label)
+        if settings.expert_weighting == "equal":  # every expert's data weighs as TOKEN_BUDGET tokens
+            gram.mul_(TOKEN_BUDGET / counts[name][0])
+        targets.append(gram[last_column(size)])  # expert j's X^T Y (and its count): a copy
         if total is None:
             total = gram
         else:

@@ -17,6 +17,9 @@ DEFAULT_RHO = 1e-3
 # The precisions a model may run in (``--dtype``); placement maps them to torch dtypes.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
+# How experts weigh in the router solve (``MergeSettings.expert_weighting``).
+EXPERT_WEIGHTINGS = ("tokens", "equal")
+
 
 # The name of a dataset given without one (``--data PATH``): a node or expert with one dataset needs no names.
 DEFAULT_DATASET = "default"
@@ -101,6 +104,14 @@ class MergeSettings:
     temperature: float = 1.0
     sequence_length: int = 256
     batch_size: int = 8
+    # How much each expert's statistics weigh in the ridge system: "tokens" (as collected: an expert's share grows
+    # with the tokens it declares, the method as published) or "equal" (each expert's G scaled to the same token
+    # budget, so declaring more data, or the same data repeated, buys no more of the solve; see docs/limits.md).
+    expert_weighting: str = "tokens"
+
+    def __post_init__(self) -> None:
+        if self.expert_weighting not in EXPERT_WEIGHTINGS:
+            raise DumeError(f"expert weighting {self.expert_weighting!r} is not one of {', '.join(EXPERT_WEIGHTINGS)}")
 
 
 TRAINABLE = ("all", "mlp")
