@@ -105,6 +105,9 @@ def _serve_locked(state: StateDir, config: dict, drain_seconds: float,
     members.stop(drain_seconds).wait()
     metrics.stop_http()
     coordinator.close()
-    state.daemon.unlink(missing_ok=True)
+    try:
+        state.daemon.unlink(missing_ok=True)
+    except OSError as error:  # a state directory gone read-only: the daemon still stops as asked
+        log.warning("cannot remove %s (%s): the next start replaces it", state.daemon, error)
     log.info("stopped")
     return 0
