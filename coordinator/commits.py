@@ -15,6 +15,7 @@ import torch
 
 from dume.coordinator import messages, validation
 from dume.coordinator.errors import Refused
+from dume.coordinator.failpoints import failpoint
 from dume.coordinator.ledger import Ledger, StateChanged
 from dume.coordinator.records import BasisRecord, Contribution
 from dume.coordinator.uploads import PlannedUpload, Uploads
@@ -96,6 +97,7 @@ def _commit_statistics(ledger: Ledger, uploads: Uploads, settings: MergeSettings
     with validating():
         validation.check_statistics(header, planned.plan.manifest, config, norm_weight, settings,
                                     lambda sha: uploads.blob_path(planned, sha))
+        failpoint("commit.validating_statistics")
     contribution = Contribution(member, header.dataset, node.expert, header.basis_hash, header.expert_hash,
                                 header.token_count, planned.plan.manifest)
     with ledger.transaction():  # adopted and recorded together, so `gc` never sees the blobs unnamed

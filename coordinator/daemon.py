@@ -16,6 +16,7 @@ from concurrent import futures
 
 import grpc
 
+from dume.coordinator import failpoints
 from dume.coordinator.decoding import RequestDecoding
 from dume.coordinator.federation import Coordinator
 from dume.coordinator.health import Health
@@ -54,6 +55,9 @@ def serve(state: StateDir, drain_seconds: float = DRAIN_SECONDS, metrics_listen:
 def _serve_locked(state: StateDir, config: dict, drain_seconds: float,
                   metrics_address: tuple[str, int] | None) -> int:
     metrics, health = Metrics(), Health()
+    if armed := failpoints.arm(state.root):
+        log.warning("%s arms the test failpoints %s: this daemon stops for good when it reaches one; never set it "
+                    "outside tests", failpoints.VARIABLE, ", ".join(armed))
     coordinator = Coordinator(state, metrics)
     key, cert = coordinator.ca_key, coordinator.ca_cert
     # Each Watch stream holds a thread for its life: the pool has one per stream allowed, plus the unary workers,
@@ -101,6 +105,9 @@ def _serve_locked(state: StateDir, config: dict, drain_seconds: float,
     members.stop(drain_seconds).wait()
     metrics.stop_http()
     coordinator.close()
-    state.daemon.unlink(missing_ok=True)
+    try:
+        state.daemon.unlink(missing_ok=True)
+    except OSError as error:  # a state directory gone read-only: the daemon still stops as asked
+        log.warning("cannot remove %s (%s): the next start replaces it", state.daemon, error)
     log.info("stopped")
     return 0

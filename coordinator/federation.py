@@ -20,6 +20,7 @@ from pathlib import Path
 from dume.coordinator import gc, validation
 from dume.coordinator.commits import check_dataset_room, commit_upload
 from dume.coordinator.errors import Refused
+from dume.coordinator.failpoints import failpoint
 from dume.coordinator.ledger import Ledger
 from dume.coordinator.metrics import Metrics
 from dume.coordinator.publication import Publisher, basis_is_current
@@ -198,6 +199,7 @@ class Coordinator:
             self.ledger.set_state(member.name, "revoked", (member.state,), reason)
             self.ledger.audit("revoke", member.name, reason=reason)
         log.info("revoked %s (%s)", member.name, reason)
+        failpoint("revocation.before_publication")
         return self._publish_without(member.name)
 
     def forget(self, identity: pki.Identity, dataset: str) -> Removal:

@@ -15,11 +15,13 @@ every change is one transaction. Rows come back as the typed records of ``record
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,7 @@ class Ledger:
 
     def __init__(self, path: Path) -> None:
         self._lock = threading.RLock()
+        self._path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -139,13 +142,33 @@ class Ledger:
             if self._db.in_transaction:
                 yield
                 return
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:  # a COMMIT that failed (a disk error) must not leave it open
+                        with suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as error:
+                raise self._write_failure(error) from error
+
+    def _write_failure(self, error: sqlite3.OperationalError) -> Exception:
+        """SQLite reports a write the system refused as "disk I/O error", without the reason; a probe write beside
+        the ledger finds it (a read-only or full filesystem: the ``OSError`` the caller can name to the operator).
+        Any other error is returned as it is."""
+        if getattr(error, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_IOERR:
+            return error
+        try:
+            with tempfile.TemporaryFile(dir=self._path.parent) as probe:
+                probe.write(b"\0")
+                probe.flush()
+                os.fsync(probe.fileno())
+        except OSError as cause:
+            return cause
+        return error
 
     def _rows(self, sql: str, *args: Any) -> list[tuple]:
         with self._lock:

@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
+from dume.coordinator.failpoints import failpoint
 from dume.coordinator.ledger import Ledger
 from dume.coordinator.metrics import Metrics
 from dume.coordinator.records import BasisRecord, Contribution, Member, VersionFile
@@ -169,11 +170,13 @@ def publish_if_due(ledger: Ledger, blobs: BlobStore, settings: MergeSettings,
                   for name in sorted(experts)}
     with solving():
         solved = solve_for_checkpoint(statistics, settings, basis_hash, stale)
+        failpoint("publication.solving")
     del statistics
     sink = BlobSink(blobs)
     write_moe_checkpoint(sink, members, solved.routers, solved.top_k, solved.dume_block)
     nodes = sorted(set(experts) | {c.node for c in contributions})
     labels = [c.label for c in contributions]
+    failpoint("publication.before_version_row")
     with ledger.transaction():
         number = ledger.add_version(exact, basis_hash, nodes, sink.files, fingerprint, labels)
         ledger.audit("publish", str(number), exact=exact, basis_hash=basis_hash, members=nodes,

@@ -15,20 +15,26 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import pytest
 
+from dume.coordinator import failpoints, messages
 from dume.coordinator.cli import admin_stubs
 from dume.coordinator.state_dir import StateDir
 from dume.node.agent import model_upload
 from dume.node.workdir import Workdir
+from dume.shared.errors import DumeError
 from dume.shared.lab.harness import Federation, command, differing_files, wait_until
 from dume.shared.method.merge import merge
 from dume.shared.method.routers import MergeSettings
+from dume.shared.method.settings import DatasetSpec, ExpertSpec
 from dume.shared.transport.download import version_blobs
+from dume.shared.trust.audit import verify_chain
 from dume.shared.trust.join_token import JoinToken
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 
+from conftest import write_domain_text
 from tcp_proxy import TcpProxy
 
 SETTINGS = MergeSettings(sequence_length=64)
@@ -321,3 +327,115 @@ def test_a_node_killed_at_each_stage_resumes_from_its_workdir_and_duplicates_not
     print(f"node SIGKILLs: 4, then a lost acknowledgment; model re-sent after the kill {model['sent_bytes']} of "
           f"{model['bytes']} bytes ({durable_model} durable), statistics {statistics[0]['sent_bytes']} of "
           f"{statistics[0]['bytes']} ({durable} durable)")
+
+
+# -- SIGKILL of the coordinator at its failpoints -----------------------------------------------------------------
+def serve_armed(fed: Federation, point: str | None) -> None:
+    """(Re)starts the daemon with ``DUME_FAILPOINTS`` naming ``point`` (never the one it was just killed at), or
+    with no failpoint at all."""
+    fed.env.pop(failpoints.VARIABLE, None)
+    if point:
+        fed.env[failpoints.VARIABLE] = point
+    fed.serve()
+    assert (f"arms the test failpoints {point}" in logged(fed, "coordinator")) == bool(point)
+
+
+def kill_at(fed: Federation, point: str, record) -> None:
+    """Waits until the daemon stops at ``point``, SIGKILLs it there, and takes the marker away."""
+    marker = fed.state / "failpoints" / point
+    wait_until(marker.exists, 180, f"the coordinator to reach the failpoint {point} (see {fed.log('coordinator')})")
+    assert fed.stop(signum=signal.SIGKILL) == -signal.SIGKILL
+    record.count("faults injected")
+    marker.unlink()
+
+
+def contributions(fed: Federation) -> set[str]:
+    return {f"{c['node']}/{c['dataset']}" for e in fed.status()["experts"] for c in e["contributions"]}
+
+
+def acknowledged(fed: Federation, *nodes: str) -> set[str]:
+    """The statistics each node wrote down as accepted (it does so only once the coordinator answered its commit)."""
+    return {f"{node}/{dataset}" for node in nodes for dataset in Workdir(fed.workdir(node)).state().get("uploaded", {})}
+
+
+def versions_hold_their_blobs(fed: Federation) -> int:
+    """Checks that every published version names only blobs the store holds; returns how many versions there are."""
+    _, stub = admin_stubs(StateDir(fed.state))
+    latest = fed.status()["version"] or 0
+    for number in range(1, latest + 1):
+        version = stub.GetVersion(pb.VersionRequest(version=number), timeout=60)
+        missing = [sha for sha in version_blobs(version) if not StateDir(fed.state).blobs.joinpath(
+            sha[:2], sha).is_file()]
+        assert not missing, f"version {number} names {len(missing)} missing blobs"
+    return latest
+
+
+@pytest.mark.scenario("processes killed")
+def test_the_coordinator_killed_in_validation_solve_publication_and_revocation_loses_nothing(
+        experts, tmp_path, record):
+    """SIGKILL at four failpoints, the daemon restarted on the same state directory each time: what was
+    acknowledged stays, nothing half-done shows, the nodes retry, and each exact version is `dume merge`'s bytes."""
+    math = experts["math"]
+    extra = write_domain_text(tmp_path / "math-b.txt", "math", documents=20, offset=200)
+    fed = Federation(tmp_path / "federation")
+    try:
+        fed.init("--sequence-length", "64", fixed_ports=True)
+        serve_armed(fed, "commit.validating_statistics")
+        fed.join("math", math.model_dir, math.data_path, fed.token("math"), "--once")
+        wait_until(lambda: member_state(fed, "math"), 60, "math enrolled")
+        admin, _ = admin_stubs(StateDir(fed.state))
+        helper = admin.CreateToken(pb.TokenRequest(node="math2", ttl_seconds=3600, expert="math")).token
+        fed.join("math2", None, f"b={extra}", helper, "--once")
+        wait_until(lambda: member_state(fed, "math2"), 60, "math2 enrolled")  # a kill now is not one in enrolment
+
+        # 1. A statistics commit killed mid-validation: nothing of it is recorded; the node commits it again.
+        kill_at(fed, "commit.validating_statistics", record)
+        serve_armed(fed, "publication.solving")
+        assert not fed.status()["version"] and acknowledged(fed, "math", "math2") <= contributions(fed)
+        # 2. Killed while the routers of the first version are solved: the statistics acknowledged stay.
+        kill_at(fed, "publication.solving", record)
+        blobs_before = sum(1 for _ in StateDir(fed.state).blobs.glob("??/*"))
+        serve_armed(fed, "publication.before_version_row")
+        assert not fed.status()["version"] and acknowledged(fed, "math", "math2") <= contributions(fed)
+        assert contributions(fed)  # the solve ran: a commit had come first
+        # 3. Killed once the version's blobs are written and before its row: no version; the restart publishes it.
+        kill_at(fed, "publication.before_version_row", record)
+        assert sum(1 for _ in StateDir(fed.state).blobs.glob("??/*")) > blobs_before  # written, named by no row
+        serve_armed(fed, "revocation.before_publication")
+        record.lost(["math", "math2"], fed.wait_exact(["math", "math2"], contributions=["math/default", "math2/b"]))
+        assert fed.exited("node-math", 180) == 0 and fed.exited("node-math2", 180) == 0
+        both = ExpertSpec("math", math.model_dir, datasets=(DatasetSpec("default", math.data_path),
+                                                             DatasetSpec("b", extra, "math2")))
+        assert not differing_files(fed.export(tmp_path / "exported-both"),
+                                   merge([both], tmp_path / "reference-both", SETTINGS))
+        assert_contributed_once(fed, "math")
+
+        # 4. A revocation killed after its ledger row, before the version without the member: the admin was not
+        # answered, and the revocation is in force in full after the restart.
+        revoking = admin.Revoke.future(pb.RevokeRequest(node="math2", reason="consent withdrawn"))
+        kill_at(fed, "revocation.before_publication", record)
+        assert revoking.exception(timeout=60).code() == grpc.StatusCode.UNAVAILABLE
+        serve_armed(fed, None)
+        record.lost(["math"], fed.wait_exact(["math"], contributions=["math/default"]))
+        assert member_state(fed, "math2")["state"] == "revoked"
+        entries = audit_entries(fed)
+        revoked_at = next(i for i, (kind, subject, _) in enumerate(entries) if (kind, subject) == ("revoke", "math2"))
+        after = [detail for kind, _, detail in entries[revoked_at:] if kind == "publish"]
+        assert after and all("math2" not in d["members"] and "math2/b" not in d["contributions"] for d in after)
+        assert not differing_files(fed.export(tmp_path / "exported-revoked"),
+                                   merge([math], tmp_path / "reference-revoked", SETTINGS))
+        versions = versions_hold_their_blobs(fed)
+        assert verify_chain(messages.audit_entry(entry) for entry in admin.Audit(pb.AuditRequest()).entries)
+    finally:
+        fed.close()
+    print(f"coordinator SIGKILLs at 4 failpoints; {versions} versions published, each naming only blobs held")
+
+
+def test_failpoints_are_inert_unless_named_and_unknown_names_are_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv(failpoints.VARIABLE, raising=False)
+    assert failpoints.arm(tmp_path) == []
+    failpoints.failpoint("publication.solving")  # not armed: returns at once, leaves no marker
+    assert not (tmp_path / "failpoints").exists()
+    monkeypatch.setenv(failpoints.VARIABLE, "publication.solving, publication.typo")
+    with pytest.raises(DumeError, match="unknown failpoints publication.typo; known: commit.validating_statistics"):
+        failpoints.arm(tmp_path)

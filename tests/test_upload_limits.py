@@ -1,25 +1,29 @@
 """Upload limits: a plan is checked against the federation's architecture and the member's quota before any byte
 is accepted, open plans are few and held on disk, stale staging expires, and a full disk is a clear, retryable
-refusal.
+refusal, as is a state directory that goes read-only under the running daemon.
 
 The coordinator runs in process on a real state directory (real ledger, staging files and blob store); the full
-disk is a real, small tmpfs under a real daemon process, filled for real.
+disk is a real, small tmpfs under a real daemon process, filled for real; the read-only one a real ext4 filesystem
+on a loop device that the kernel remounts read-only on a (test-triggered) filesystem error.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import sqlite3
 import subprocess
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import grpc
 import pytest
 
 from dume.coordinator import messages
+from dume.coordinator.cli import admin_stubs
 from dume.coordinator.errors import Refused, storage_refusal
 from dume.coordinator.federation import Coordinator
 from dume.coordinator.limits import Limits
@@ -28,17 +32,23 @@ from dume.node import cli as node_cli
 from dume.node.agent import Agent, enrol, model_upload
 from dume.node.workdir import Workdir
 from dume.shared.errors import DumeError
-from dume.shared.lab.harness import Federation
+from dume.shared.lab.harness import Federation, differing_files, wait_until
 from dume.shared.method.expert import ExpertDirectory
+from dume.shared.method.merge import merge
+from dume.shared.method.routers import MergeSettings
+from dume.shared.method.settings import DatasetSpec, ExpertSpec
 from dume.shared.method.statistics import triangle_size
 from dume.shared.method.writer import TOKENIZER_FILES
 from dume.shared.transport.blobs import read_range, sha256_file
+from dume.shared.transport.download import version_blobs
 from dume.shared.trust import pki
 from dume.shared.trust.join_token import JoinToken
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
 from dume.v1 import tensors_pb2
 
+from conftest import write_domain_text
+from hostile import ledger_rows
 from in_process import enrolled, make_coordinator, send, started
 
 pytestmark = pytest.mark.scenario("upload limits and full disk")
@@ -259,3 +269,123 @@ def test_a_node_whose_workdir_fills_stops_with_one_line(expert_factory, small_di
                           str(workdir.root)]) == 2
     said = capsys.readouterr().err
     assert "the disk is full" in said and "run the command again" in said and len(said.strip().splitlines()) == 1
+
+
+def logged(fed: Federation, label: str) -> str:
+    path = fed.log(label)
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+class FailingDisk:
+    """A real ext4 filesystem on a loop device, mounted with ``errors=remount-ro``: ``fail`` reports a filesystem
+    error, and the kernel remounts it read-only under the files the daemon holds open, as on a real disk error.
+    Such a filesystem is made writable again the way an operator does it: unmounted, checked, mounted."""
+
+    def __init__(self, image: Path, mount: Path) -> None:
+        self.image, self.mount = image, mount
+
+    def attach(self) -> bool:
+        self.mount.mkdir(parents=True, exist_ok=True)
+        return subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(self.image), str(self.mount)],
+                              capture_output=True).returncode == 0
+
+    def trigger(self) -> Path:
+        source = subprocess.run(["findmnt", "-no", "SOURCE", str(self.mount)], capture_output=True,
+                                text=True).stdout.strip()
+        return Path("/sys/fs/ext4") / Path(source).name / "trigger_fs_error"
+
+    def fail(self) -> None:
+        self.trigger().write_text("dume test: state directory fails\n")
+        with pytest.raises(OSError) as refused:
+            (self.mount / "probe").write_bytes(b"")
+        assert refused.value.errno == errno.EROFS
+
+    def options(self) -> list[str]:
+        return subprocess.run(["findmnt", "-no", "OPTIONS", str(self.mount)], capture_output=True,
+                              text=True).stdout.strip().split(",")
+
+    def repair(self) -> str:
+        """Unmounts, checks (fsck), mounts again read-write; returns what fsck said."""
+        subprocess.run(["umount", str(self.mount)], check=True)
+        checked = subprocess.run(["fsck.ext4", "-f", "-p", str(self.image)], capture_output=True, text=True)
+        assert checked.returncode in (0, 1), checked.stdout + checked.stderr  # 1: errors corrected (the test one)
+        assert self.attach() and "rw" in self.options()
+        return checked.stdout
+
+
+@pytest.fixture
+def failing_disk(tmp_path):
+    """A 64 MiB ext4 filesystem mounted at tmp_path/federation/coordinator, where this test may make one."""
+    disk = FailingDisk(tmp_path / "disk.img", tmp_path / "federation" / "coordinator")
+    with open(disk.image, "wb") as image:
+        image.truncate(64 << 20)
+    if subprocess.run(["mkfs.ext4", "-q", "-F", str(disk.image)], capture_output=True).returncode != 0 \
+            or not disk.attach():
+        pytest.skip("cannot make and mount an ext4 filesystem here (needs root, mkfs.ext4 and loop devices)")
+    if not disk.trigger().exists():
+        subprocess.run(["umount", str(disk.mount)], check=False)
+        pytest.skip("this kernel has no ext4 trigger_fs_error")
+    (disk.mount / "lost+found").rmdir()  # the state directory is the filesystem's root
+    yield disk
+    subprocess.run(["umount", "-l", str(disk.mount)], check=False)
+
+
+def test_a_state_directory_gone_read_only_under_the_daemon_is_one_retryable_line_and_reads_go_on(
+        expert_factory, tmp_path, failing_disk, record):
+    """Writes of every kind (a node's upload, an admin's token, an enrolment) are refused with one retryable line
+    while the daemon serves reads; once the operator has the filesystem back, the waiting node's work completes."""
+    math = expert_factory("llama")["math"]
+    extra = write_domain_text(tmp_path / "math-b.txt", "math", documents=20, offset=200)
+    fed = Federation(tmp_path / "federation")
+    try:
+        fed.init("--sequence-length", "64", fixed_ports=True)
+        StateDir(fed.state).update_config(limits={**asdict(Limits()), "min_free_bytes": 4 << 20})
+        fed.serve()
+        fed.join("math", math.model_dir, math.data_path, fed.token("math"), "--once")
+        fed.wait_exact(["math"])
+        admin, federation = admin_stubs(StateDir(fed.state))
+        helper = Workdir(tmp_path / "math2")
+        enrol(JoinToken.decode(admin.CreateToken(pb.TokenRequest(node="math2", ttl_seconds=3600,
+                                                                 expert="math")).token),
+              helper, None, {"b": extra})
+        late = JoinToken.decode(fed.token("late"))
+        before = ledger_rows(fed.state)
+
+        failing_disk.fail()  # the state directory is read-only from here, under the running daemon
+        record.count("faults injected")
+        said = "the coordinator cannot write its state directory (read-only or not permitted): its operator must " \
+               "make it writable; reading versions still works"
+        # A node's statistics: it reads what it needs (basis, weights), then its upload is refused, and it retries.
+        node = fed._start("node-math2", "node", "join", "--data", f"b={extra}", "--workdir", str(helper.root),
+                          "--once")
+        wait_until(lambda: f"statistics upload interrupted (UNAVAILABLE: {said}); retrying in" in
+                   logged(fed, "node-math2"), 120, "math2's upload to be refused")
+        assert str(fed.state) not in logged(fed, "node-math2")
+        with pytest.raises(grpc.RpcError) as refused:  # an admin's change: the same line
+            admin.CreateToken(pb.TokenRequest(node="other", ttl_seconds=60), timeout=30)
+        assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.UNAVAILABLE, said)
+        with pytest.raises(DumeError, match="enrolment refused: .*UNAVAILABLE: the coordinator cannot write"):
+            enrol(late, Workdir(tmp_path / "late"), math.model_dir, {"default": math.data_path})
+        # The daemon is up and answers reads: status, the version, its blobs.
+        status = fed.status()
+        assert status["version"] == 1 and status["exact"]
+        version = federation.GetVersion(pb.VersionRequest(), timeout=30)
+        sha256, size = max(version_blobs(version).items(), key=lambda item: item[1])
+        read = b"".join(chunk.data for chunk in federation.ReadBlob(pb.BlobRequest(sha256=sha256), timeout=30))
+        assert len(read) == size and hashlib.sha256(read).hexdigest() == sha256
+        assert node.poll() is None  # the node waits, retrying
+
+        # The operator stops the daemon, checks and mounts the filesystem again, and starts it: the work goes on.
+        assert fed.stop() == 0, logged(fed, "coordinator")[-2000:]
+        failing_disk.repair()
+        assert ledger_rows(fed.state) == before  # nothing was half-written, nothing lost
+        fed.serve()
+        assert node.wait(timeout=180) == 0, logged(fed, "node-math2")
+        record.lost(["math", "math2"], fed.wait_exact(["math", "math2"], contributions=["math/default", "math2/b"]))
+        both = ExpertSpec("math", math.model_dir, datasets=(DatasetSpec("default", math.data_path),
+                                                             DatasetSpec("b", extra, "math2")))
+        assert not differing_files(fed.export(tmp_path / "exported"),
+                                   merge([both], tmp_path / "reference", MergeSettings(sequence_length=64)))
+        assert "intact" in fed.admin("audit", "--verify").stdout
+    finally:
+        fed.close()
