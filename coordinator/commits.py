@@ -104,6 +104,9 @@ def _commit_statistics(ledger: Ledger, uploads: Uploads, settings: MergeSettings
         still_authorised()
         _check_current_weights(ledger, contribution)
         check_dataset_room(ledger, member, header.dataset, uploads.limits.datasets_per_node)
+        if header.dataset in ledger.removed_datasets(member):
+            raise Refused("stale", f"dataset {header.dataset!r} of {member} was taken out of the federation; it is "
+                          "not taken back under that name")
         uploads.adopt(planned)
         if ledger.contribution(member, header.dataset) == contribution:
             return False  # the same commit again (its answer was lost): acknowledged, not recorded twice
@@ -119,7 +122,7 @@ def check_dataset_room(ledger: Ledger, node: str, dataset: str, most: int) -> No
     """A node records at most ``most`` datasets (a new name past that is refused; replacing one is not)."""
     held = {c.dataset for c in ledger.contributions() if c.node == node}
     if dataset not in held and len(held) >= most:
-        raise Refused("precondition", f"{node} already contributes {len(held)} datasets, the most a node may "
+        raise Refused("invalid", f"{node} already contributes {len(held)} datasets, the most a node may "
                       f"(limits.datasets_per_node): forget one first, or ask the operator to raise the limit")
 
 
@@ -132,7 +135,7 @@ def _check_current_weights(ledger: Ledger, contribution: Contribution) -> None:
         raise Refused("precondition", f"expert {contribution.expert!r} has no weights in the federation now: its "
                       "owner has not uploaded them, or has left")
     if expert_hash(current) != contribution.expert_hash:
-        raise Refused("precondition", f"the statistics were computed with weights {contribution.expert_hash[:12]} "
+        raise Refused("stale", f"the statistics were computed with weights {contribution.expert_hash[:12]} "
                       f"of expert {contribution.expert!r}, whose current weights are {expert_hash(current)[:12]}: "
                       "recompute them with the current weights (the node does so when it follows the federation)")
 

@@ -37,6 +37,7 @@ STATUS_CODES: dict[RefusalKind, grpc.StatusCode] = {
     "not_found": grpc.StatusCode.NOT_FOUND,
     "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "stale": grpc.StatusCode.ABORTED,
 }
 
 

@@ -165,9 +165,9 @@ class SentBytes:
             time.sleep(ahead)
 
 
-class StaleWeights(Exception):
-    """The expert's weights moved between the event a contributor acted on and its download: the next event names
-    the new ones."""
+class Superseded(Exception):
+    """What the node was computing or sending was overtaken (its expert's weights moved, or the dataset was taken
+    out): the next event says what to do instead."""
 
 
 class Agent:
@@ -211,6 +211,8 @@ class Agent:
                 response = self.stub.CommitUpload(pb.CommitRequest(upload_id=state.upload_id), timeout=600)
                 break
             except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.ABORTED and upload.what == "statistics":
+                    raise Superseded(error.details()) from None  # overtaken: not sent again as it is
                 if error.code() not in TRANSIENT:
                     raise refusal(error, f"the coordinator refused the {upload.what} upload") from None
                 reconnect.failed(error, f"{upload.what} upload interrupted")
@@ -316,7 +318,7 @@ class Agent:
                 raise
             raise refusal(error, f"cannot download the weights of expert {self.state['expert']}") from None
         if expert_hash(expert.manifest) != weights:
-            raise StaleWeights(f"expert {expert.name} now has weights {expert_hash(expert.manifest)[:12]}, not "
+            raise Superseded(f"expert {expert.name} now has weights {expert_hash(expert.manifest)[:12]}, not "
                                f"{weights[:12]}")
         entries = sorted([*basis.manifest.tensors, *expert.manifest.tensors], key=lambda entry: entry.name)
         with staged_directory(directory) as staging:
@@ -376,7 +378,7 @@ class Agent:
                         for dataset in self._due(event):
                             try:
                                 self.contribute_statistics(dataset, event.basis_hash, event.expert_hash)
-                            except StaleWeights as stale:
+                            except Superseded as stale:
                                 say(f"{stale}: waiting for the federation to catch up")
                                 break
                         if once and not self._due(event):

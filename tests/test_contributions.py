@@ -234,3 +234,26 @@ def test_a_ledger_of_member_statistics_is_migrated_to_contributions(coordinator,
         assert not migrated._rows("SELECT 1 FROM sqlite_master WHERE name = 'statistics'")
     finally:
         migrated.close()
+
+
+def test_statistics_overtaken_by_new_weights_or_a_removal_are_refused_as_stale(coordinator, experts, tmp_path,
+                                                                               monkeypatch):
+    """Statistics computed with weights the expert no longer has, or of a dataset taken out, are refused as stale
+    (ABORTED): a node does not send them again as they are, it acts on the next event instead."""
+    math = experts["math"]
+    owner = enrolled(coordinator, "math")
+    coordinator.commit_upload(owner, staged_model(coordinator, "math", math.model_dir))
+    coordinator.publisher.wait(coordinator.publisher.request())
+    for dataset in ("a", "c"):
+        statistics_committed(coordinator, math, owner, tmp_path, dataset)
+    assert coordinator.forget(owner, "a").publication_error == ""
+    with pytest.raises(Refused, match="dataset 'a' of math was taken out of the federation") as refused:
+        statistics_committed(coordinator, math, owner, tmp_path, "a")
+    assert refused.value.kind == "stale"
+    current = coordinator.ledger.expert_hashes
+    monkeypatch.setattr(coordinator.ledger, "expert_hashes", lambda: {"math": "0" * 64})  # a node's older weights
+    with pytest.raises(Refused, match="whose current weights are") as refused:
+        statistics_committed(coordinator, math, owner, tmp_path, "b")
+    assert refused.value.kind == "stale"
+    monkeypatch.setattr(coordinator.ledger, "expert_hashes", current)
+    assert [c.label for c in coordinator.ledger.contributions()] == ["math/c"]
