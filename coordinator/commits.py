@@ -120,7 +120,7 @@ def _commit_statistics(ledger: Ledger, uploads: Uploads, settings: MergeSettings
 
 def check_dataset_room(ledger: Ledger, node: str, dataset: str, most: int) -> None:
     """A node records at most ``most`` datasets (a new name past that is refused; replacing one is not)."""
-    held = {c.dataset for c in ledger.contributions() if c.node == node}
+    held = {c.dataset for c in ledger.contributions(node)}
     if dataset not in held and len(held) >= most:
         raise Refused("invalid", f"{node} already contributes {len(held)} datasets, the most a node may "
                       f"(limits.datasets_per_node): forget one first, or ask the operator to raise the limit")
@@ -129,8 +129,8 @@ def check_dataset_room(ledger: Ledger, node: str, dataset: str, most: int) -> No
 def _check_current_weights(ledger: Ledger, contribution: Contribution) -> None:
     """Statistics count only when computed with the expert's current weights (an update makes earlier ones stale;
     recomputing under the new weights is the node's next step anyway)."""
-    owner = ledger.member(contribution.expert)
-    current = ledger.expert_weights(owner) if owner is not None and owner.state == "active" else None
+    owner = ledger.expert_owner(contribution.expert)
+    current = ledger.expert_weights(owner) if owner is not None else None
     if current is None:
         raise Refused("precondition", f"expert {contribution.expert!r} has no weights in the federation now: its "
                       "owner has not uploaded them, or has left")

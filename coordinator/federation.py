@@ -215,7 +215,7 @@ class Coordinator:
             if member is None:
                 raise Refused("not_found", f"no member {node!r}: see `dume-coordinator status`")
             if self.ledger.contribution(node, dataset) is None:
-                held = sorted(c.dataset for c in self.ledger.contributions() if c.node == node)
+                held = sorted(c.dataset for c in self.ledger.contributions(node))
                 raise Refused("not_found", f"{node!r} has no dataset {dataset!r} in the federation (it has: "
                               f"{', '.join(held) or 'none'}): see `dume-coordinator status`")
             self.ledger.remove_dataset(node, dataset)
@@ -231,7 +231,7 @@ class Coordinator:
         if plan.kind == pb.UPLOAD_KIND_MODEL and not record.owner:
             raise Refused("permission", f"{member} contributes to expert {record.expert!r}, whose weights come from "
                           "its owner: a contributor sends statistics only (join without --model)")
-        if plan.kind == pb.UPLOAD_KIND_STATISTICS and self.ledger.experts().get(record.expert) is None:
+        if plan.kind == pb.UPLOAD_KIND_STATISTICS and self.ledger.expert_owner(record.expert) is None:
             raise Refused("precondition", "upload the model before its statistics" if record.owner else
                           f"expert {record.expert!r} has no weights in the federation yet: wait for its owner")
         if plan.kind == pb.UPLOAD_KIND_STATISTICS:
@@ -313,16 +313,15 @@ class Coordinator:
         record = self.ledger.member(member)
         own = ({entry.sha256 for entry in record.model.tensors} | set(record.files.values())
                if record is not None and record.model is not None else set())
-        for contribution in self.ledger.contributions():
-            if contribution.node == member:
-                own |= {entry.sha256 for entry in contribution.manifest.tensors}
+        for contribution in self.ledger.contributions(member):
+            own |= {entry.sha256 for entry in contribution.manifest.tensors}
         return sha256 in own
 
     def expert(self, reader: str) -> tuple[str, pb.Expert]:
         """The current weights of the expert ``reader`` contributes to: ``(hash, message)``."""
-        record = self.ledger.member(reader)
-        owner = self.ledger.experts().get(record.expert) if record is not None else None
+        owner = self._expert_of(reader)
         if owner is None:
+            record = self.ledger.member(reader)
             raise Refused("not_found", f"expert {record.expert if record else reader!r} has no weights in the "
                           "federation yet: wait for its owner to upload them")
         weights = self.ledger.expert_weights(owner)
@@ -334,11 +333,15 @@ class Coordinator:
     def _expert_blobs(self, reader: str) -> set[str]:
         """The blobs of the current weights of ``reader``'s expert (MLPs, config and tokenizer files), which its
         owner and contributors read before any version holds them; empty for the admin or an expert not in."""
-        record = self.ledger.member(reader)
-        owner = self.ledger.experts().get(record.expert) if record is not None else None
+        owner = self._expert_of(reader)
         if owner is None:
             return set()
         return {entry.sha256 for entry in self.ledger.expert_weights(owner).tensors} | set(owner.files.values())
+
+    def _expert_of(self, node: str) -> Member | None:
+        """The owner of the expert ``node`` contributes to, while that expert's weights are in the federation."""
+        record = self.ledger.member(node)
+        return self.ledger.expert_owner(record.expert) if record is not None else None
 
     def published(self, member: str = "") -> Published:
         """What a watching node is told; with ``member``, also its expert's current weights and its datasets that
@@ -346,10 +349,12 @@ class Coordinator:
         latest = self.ledger.version()
         # While a model just recorded waits for the publisher, no basis is named: statistics under the previous one
         # (with the new weights) would be stale at once.
-        current = self.ledger.get_meta("current_basis") if basis_is_current(self.ledger) else None
+        experts = self.ledger.experts()
+        current = self.ledger.get_meta("current_basis") if basis_is_current(self.ledger, experts) else None
         basis = self.ledger.basis(current or "")
         record = self.ledger.member(member) if member else None
-        weights = self.ledger.expert_hashes().get(record.expert, "") if record is not None else ""
+        owner = experts.get(record.expert) if record is not None else None
+        weights = expert_hash(self.ledger.expert_weights(owner)) if owner is not None else ""
         return Published(basis.hash if basis else "", basis.members if basis else [],
                          latest.number if latest else 0, bool(latest and latest.exact), weights,
                          self.ledger.removed_datasets(member) if member else [])
@@ -406,8 +411,8 @@ class Coordinator:
         def is_current(c: Contribution) -> bool:
             return c.basis_hash == current and c.expert_hash == weights.get(c.expert)
 
-        members = []
-        for member in self.ledger.members():
+        members, everyone = [], self.ledger.members()
+        for member in everyone:
             own = [c for c in contributions if c.node == member.name]
             members.append(MemberStatus(
                 name=member.name, state=member.state, online=self._online[member.name] > 0,
@@ -415,21 +420,17 @@ class Coordinator:
                 stats_current=(bool(own) or not member.owner) and all(is_current(c) for c in own),
                 reason=member.reason,
                 token_count=sum(c.token_count for c in own), expert=member.expert or member.name))
+        current_members = [m for m in everyone if m.state in ("enrolled", "active")]  # sorted by name
         experts = [ExpertStatus(
-            name=name, owner=owner.name, expert_hash=weights.get(name, ""),
-            contributors=sorted(m.name for m in self.ledger.members()
-                                if m.expert == name and not m.owner and m.state in ("enrolled", "active")),
+            name=owner.name, owner=owner.name, expert_hash=weights.get(owner.name, ""),
+            contributors=[m.name for m in current_members if m.expert == owner.name and not m.owner],
             contributions=[ContributionStatus(c.node, c.dataset, c.token_count, c.basis_hash, is_current(c))
-                           for c in contributions if c.expert == name])
-            for name, owner in sorted(self._owners().items())]
+                           for c in contributions if c.expert == owner.name])
+            for owner in current_members if owner.owner]
         latest = self.ledger.version()
         return Status(latest.number if latest else 0, bool(latest and latest.exact), current, members,
                       len(self.ledger.audit_entries()), asdict(self.settings), self.publisher.error, experts,
                       latest.contributions if latest else [])
-
-    def _owners(self) -> dict[str, Member]:
-        """Every expert whose owner is enrolled or active (with or without its weights uploaded yet)."""
-        return {m.name: m for m in self.ledger.members() if m.owner and m.state in ("enrolled", "active")}
 
     def audit_entries(self) -> list[AuditEntry]:
         return self.ledger.audit_entries()

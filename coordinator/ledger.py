@@ -62,6 +62,11 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 
+def is_expert_owner(member: Member) -> bool:
+    """An active owner whose weights are recorded: its expert is in the versions published now."""
+    return member.state == "active" and member.owner and member.model is not None
+
+
 class StateChanged(Exception):
     """A conditional change found the row in another state than it expected: someone else's change came first."""
 
@@ -225,8 +230,12 @@ class Ledger:
 
     def experts(self) -> dict[str, Member]:
         """Expert name -> its owner, for every active owner whose weights are recorded: the experts of a version."""
-        return {member.name: member for member in self.active_members()
-                if member.model is not None and member.expert == member.name}
+        return {member.name: member for member in self.members() if is_expert_owner(member)}
+
+    def expert_owner(self, expert: str) -> Member | None:
+        """The owner of ``expert`` if it is one of ``experts`` (one row read, not every member's)."""
+        owner = self.member(expert)
+        return owner if owner is not None and is_expert_owner(owner) else None
 
     def expert_weights(self, owner: Member) -> tensors_pb2.TensorManifest | None:
         """The MLP manifest of an owner's recorded model (None before its upload)."""
@@ -300,16 +309,25 @@ class Ledger:
             self._db.execute("UPDATE members SET state = 'active' WHERE name = ? AND state = 'enrolled'",
                              (contribution.node,))
 
-    def contributions(self) -> list[Contribution]:
-        """Every contribution recorded, in the canonical order: expert, node, dataset."""
-        rows = self._rows("SELECT node, dataset, expert, basis_hash, expert_hash, token_count, manifest "
-                          "FROM contributions ORDER BY expert, node, dataset")
-        return [Contribution(node, dataset, expert, basis_hash, weights, count,
-                             tensors_pb2.TensorManifest.FromString(manifest))
-                for node, dataset, expert, basis_hash, weights, count, manifest in rows]
+    _CONTRIBUTION_COLUMNS = "node, dataset, expert, basis_hash, expert_hash, token_count, manifest"
+
+    def contributions(self, node: str | None = None) -> list[Contribution]:
+        """Every contribution recorded (or ``node``'s), in the canonical order: expert, node, dataset."""
+        where, args = ("WHERE node = ? ", (node,)) if node is not None else ("", ())
+        rows = self._rows(f"SELECT {self._CONTRIBUTION_COLUMNS} FROM contributions {where}"
+                          "ORDER BY expert, node, dataset", *args)
+        return [self._contribution(row) for row in rows]
 
     def contribution(self, node: str, dataset: str) -> Contribution | None:
-        return next((c for c in self.contributions() if c.node == node and c.dataset == dataset), None)
+        rows = self._rows(f"SELECT {self._CONTRIBUTION_COLUMNS} FROM contributions WHERE node = ? AND dataset = ?",
+                          node, dataset)
+        return self._contribution(rows[0]) if rows else None
+
+    @staticmethod
+    def _contribution(row: tuple) -> Contribution:
+        node, dataset, expert, basis_hash, weights, count, manifest = row
+        return Contribution(node, dataset, expert, basis_hash, weights, count,
+                            tensors_pb2.TensorManifest.FromString(manifest))
 
     def remove_dataset(self, node: str, dataset: str) -> None:
         """Takes one dataset's contribution out and remembers that it was (raises StateChanged when there is none)."""

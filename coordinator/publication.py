@@ -114,10 +114,10 @@ def basis_inputs(experts: dict[str, Member]) -> str:
                                    for name in sorted(experts))).hexdigest()
 
 
-def basis_is_current(ledger: Ledger) -> bool:
-    """Whether the current basis averages the experts' models as recorded now (not while a new model or an
-    expert's departure waits for the publisher)."""
-    return ledger.get_meta("basis_inputs") == basis_inputs(ledger.experts())
+def basis_is_current(ledger: Ledger, experts: dict[str, Member]) -> bool:
+    """Whether the current basis averages ``experts``' models (the ledger's ``experts()``) as recorded now, not while
+    a new model or an expert's departure waits for the publisher."""
+    return ledger.get_meta("basis_inputs") == basis_inputs(experts)
 
 
 def refresh_basis(ledger: Ledger, blobs: BlobStore) -> BasisRecord | None:
