@@ -10,6 +10,7 @@ outside ``serve``) never stops at one.
 
 The points (see the call sites):
 
+* ``enrolment.answering``: a node's enrolment is recorded (its token spent); the answer is not sent yet.
 * ``commit.validating_statistics``: a statistics upload is being validated; nothing of it is recorded yet.
 * ``publication.solving``: the routers were solved for a new version; nothing of the version is written yet.
 * ``publication.before_version_row``: the blobs of a new version are written; its ledger row is not.
@@ -25,8 +26,8 @@ from pathlib import Path
 from dume.shared.errors import DumeError
 
 VARIABLE = "DUME_FAILPOINTS"
-POINTS = ("commit.validating_statistics", "publication.solving", "publication.before_version_row",
-          "revocation.before_publication")
+POINTS = ("enrolment.answering", "commit.validating_statistics", "publication.solving",
+          "publication.before_version_row", "revocation.before_publication")
 _armed: set[str] = set()
 _markers: Path | None = None
 

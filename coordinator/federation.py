@@ -155,7 +155,7 @@ class Coordinator:
                               "ask this coordinator's admin for a token")
             node, expert, expires_at, used_at = token
             if used_at is not None:
-                raise Refused("unauthenticated", "this join token was already used: ask for a new one")
+                return self._answer_again(secret_digest(secret), csr_pem, node, expert)
             if time.time() >= expires_at:
                 raise Refused("unauthenticated", f"this join token expired at "
                               f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(expires_at))}: ask for a new one")
@@ -167,13 +167,32 @@ class Coordinator:
                 certificate, serial = pki.sign_csr(self.ca_key, self.ca_cert, csr_pem, node, "node")
             except DumeError as error:
                 raise Refused("invalid", str(error)) from None
-            ledger.use_token(secret_digest(secret), time.time())
+            ledger.use_token(secret_digest(secret), time.time(), certificate)
             if member is not None and member.state in ("active", "enrolled"):
                 ledger.enrol_again(node, str(serial))
             else:
                 ledger.enrol(node, str(serial), expert)
             ledger.audit("enrol", node, serial=str(serial), expert=expert)
+        failpoint("enrolment.answering")
         log.info("enrolled %s for expert %s", node, expert)
+        return certificate, node, expert
+
+    def _answer_again(self, digest: str, csr_pem: bytes, node: str, expert: str) -> tuple[bytes, str, str]:
+        """A used token presented again with the same key: the node retries an enrolment whose answer it never
+        received (connection cut, coordinator restarted), so it gets the certificate it was issued, as long as that
+        certificate is still the member's. Anyone else gets the refusal; the key check means a leaked secret alone
+        yields nothing (and a certificate without its private key opens no connection anyway)."""
+        certificate = self.ledger.token_certificate(digest)
+        member = self.ledger.member(node)
+        try:
+            same_key = certificate is not None and pki.request_key_digest(csr_pem) == pki.certificate_key_digest(
+                certificate)
+        except DumeError:
+            same_key = False
+        if not same_key or member is None or member.state not in ("enrolled", "active") or (
+                member.cert_serial != str(pki.identity_of(certificate).serial)):
+            raise Refused("unauthenticated", "this join token was already used: ask for a new one")
+        log.info("answered %s's enrolment again (its first answer was lost)", node)
         return certificate, node, expert
 
     def leave(self, identity: pki.Identity) -> Removal:

@@ -36,7 +36,8 @@ from dume.v1 import federation_pb2, tensors_pb2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (
-    digest TEXT PRIMARY KEY, node TEXT NOT NULL, expires_at REAL NOT NULL, used_at REAL, expert TEXT);
+    digest TEXT PRIMARY KEY, node TEXT NOT NULL, expires_at REAL NOT NULL, used_at REAL, expert TEXT,
+    certificate BLOB);
 CREATE TABLE IF NOT EXISTS members (
     name TEXT PRIMARY KEY, state TEXT NOT NULL, role TEXT NOT NULL DEFAULT 'node', cert_serial TEXT,
     reason TEXT NOT NULL DEFAULT '', model BLOB, joined_at REAL, expert TEXT);
@@ -87,7 +88,7 @@ class Ledger:
     def _add_missing_columns(self) -> None:
         """Brings a ledger written by an earlier version up to the schema (columns added since)."""
         added = {"versions": ("pruned_at REAL", "contributions TEXT NOT NULL DEFAULT '[]'"),
-                 "members": ("expert TEXT",), "tokens": ("expert TEXT",)}
+                 "members": ("expert TEXT",), "tokens": ("expert TEXT", "certificate BLOB")}
         with self.transaction():
             for table, columns in added.items():
                 present = {row[1] for row in self._rows(f"PRAGMA table_info({table})")}
@@ -203,8 +204,14 @@ class Ledger:
                           digest)
         return rows[0] if rows else None
 
-    def use_token(self, digest: str, at: float) -> None:
-        self._run("UPDATE tokens SET used_at = ? WHERE digest = ?", at, digest)
+    def use_token(self, digest: str, at: float, certificate: bytes) -> None:
+        """Marks the token used and keeps the certificate it was exchanged for, to answer a retry of that same
+        exchange whose answer was lost on the way."""
+        self._run("UPDATE tokens SET used_at = ?, certificate = ? WHERE digest = ?", at, certificate, digest)
+
+    def token_certificate(self, digest: str) -> bytes | None:
+        rows = self._rows("SELECT certificate FROM tokens WHERE digest = ?", digest)
+        return rows[0][0] if rows and rows[0][0] is not None else None
 
     # -- members --------------------------------------------------------------------------------------------------
     _MEMBER_COLUMNS = "name, state, cert_serial, reason, model, expert"

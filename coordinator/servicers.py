@@ -23,6 +23,7 @@ from dume.coordinator.federation import Coordinator
 from dume.coordinator.uploads import PlannedUpload
 from dume.shared.errors import DumeError
 from dume.shared.transport.blobs import read_range
+from dume.shared.transport.channels import REFUSAL_KEY
 from dume.shared.trust import pki
 from dume.v1 import federation_pb2 as pb
 from dume.v1 import federation_pb2_grpc as rpc
@@ -52,6 +53,13 @@ def _refusal_of(error: Exception) -> Refused:
     return refused
 
 
+def _abort(context: grpc.ServicerContext, refused: Refused) -> None:
+    """Ends the call with the refusal's status code, marked as the coordinator's own answer (REFUSAL_KEY), so a
+    client tells "the coordinator said no" from "the network failed" even where both share a status code."""
+    context.set_trailing_metadata(((REFUSAL_KEY, refused.kind),))
+    context.abort(STATUS_CODES[refused.kind], str(refused))
+
+
 def refusals_abort(method: Callable[..., Any]) -> Callable[..., Any]:
     """Ends a call (unary or streaming) whose operation was refused with the status code of the refusal's kind."""
     if inspect.isgeneratorfunction(method):
@@ -60,8 +68,7 @@ def refusals_abort(method: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 yield from method(self, request, context)
             except (Refused, OSError, sqlite3.Error) as error:
-                refused = _refusal_of(error)
-                context.abort(STATUS_CODES[refused.kind], str(refused))
+                _abort(context, _refusal_of(error))
         return streaming
 
     @functools.wraps(method)
@@ -69,8 +76,7 @@ def refusals_abort(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return method(self, request, context)
         except (Refused, OSError, sqlite3.Error) as error:
-            refused = _refusal_of(error)
-            context.abort(STATUS_CODES[refused.kind], str(refused))
+            _abort(context, _refusal_of(error))
     return unary
 
 

@@ -50,6 +50,7 @@ from dume.shared.transport.channels import (
     DEFAULT_CHUNK_BYTES,
     TRANSFER_STREAMS,
     TRANSIENT,
+    is_refusal,
     refusal,
     server_tls_channel,
     spread,
@@ -74,8 +75,10 @@ def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def enrol(token: JoinToken, workdir: Workdir, model: Path | None, datasets: dict[str, Path]) -> None:
-    """Checks the coordinator against the token's CA fingerprint, then trades the token and a CSR for a cert."""
+def enrol(token: JoinToken, workdir: Workdir, model: Path | None, datasets: dict[str, Path],
+          give_up_after: float | None = None) -> None:
+    """Checks the coordinator against the token's CA fingerprint, then trades the token and a CSR for a cert,
+    retrying while the coordinator is unreachable (for ``give_up_after`` seconds; None: for ever)."""
     host, _, port = token.enrolment.rpartition(":")
     try:
         ca_pem = ssl.get_server_certificate((host, int(port)), timeout=15).encode()
@@ -85,13 +88,20 @@ def enrol(token: JoinToken, workdir: Workdir, model: Path | None, datasets: dict
     if pki.fingerprint(ca_pem) != token.ca_fingerprint:
         raise DumeError(f"the coordinator at {token.enrolment} presents CA {pki.fingerprint(ca_pem)[:16]}..., the "
                         f"token expects {token.ca_fingerprint[:16]}...: this token is for another coordinator")
-    key_pem = pki.create_private_key()
+    key_pem = workdir.enrolment_key()
     stub = rpc.EnrolmentStub(server_tls_channel(token.enrolment, ca_pem))
-    try:
-        response = stub.Enrol(pb.EnrolRequest(secret=token.secret, csr_pem=pki.create_csr(key_pem, token.node)),
-                              timeout=60)
-    except grpc.RpcError as error:
-        raise refusal(error, "enrolment refused") from None
+    request = pb.EnrolRequest(secret=token.secret, csr_pem=pki.create_csr(key_pem, token.node))
+    reconnect = Reconnect(token.enrolment, give_up_after)
+    while True:
+        try:
+            response = stub.Enrol(request, timeout=60)
+            break
+        except grpc.RpcError as error:
+            if is_refusal(error) or error.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                                          grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise refusal(error, "enrolment refused") from None
+            # The answer may have been lost after the token was spent: the same key asking again gets it.
+            reconnect.failed(error, "cannot enrol")
     workdir.save_identity(key_pem, response.certificate_pem, ca_pem)
     expert = response.expert or response.node
     workdir.update(name=response.node, expert=expert, coordinator=token.coordinator,

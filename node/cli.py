@@ -92,7 +92,7 @@ def _contribute(args: argparse.Namespace, workdir: Workdir, datasets: dict[str, 
             raise DumeError(f"{args.workdir} belongs to node {workdir.state()['name']!r}, the token is for "
                             f"{token.node!r}: use another --workdir")
         check_role(token.contributor, token.expert, args.model)
-        enrol(token, workdir, args.model, datasets)
+        enrol(token, workdir, args.model, datasets, args.deadline if args.once else None)
     elif not workdir.enrolled():
         raise DumeError(f"{args.workdir} holds no enrolled node: pass --token (from `dume-coordinator token`)")
     else:

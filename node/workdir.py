@@ -101,10 +101,21 @@ class Workdir:
         write_atomically(self.state_path, json.dumps(state, indent=2, sort_keys=True).encode())
         return state
 
+    def enrolment_key(self) -> bytes:
+        """The key to enrol with, kept on disk before it is used: a node whose enrolment answer was lost (cut
+        connection, killed process) asks again with the same key and gets the certificate its token bought."""
+        pending = self.identity / "enrolment-key.pem"
+        if pending.is_file():
+            return pki.read_bytes(pending, "the pending enrolment key")
+        key_pem = pki.create_private_key()
+        pki.write_private(pending, key_pem)
+        return key_pem
+
     def save_identity(self, key_pem: bytes, cert_pem: bytes, ca_pem: bytes) -> None:
         pki.write_private(self.identity / "key.pem", key_pem)
         pki.write_private(self.identity / "cert.pem", cert_pem)
         pki.write_private(self.identity / "ca.pem", ca_pem)
+        (self.identity / "enrolment-key.pem").unlink(missing_ok=True)
 
     def channel(self) -> grpc.Channel:
         state = self.state()

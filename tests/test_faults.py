@@ -29,6 +29,7 @@ from dume.shared.method.merge import merge
 from dume.shared.method.routers import MergeSettings
 from dume.shared.method.settings import DatasetSpec, ExpertSpec
 from dume.shared.transport.download import version_blobs
+from dume.shared.trust import pki
 from dume.shared.trust.audit import verify_chain
 from dume.shared.trust.join_token import JoinToken
 from dume.v1 import federation_pb2 as pb
@@ -431,11 +432,32 @@ def test_the_coordinator_killed_in_validation_solve_publication_and_revocation_l
     print(f"coordinator SIGKILLs at 4 failpoints; {versions} versions published, each naming only blobs held")
 
 
+@pytest.mark.scenario("processes killed")
+def test_a_node_whose_enrolment_answer_died_with_the_coordinator_enrols_with_its_spent_token(
+        experts, federation, tmp_path, record):
+    """The coordinator spends the token and is killed before its answer leaves: the node, retrying with the key it
+    kept on disk, gets its certificate from the restarted daemon and contributes once, with the one token."""
+    fed, spec = federation, experts["math"]
+    token = fed.token("math")
+    assert fed.stop() == 0
+    serve_armed(fed, "enrolment.answering")
+    node = fed.join("math", spec.model_dir, spec.data_path, token, "--once")
+    kill_at(fed, "enrolment.answering", record)
+    serve_armed(fed, None)
+    assert node.wait(timeout=180) == 0, logged(fed, "node-math")
+    assert "cannot enrol (UNAVAILABLE" in logged(fed, "node-math")  # it waited for the daemon, then asked again
+    certificate = (Workdir(fed.workdir("math")).identity / "cert.pem").read_bytes()
+    assert [d["serial"] for kind, _, d in audit_entries(fed) if kind == "enrol"] == [
+        str(pki.identity_of(certificate).serial)]  # the certificate issued before the kill
+    record.lost(["math"], fed.wait_exact(["math"]))
+    assert_contributed_once(fed, "math")
+
+
 def test_failpoints_are_inert_unless_named_and_unknown_names_are_refused(tmp_path, monkeypatch):
     monkeypatch.delenv(failpoints.VARIABLE, raising=False)
     assert failpoints.arm(tmp_path) == []
     failpoints.failpoint("publication.solving")  # not armed: returns at once, leaves no marker
     assert not (tmp_path / "failpoints").exists()
     monkeypatch.setenv(failpoints.VARIABLE, "publication.solving, publication.typo")
-    with pytest.raises(DumeError, match="unknown failpoints publication.typo; known: commit.validating_statistics"):
+    with pytest.raises(DumeError, match="unknown failpoints publication.typo; known: enrolment.answering, "):
         failpoints.arm(tmp_path)

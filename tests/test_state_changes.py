@@ -19,6 +19,7 @@ from dume.coordinator import commits, publication
 from dume.coordinator.errors import Refused
 from dume.coordinator.federation import Coordinator
 from dume.node.agent import Upload, described, model_upload
+from dume.node.workdir import Workdir
 from dume.shared.method.data import DocumentStream, load_tokenizer
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.statistics import statistics_tensors, statistics_under_basis, token_count
@@ -157,3 +158,33 @@ def test_a_commit_repeated_after_its_answer_was_lost_is_acknowledged_once(coordi
     uploads = [entry for entry in coordinator.ledger.audit_entries() if entry.kind == "upload"]
     assert len(uploads) == 1
     assert coordinator.metrics.registry.get_sample_value("dume_uploads_total", {"kind": "model"}) == 1
+
+
+def test_an_enrolment_whose_answer_was_lost_is_answered_again_to_the_same_key_only(coordinator, tmp_path):
+    """The token is spent when the coordinator signs; a node that never got the answer (cut connection, killed
+    process) asks again with the key it kept on disk and gets the same certificate. Another key, or the same key
+    once the member was revoked or enrolled anew, gets the refusal: a leaked secret alone buys nothing."""
+    workdir = Workdir(tmp_path / "node")
+    token = coordinator.create_token("code", 3600)
+    key = workdir.enrolment_key()
+    first, _, _ = coordinator.enrol(token.secret, pki.create_csr(key, "code"))  # this answer is "lost"
+    assert workdir.enrolment_key() == key  # a second `join` finds the same key
+
+    again, node, expert = coordinator.enrol(token.secret, pki.create_csr(key, "code"))
+    assert (again, node, expert) == (first, "code", "code")
+    assert coordinator.ledger.member("code").cert_serial == str(pki.identity_of(first).serial)
+    with pytest.raises(Refused, match="already used"):
+        coordinator.enrol(token.secret, pki.create_csr(pki.create_private_key(), "code"))
+
+    workdir.save_identity(key, again, b"ca")
+    assert not (workdir.identity / "enrolment-key.pem").exists()  # the next enrolment makes a new key
+    coordinator.enrol(coordinator.create_token("code", 3600).secret, pki.create_csr(workdir.enrolment_key(), "code"))
+    with pytest.raises(Refused, match="already used"):  # enrolled anew: the first certificate is not its any more
+        coordinator.enrol(token.secret, pki.create_csr(key, "code"))
+
+    second = coordinator.create_token("math", 3600)
+    math_key = pki.create_private_key()
+    coordinator.enrol(second.secret, pki.create_csr(math_key, "math"))
+    coordinator.revoke("math", "left the consortium")
+    with pytest.raises(Refused, match="already used"):
+        coordinator.enrol(second.secret, pki.create_csr(math_key, "math"))

@@ -14,6 +14,7 @@ from dume.shared.transport.protocol import ProtocolHeader
 from dume.shared.trust.pki import TLS_SERVER_NAME
 
 MESSAGE_BYTES = 8 << 20
+REFUSAL_KEY = "dume-refusal"  # trailing metadata of every refusal: its kind
 DEFAULT_CHUNK_BYTES = 1 << 20  # an upload's chunk: the most the coordinator takes
 # An upload or a download runs this many blob streams side by side, so that one stream's hashing and disk writes
 # overlap another's network reads (the coordinator allows limits.transfers_per_member, 4 by default, at once).
@@ -63,10 +64,19 @@ def server_tls_channel(address: str, ca_pem: bytes) -> grpc.Channel:
                                                       options=CHANNEL_OPTIONS), ProtocolHeader())
 
 
+def is_refusal(error: grpc.RpcError) -> bool:
+    """Whether the coordinator itself ended the call (a refusal carries REFUSAL_KEY in its trailers), rather than
+    the network or the gRPC runtime."""
+    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    return any(key == REFUSAL_KEY for key, _ in trailers or ())
+
+
 def refusal(error: grpc.RpcError, doing: str) -> DumeError:
     """A coordinator's refusal as the one line a user sees, typed by what the caller can do about it: wait and
     retry (unreachable), enrol again (identity refused) or change the request (refused)."""
     code = error.code()
+    if code == grpc.StatusCode.UNAVAILABLE and is_refusal(error):  # it answered: it cannot do this for now
+        return CoordinatorUnreachable(f"{doing}: {error.details()}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return CoordinatorUnreachable(f"{doing}: the coordinator is not reachable ({code.name}: {error.details()}): "
                                       "check that it runs and the address is right")

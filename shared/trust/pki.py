@@ -122,6 +122,26 @@ def create_csr(key_pem: bytes, name: str) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
+def request_key_digest(csr_pem: bytes) -> str:
+    """Lowercase hex SHA-256 of the public key a CSR asks to certify (its DER SubjectPublicKeyInfo): the same key
+    asking again is recognised, whatever the request's signature bytes (EC signatures differ each time)."""
+    try:
+        public_key = x509.load_pem_x509_csr(csr_pem).public_key()
+    except ValueError as error:
+        raise DumeError(f"the certificate request is not a PEM CSR: {error}") from None
+    return _key_digest(public_key)
+
+
+def certificate_key_digest(cert_pem: bytes) -> str:
+    """``request_key_digest`` of the key a certificate certifies."""
+    return _key_digest(_load_cert(cert_pem).public_key())
+
+
+def _key_digest(public_key: object) -> str:
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
 def _check_request_key(public_key: object) -> None:
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         return
