@@ -448,7 +448,7 @@ class Coordinator:
             for owner in current_members if owner.owner]
         latest = self.ledger.version()
         return Status(latest.number if latest else 0, bool(latest and latest.exact), current, members,
-                      len(self.ledger.audit_entries()), asdict(self.settings), self.publisher.error, experts,
+                      self.ledger.audit_length(), asdict(self.settings), self.publisher.error, experts,
                       latest.contributions if latest else [])
 
     def audit_entries(self) -> list[AuditEntry]:

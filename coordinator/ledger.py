@@ -500,3 +500,8 @@ class Ledger:
 
     def audit_entries(self) -> list[AuditEntry]:
         return [AuditEntry(*row) for row in self._rows("SELECT * FROM audit ORDER BY sequence")]
+
+    def audit_length(self) -> int:
+        """How many entries the log holds (its last sequence number): what ``status`` shows, without reading a
+        log that grows for the daemon's whole life."""
+        return self._rows("SELECT COALESCE(MAX(sequence), 0) FROM audit")[0][0]

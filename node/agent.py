@@ -272,10 +272,13 @@ class Agent:
         upload = model_upload(model_dir, self.state["name"])
         family = detect_family(ExpertDirectory(model_dir).config)
         weights = expert_hash(expert_manifest(upload.plan.manifest, family))
-        self.workdir.record_own_blobs({sha: (str(where.path), where.start, where.size)
-                                       for sha, where in upload.sources.items()})
+        index = {sha: (str(where.path), where.start, where.size) for sha, where in upload.sources.items()}
+        # Both models' blobs while the coordinator may still refuse the new one (the published versions hold the
+        # old): fetch reads either from disk, not the network; only the accepted model's once it is accepted.
+        self.workdir.record_own_blobs({**self.workdir.own_blobs(), **index})
         self.upload(upload)
         self.state = self.workdir.update(model=str(model_dir.resolve()), model_upload=True, expert_hash=weights)
+        self.workdir.record_own_blobs(index)
 
     # -- statistics -----------------------------------------------------------------------------------------------
     def contribute_statistics(self, dataset: str, basis_hash: str, weights: str) -> None:

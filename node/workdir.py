@@ -123,12 +123,15 @@ class Workdir:
                                   pki.read_bytes(self.identity / "key.pem", "the node key"),
                                   pki.read_bytes(self.identity / "cert.pem", "the node certificate"))
 
+    def own_blobs(self) -> dict[str, tuple[str, int, int]]:
+        """sha256 -> (file, start, size) of each blob of the node's own model, as ``record_own_blobs`` wrote them."""
+        index_path = self.root / "own-blobs.json"
+        return {sha: tuple(where) for sha, where in json.loads(index_path.read_text()).items()} \
+            if index_path.is_file() else {}
+
     def own_blob(self, sha256: str) -> bytes | None:
         """A blob of the node's own model, read from its model files (so fetch never downloads it)."""
-        index_path = self.root / "own-blobs.json"
-        if not index_path.is_file():
-            return None
-        where = json.loads(index_path.read_text()).get(sha256)
+        where = self.own_blobs().get(sha256)
         if where is None:
             return None
         path, start, size = where
