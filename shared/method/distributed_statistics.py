@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -63,19 +63,23 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16
 
 
 @dataclass(frozen=True)
-class StatisticsJob:
-    """Everything a worker needs, written as JSON for it: the expert, the basis file, the data and the settings."""
+class StatisticsTask:
+    """One statistics run: an expert over one dataset, with its checkpoint if it has one."""
+
+    expert: ExpertDirectory
+    data: DocumentStream
+    checkpoint: StatisticsCheckpoint | None = None
+
+
+@dataclass(frozen=True)
+class WorkerRun:
+    """A task as the workers read it (JSON): paths and settings, and where rank 0 writes the result."""
 
     expert_dir: str
     expert_name: str
-    basis_file: str
     data_path: str
     sequence_length: int
     max_tokens: int | None
-    batch_size: int
-    device: str
-    dtype: str
-    threads: int
     result_file: str
     checkpoint_path: str | None = None
     checkpoint_inputs: str = ""
@@ -88,6 +92,19 @@ class StatisticsJob:
         checkpoint = StatisticsCheckpoint(Path(self.checkpoint_path), self.checkpoint_inputs,
                                           self.checkpoint_every_seconds, self.checkpoint_every_batches)
         return rank_checkpoint(checkpoint, shard)
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """Everything the workers need, written as JSON for them: the basis file, the settings and the runs (one per
+    task, done in order by the same workers: one start-up and one rendezvous for all of a merge's statistics)."""
+
+    basis_file: str
+    batch_size: int
+    device: str
+    dtype: str
+    threads: int
+    runs: list[WorkerRun]
 
 
 def rank_checkpoint(checkpoint: StatisticsCheckpoint, shard: Shard) -> StatisticsCheckpoint:
@@ -112,31 +129,55 @@ def check_processes(nproc: int, placement: Placement) -> None:
         raise DumeError(f"--nproc {nproc} exceeds this machine's {os.cpu_count()} CPU cores: use at most that many")
 
 
+def check_not_under_torchrun(command: str) -> None:
+    """Refuses a command that must run once per host (it enrols, it uploads) when torchrun started N copies."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise DumeError(f"{command} was started by torchrun (WORLD_SIZE={world}): start it once with --nproc "
+                        f"{world} instead; it starts its statistics workers itself (one enrolment, one upload)")
+
+
 def packed_statistics(expert: ExpertDirectory, basis: Mapping[str, torch.Tensor], data: DocumentStream,
                       batch_size: int, placement: Placement = CPU, checkpoint: StatisticsCheckpoint | None = None,
                       nproc: int = 1, scratch: Path | None = None) -> torch.Tensor:
-    """``packed_statistics_under_basis`` over ``nproc`` worker processes (in this process when 1). The workers'
-    basis file and result go under ``scratch`` (a folder; default: the system's temporary one)."""
+    """``packed_statistics_under_basis`` over ``nproc`` worker processes (in this process when 1)."""
+    return next(iter(packed_statistics_of([StatisticsTask(expert, data, checkpoint)], basis, batch_size, placement,
+                                          nproc, scratch)))
+
+
+def packed_statistics_of(tasks: Sequence[StatisticsTask], basis: Mapping[str, torch.Tensor], batch_size: int,
+                         placement: Placement = CPU, nproc: int = 1,
+                         scratch: Path | None = None) -> Iterator[torch.Tensor]:
+    """Each task's packed statistics under ``basis``, in order: in this process when ``nproc`` is 1 (each computed
+    as it is asked for), else by ``nproc`` workers started once for all of them (each read back from rank 0's file
+    as it is asked for). The workers' basis file and results go under ``scratch`` (default: the system's temporary
+    folder)."""
     if nproc == 1:
-        return packed_statistics_under_basis(expert, basis, data, batch_size, placement, checkpoint)
+        for task in tasks:
+            yield packed_statistics_under_basis(task.expert, basis, task.data, batch_size, placement, task.checkpoint)
+        return
     check_processes(nproc, placement)
     with tempfile.TemporaryDirectory(prefix="dume-statistics-", dir=scratch) as folder:
         folder = Path(folder)
         write_basis(basis, folder / "basis.safetensors")
-        job = StatisticsJob(
-            str(expert.path), expert.name, str(folder / "basis.safetensors"), str(data.path), data.sequence_length,
-            data.max_tokens, batch_size, placement.device, placement.dtype,
-            max(1, torch.get_num_threads() // nproc), str(folder / "result.safetensors"),
-            **_checkpoint_fields(checkpoint))
+        runs = [WorkerRun(str(task.expert.path), task.expert.name, str(task.data.path), task.data.sequence_length,
+                          task.data.max_tokens, str(folder / f"result-{index}.safetensors"),
+                          **_checkpoint_fields(task.checkpoint))
+                for index, task in enumerate(tasks)]
+        job = WorkerJob(str(folder / "basis.safetensors"), batch_size, placement.device, placement.dtype,
+                        max(1, torch.get_num_threads() // nproc), runs)
         (folder / "job.json").write_text(json.dumps(asdict(job)))
         run_workers(folder / "job.json", nproc)
-        packed = read_result(Path(job.result_file))
-    if checkpoint is not None:
-        for rank in range(nproc):
-            rank_checkpoint(checkpoint, Shard(rank, nproc)).remove()
-    if not token_count(packed):
-        raise DumeError("the data produced no tokens with this tokenizer: check the data and the model's tokenizer")
-    return packed
+        for task, run in zip(tasks, runs):
+            packed = read_result(Path(run.result_file))
+            if task.checkpoint is not None:
+                for rank in range(nproc):
+                    rank_checkpoint(task.checkpoint, Shard(rank, nproc)).remove()
+            if not token_count(packed):
+                raise DumeError("the data produced no tokens with this tokenizer: check the data and the model's "
+                                "tokenizer")
+            yield packed
+            del packed
 
 
 def _checkpoint_fields(checkpoint: StatisticsCheckpoint | None) -> dict[str, object]:
@@ -278,8 +319,8 @@ def reduce_to_rank_zero(packed: torch.Tensor, device: torch.device) -> torch.Ten
     return total
 
 
-def run_worker(job: StatisticsJob, shard: Shard, local_rank: int) -> None:
-    """One rank: its share of the statistics, then the reduction; rank 0 writes the result."""
+def run_worker(job: WorkerJob, shard: Shard, local_rank: int) -> None:
+    """One rank: its share of each run's statistics, then the run's reduction; rank 0 writes each result."""
     import torch.distributed as dist
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -288,18 +329,26 @@ def run_worker(job: StatisticsJob, shard: Shard, local_rank: int) -> None:
     placement = rank_placement(Placement(job.device, job.dtype), local_rank)
     init_process_group(placement)
     try:
-        expert = ExpertDirectory(Path(job.expert_dir), job.expert_name)
-        data = DocumentStream(Path(job.data_path), load_tokenizer(expert.path), job.sequence_length, job.max_tokens)
         with safe_open(job.basis_file, framework="pt") as handle:
             basis = LazyTensors(handle.keys(), handle.get_tensor)
-            packed = packed_statistics_under_basis(expert, basis, data, job.batch_size, placement,
-                                                   job.checkpoint(shard), shard)
-        total = reduce_to_rank_zero(packed, placement.torch_device())
-        if total is not None:
-            with atomic_path(Path(job.result_file)) as partial:
-                save_file(statistics_tensors(total), str(partial))
+            for run in job.runs:
+                expert = ExpertDirectory(Path(run.expert_dir), run.expert_name)
+                data = DocumentStream(Path(run.data_path), load_tokenizer(expert.path), run.sequence_length,
+                                      run.max_tokens)
+                packed = packed_statistics_under_basis(expert, basis, data, job.batch_size, placement,
+                                                       run.checkpoint(shard), shard)
+                total = reduce_to_rank_zero(packed, placement.torch_device())
+                if total is not None:
+                    with atomic_path(Path(run.result_file)) as partial:
+                        save_file(statistics_tensors(total), str(partial))
+                del packed, total
     finally:
         dist.destroy_process_group()
+
+
+def read_job(path: Path) -> WorkerJob:
+    fields = json.loads(path.read_text())
+    return WorkerJob(**{**fields, "runs": [WorkerRun(**run) for run in fields["runs"]]})
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -320,7 +369,7 @@ def main(argv: list[str]) -> int:
     if "DUME_PARENT_PID" in os.environ:
         _exit_with_parent(int(os.environ["DUME_PARENT_PID"]))
     try:
-        run_worker(StatisticsJob(**json.loads(job_file.read_text())), shard, local_rank)
+        run_worker(read_job(job_file), shard, local_rank)
     except BaseException as error:  # one line for the command; it stops the other workers
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         text = message if isinstance(error, DumeError) else f"{type(error).__name__}: {message}".rstrip(": ")
