@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import ssl
 import sys
 import threading
@@ -31,7 +32,7 @@ from dume.shared.errors import CoordinatorUnreachable, DumeError
 from dume.shared.files import atomic_path, staged_directory
 from dume.shared.method.averaging import tensors_hash
 from dume.shared.method.data import DocumentStream, load_tokenizer
-from dume.shared.method.distributed_statistics import packed_statistics
+from dume.shared.method.distributed_statistics import SCRATCH_PREFIX, packed_statistics
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.expert_weights import expert_hash, expert_manifest
 from dume.shared.method.families import detect_family
@@ -348,6 +349,8 @@ class Agent:
         for stale in path.parent.glob("*.partial"):  # runs under bases gone since (this basis's: resumed in turn)
             if not stale.name.startswith(basis.basis_hash):
                 stale.unlink(missing_ok=True)
+        for stale in path.parent.glob(f"{SCRATCH_PREFIX}*"):  # workers' folders of a run killed with the node
+            shutil.rmtree(stale, ignore_errors=True)
         gram = packed_statistics(expert, tensors, data, int(basis.batch_size), self.placement, checkpoint,
                                  self.nproc, self.workdir.statistics)
         check_enough_tokens(gram, f"{self.state['name']}/{dataset}")

@@ -59,6 +59,7 @@ from dume.shared.method.statistics_checkpoint import StatisticsCheckpoint
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 WATCH_SECONDS = 0.2  # how often the command looks at its workers
 STOP_SECONDS = 10.0  # how long a stopped worker gets before SIGKILL
+SCRATCH_PREFIX = "dume-statistics-"  # the workers' folder (basis, job, results), removed after each run
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
@@ -157,7 +158,9 @@ def packed_statistics_of(tasks: Sequence[StatisticsTask], basis: Mapping[str, to
             yield packed_statistics_under_basis(task.expert, basis, task.data, batch_size, placement, task.checkpoint)
         return
     check_processes(nproc, placement)
-    with tempfile.TemporaryDirectory(prefix="dume-statistics-", dir=scratch) as folder:
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=scratch) as folder:
         folder = Path(folder)
         write_basis(basis, folder / "basis.safetensors")
         runs = [WorkerRun(str(task.expert.path), task.expert.name, str(task.data.path), task.data.sequence_length,
