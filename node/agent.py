@@ -355,7 +355,9 @@ class Agent:
                                  self.nproc, self.workdir.statistics)
         check_enough_tokens(gram, f"{self.state['name']}/{dataset}")
         seconds, tokens = time.monotonic() - started, token_count(gram)
-        say(f"statistics of {dataset} under basis {basis.basis_hash[:12]}: {tokens} tokens in {seconds:.2f} s")
+        workers = f" by {self.nproc} worker processes" if self.nproc > 1 else ""
+        say(f"statistics of {dataset} under basis {basis.basis_hash[:12]}: {tokens} tokens in {seconds:.2f} s"
+            f"{workers}")
         self.workdir.record_transfer("statistics", basis=basis.basis_hash, dataset=dataset, tokens=tokens,
                                      seconds=seconds)
         with atomic_path(path) as partial:

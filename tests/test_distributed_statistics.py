@@ -11,23 +11,32 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from dume.shared.lab.harness import Federation, differing_files, environment, wait_until
+from dume.shared.lab.harness import (
+    FEDERATION_THREADS,
+    Federation,
+    differing_files,
+    environment,
+    torch_threads,
+    wait_until,
+)
 from dume.shared.lab.tiny import synthetic_documents
 from dume.shared.method.averaging import compute_basis
 from dume.shared.method.data import DocumentStream, load_tokenizer, pack_documents
 from dume.shared.method.distributed_statistics import StatisticsTask, packed_statistics_of
 from dume.shared.method.expert import ExpertDirectory, load_decoder
 from dume.shared.method.families import detect_family
+from dume.shared.method.merge import merge
 from dume.shared.method.ridge import solve_routers
-from dume.shared.method.statistics import from_upper_triangle, token_count
+from dume.shared.method.settings import MergeSettings
+from dume.shared.method.statistics import from_upper_triangle, layer_name, token_count
 
-SEQUENCE = 32
+SEQUENCE = 64
 DUME = [sys.executable, "-c", "import sys; from dume.shared.cli import main; sys.exit(main())"]  # `dume`
 
 
@@ -54,24 +63,48 @@ def held_out_router_inputs(expert: ExpertDirectory, basis: dict, documents: list
     return captured
 
 
-def test_two_gloo_processes_give_one_process_statistics_and_its_routing(experts):
+def test_a_member_with_two_gloo_workers_matches_one_process_and_merge_with_two_workers(experts, tmp_path):
+    """One federation member joins with ``--nproc 2``: its uploaded statistics equal one process's within float64
+    rounding (token counts exactly), the routers solved from them route held-out tokens as one process's do, and
+    the exact version is byte-identical to ``dume merge --nproc 2`` (two independent N=2 runs, the same bytes).
+    One member keeps it short: its statistics are computed once (a second member would move the basis)."""
+    fed = Federation(tmp_path / "federation", threads=FEDERATION_THREADS)
+    try:
+        fed.init("--sequence-length", str(SEQUENCE))
+        fed.serve()
+        fed.join("code", experts["code"].model_dir, experts["code"].data_path, fed.token("code"), "--nproc", "2",
+                 "--once")
+        fed.wait_exact(["code"])
+        exported = fed.export(tmp_path / "federated")
+    finally:
+        fed.close()
+    assert "by 2 worker processes" in fed.log("node-code").read_text()
+    with torch_threads(FEDERATION_THREADS):
+        merged = merge([experts["code"]], tmp_path / "merged", MergeSettings(sequence_length=SEQUENCE), nproc=2)
+    assert not differing_files(exported, merged)
+
+    # The node's statistics (reduced from its two workers) against one process's, under the same basis.
+    [uploaded] = (fed.workdir("code") / "statistics").glob("*.safetensors")
+    tensors = load_file(uploaded)
+    reduced_code = torch.stack([tensors[layer_name(layer)] for layer in range(len(tensors))])
     names = sorted(experts)
     directories = {name: ExpertDirectory(experts[name].model_dir, name) for name in names}
-    basis = compute_basis(directories)
+    basis = compute_basis({"code": directories["code"]})
     tasks = [StatisticsTask(directories[name], DocumentStream(experts[name].data_path,
                                                               load_tokenizer(experts[name].model_dir), SEQUENCE))
              for name in names]
-    one = dict(zip(names, packed_statistics_of(tasks, basis, batch_size=2)))
-    two = dict(zip(names, packed_statistics_of(tasks, basis, batch_size=2, nproc=2)))
-    size = int(directories[names[0]].config["hidden_size"]) + 1
-    for name in names:
-        assert token_count(two[name]) == token_count(one[name]) > size  # every token counted once, by one rank
-        reference, reduced = from_upper_triangle(one[name], size), from_upper_triangle(two[name], size)
-        diagonal = reference.diagonal(dim1=1, dim2=2)
-        bound = torch.sqrt(diagonal[:, :, None] * diagonal[:, None, :])  # |G_ij| <= sqrt(G_ii G_jj)
-        assert float(((reduced - reference).abs() / bound).max()) < 1e-12, name
-    routers = {n: solve_routers({name: from_upper_triangle(packed[name], size) for name in names})
-               for n, packed in (("one", one), ("two", two))}
+    with torch_threads(FEDERATION_THREADS):
+        one = dict(zip(names, packed_statistics_of(tasks, basis, MergeSettings().batch_size)))
+    size = int(directories["code"].config["hidden_size"]) + 1
+    assert token_count(reduced_code) == token_count(one["code"]) > size  # every token counted once, by one rank
+    reference, reduced = from_upper_triangle(one["code"], size), from_upper_triangle(reduced_code, size)
+    diagonal = reference.diagonal(dim1=1, dim2=2)
+    bound = torch.sqrt(diagonal[:, :, None] * diagonal[:, None, :])  # |G_ij| <= sqrt(G_ii G_jj)
+    assert float(((reduced - reference).abs() / bound).max()) < 1e-12
+
+    # Routers over the three experts, with code's statistics from one process or from the two workers.
+    full = {name: from_upper_triangle(one[name], size) for name in names}
+    routers = {"one": solve_routers(full), "two": solve_routers({**full, "code": reduced})}
     agree = total = 0
     for index, name in enumerate(names):
         documents = synthetic_documents(name, 12, offset=500 + index)
@@ -81,47 +114,23 @@ def test_two_gloo_processes_give_one_process_statistics_and_its_routing(experts)
     assert total > 500 and agree / total >= 0.999
 
 
-def test_a_federation_of_two_process_members_publishes_the_bytes_of_merge_with_two_processes(experts, tmp_path):
-    names = ("code", "math")
-    fed = Federation(tmp_path / "federation")
-    try:
-        fed.init("--sequence-length", "64")
-        fed.serve()
-        tokens = fed.tokens(list(names))
-        for name in names:
-            fed.join(name, experts[name].model_dir, experts[name].data_path, tokens[name], "--nproc", "2")
-        fed.wait_exact(list(names))
-        exported = fed.export(tmp_path / "federated")
-    finally:
-        fed.close()
-    expert_args = [arg for name in names
-                   for arg in ("--expert", f"{name}={experts[name].model_dir}:{experts[name].data_path}")]
-    subprocess.run([*DUME, "merge", *expert_args, "--sequence-length", "64", "--nproc", "2", "--out",
-                    str(tmp_path / "merged")], env=environment(), stdin=subprocess.DEVNULL, check=True, timeout=300)
-    assert not differing_files(exported, tmp_path / "merged")
-
-
 def children_of(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def test_a_worker_killed_ends_the_merge_with_one_line_and_stops_the_other(experts, tmp_path):
-    long_data = tmp_path / "long.txt"
-    long_data.write_text("\n".join(synthetic_documents("code", 3000)) + "\n")
-    expert_args = [arg for name in ("code", "math") for arg in ("--expert", f"{name}={experts[name].model_dir}:"
-                                                                          f"{long_data}")]
-    merge = subprocess.Popen([*DUME, "merge", *expert_args, "--sequence-length", "16", "--batch-size", "1",
-                              "--nproc", "2", "--out", str(tmp_path / "merged")],
+    expert_args = [arg for name in ("code", "math")
+                   for arg in ("--expert", f"{name}={experts[name].model_dir}:{experts[name].data_path}")]
+    command = subprocess.Popen([*DUME, "merge", *expert_args, "--nproc", "2", "--out", str(tmp_path / "merged")],
                              env=environment(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
-        workers = wait_until(lambda: len(found := children_of(merge.pid)) == 2 and found, 60, "two workers")
-        time.sleep(1.0)  # the workers import torch, join the group and start on their batches
+        workers = wait_until(lambda: len(found := children_of(command.pid)) == 2 and found, 60, "two workers")
         os.kill(workers[1], signal.SIGKILL)
-        _, stderr = merge.communicate(timeout=120)
+        _, stderr = command.communicate(timeout=120)
     finally:
-        merge.kill()
-    assert merge.returncode == 2
+        command.kill()
+    assert command.returncode == 2
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert "Traceback" not in stderr
     assert lines[-1].startswith("dume: error: statistics worker 1 of 2 was killed by SIGKILL"), stderr[-2000:]
