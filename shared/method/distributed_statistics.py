@@ -364,6 +364,14 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+class _Stopped(BaseException):
+    """SIGTERM from the command: unwinds the worker so that a checkpoint being written is not left half-made."""
+
+
+def _stop_on_sigterm(_signum: int, _frame: object) -> None:
+    raise _Stopped
+
+
 def main(argv: list[str]) -> int:
     """The worker's entry point: ``python -m dume.shared.method.distributed_statistics JOB``. An error becomes one
     line in ``rank<r>.error`` beside the job, for the command to report."""
@@ -371,8 +379,11 @@ def main(argv: list[str]) -> int:
     shard, local_rank = shard_from_environment()
     if "DUME_PARENT_PID" in os.environ:
         _exit_with_parent(int(os.environ["DUME_PARENT_PID"]))
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         run_worker(read_job(job_file), shard, local_rank)
+    except _Stopped:  # the command stops this worker: another failed, or the command itself was stopped
+        return 128 + signal.SIGTERM
     except BaseException as error:  # one line for the command; it stops the other workers
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         text = message if isinstance(error, DumeError) else f"{type(error).__name__}: {message}".rstrip(": ")
