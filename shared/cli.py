@@ -63,10 +63,12 @@ def run_merge(args: argparse.Namespace) -> None:
     if len(args.expert) < 2:
         raise DumeError("a merge needs at least two experts (a one-expert MoE is the expert itself): pass --expert "
                         "NAME=MODEL_DIR:DATA[,DATA...] once per expert")
+    from dume.shared.method.distributed_statistics import writes_output
     from dume.shared.method.merge import merge
 
     out = merge(args.expert, args.out, merge_settings(args), placement(args), args.max_tokens, args.nproc)
-    report(args, {"out": str(out), "members": sorted(spec.name for spec in args.expert)}, f"wrote {out}")
+    if writes_output():  # under torchrun only rank 0 writes, and says so
+        report(args, {"out": str(out), "members": sorted(spec.name for spec in args.expert)}, f"wrote {out}")
 
 
 def run_demo_command(args: argparse.Namespace) -> None:

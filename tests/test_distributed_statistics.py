@@ -37,6 +37,15 @@ from dume.shared.method.settings import MergeSettings
 from dume.shared.method.statistics import from_upper_triangle, layer_name, token_count
 
 SEQUENCE = 64
+# `dume merge`'s library call as each rank of `torchrun --nproc-per-node 2` runs it (the CLI takes two experts).
+TORCHRUN_MERGE = """
+import sys
+from pathlib import Path
+from dume.shared.method.merge import merge
+from dume.shared.method.settings import ExpertSpec, MergeSettings
+model, data, out, sequence = sys.argv[1:]
+merge([ExpertSpec("code", Path(model), Path(data))], Path(out), MergeSettings(sequence_length=int(sequence)))
+"""
 DUME = [sys.executable, "-c", "import sys; from dume.shared.cli import main; sys.exit(main())"]  # `dume`
 
 
@@ -66,7 +75,8 @@ def held_out_router_inputs(expert: ExpertDirectory, basis: dict, documents: list
 def test_a_member_with_two_gloo_workers_matches_one_process_and_merge_with_two_workers(experts, tmp_path):
     """One federation member joins with ``--nproc 2``: its uploaded statistics equal one process's within float64
     rounding (token counts exactly), the routers solved from them route held-out tokens as one process's do, and
-    the exact version is byte-identical to ``dume merge --nproc 2`` (two independent N=2 runs, the same bytes).
+    the exact version is byte-identical to ``dume merge --nproc 2`` and to ``dume merge`` under ``torchrun
+    --nproc-per-node 2`` (three independent N=2 runs, the same bytes).
     One member keeps it short: its statistics are computed once (a second member would move the basis)."""
     fed = Federation(tmp_path / "federation", threads=FEDERATION_THREADS)
     try:
@@ -82,6 +92,15 @@ def test_a_member_with_two_gloo_workers_matches_one_process_and_merge_with_two_w
     with torch_threads(FEDERATION_THREADS):
         merged = merge([experts["code"]], tmp_path / "merged", MergeSettings(sequence_length=SEQUENCE), nproc=2)
     assert not differing_files(exported, merged)
+    # The merge started by torchrun: each rank takes its share of the statistics, rank 0 writes the same bytes.
+    script = tmp_path / "merge_under_torchrun.py"
+    script.write_text(TORCHRUN_MERGE)
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            str(script), str(experts["code"].model_dir), str(experts["code"].data_path),
+                            str(tmp_path / "torchrun"), str(SEQUENCE)],
+                           env=environment(FEDERATION_THREADS), capture_output=True, text=True, timeout=300)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    assert not differing_files(merged, tmp_path / "torchrun")
 
     # The node's statistics (reduced from its two workers) against one process's, under the same basis.
     [uploaded] = (fed.workdir("code") / "statistics").glob("*.safetensors")

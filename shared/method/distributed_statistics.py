@@ -130,10 +130,21 @@ def check_processes(nproc: int, placement: Placement) -> None:
         raise DumeError(f"--nproc {nproc} exceeds this machine's {os.cpu_count()} CPU cores: use at most that many")
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several ranks torchrun started (WORLD_SIZE > 1 in the environment)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return world.isdigit() and int(world) > 1
+
+
+def writes_output() -> bool:
+    """Whether this process writes the command's output: always, except a torchrun rank other than 0."""
+    return not launched_by_torchrun() or int(os.environ.get("RANK", "0")) == 0
+
+
 def check_not_under_torchrun(command: str) -> None:
     """Refuses a command that must run once per host (it enrols, it uploads) when torchrun started N copies."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.isdigit() and int(world) > 1:
+    if launched_by_torchrun():
+        world = os.environ["WORLD_SIZE"]
         raise DumeError(f"{command} was started by torchrun (WORLD_SIZE={world}): start it once with --nproc "
                         f"{world} instead; it starts its statistics workers itself (one enrolment, one upload)")
 
@@ -148,11 +159,17 @@ def packed_statistics(expert: ExpertDirectory, basis: Mapping[str, torch.Tensor]
 
 def packed_statistics_of(tasks: Sequence[StatisticsTask], basis: Mapping[str, torch.Tensor], batch_size: int,
                          placement: Placement = CPU, nproc: int = 1,
-                         scratch: Path | None = None) -> Iterator[torch.Tensor]:
+                         scratch: Path | None = None) -> Iterator[torch.Tensor | None]:
     """Each task's packed statistics under ``basis``, in order: in this process when ``nproc`` is 1 (each computed
     as it is asked for), else by ``nproc`` workers started once for all of them (each read back from rank 0's file
     as it is asked for). The workers' basis file and results go under ``scratch`` (default: the system's temporary
-    folder)."""
+    folder). In a process torchrun started, this rank takes its share and the statistics are reduced to rank 0:
+    there they are given, and None on the other ranks."""
+    if launched_by_torchrun():
+        if nproc != 1:
+            raise DumeError(f"--nproc {nproc} under torchrun: torchrun already started the processes; drop --nproc")
+        yield from _statistics_as_torchrun_rank(tasks, basis, batch_size, placement)
+        return
     if nproc == 1:
         for task in tasks:
             yield packed_statistics_under_basis(task.expert, basis, task.data, batch_size, placement, task.checkpoint)
@@ -181,6 +198,31 @@ def packed_statistics_of(tasks: Sequence[StatisticsTask], basis: Mapping[str, to
                                 "tokenizer")
             yield packed
             del packed
+
+
+def _statistics_as_torchrun_rank(tasks: Sequence[StatisticsTask], basis: Mapping[str, torch.Tensor],
+                                 batch_size: int, placement: Placement) -> Iterator[torch.Tensor | None]:
+    """This rank's share of each task, reduced to rank 0: the reduced statistics on rank 0, None on the others
+    (``dume merge`` started by torchrun: every rank runs the command, only rank 0 writes)."""
+    import torch.distributed as dist
+
+    shard, local_rank = shard_from_environment()
+    placement = rank_placement(placement, local_rank)
+    if not dist.is_initialized():
+        init_process_group(placement)
+    for task in tasks:
+        checkpoint = rank_checkpoint(task.checkpoint, shard) if task.checkpoint is not None else None
+        packed = packed_statistics_under_basis(task.expert, basis, task.data, batch_size, placement, checkpoint,
+                                               shard)
+        total = reduce_to_rank_zero(packed, placement.torch_device())
+        del packed
+        if checkpoint is not None:
+            dist.barrier()  # every rank's sums are in rank 0's result: the checkpoints may go
+            checkpoint.remove()
+        if total is not None and not token_count(total):
+            raise DumeError("the data produced no tokens with this tokenizer: check the data and the model's "
+                            "tokenizer")
+        yield total
 
 
 def _checkpoint_fields(checkpoint: StatisticsCheckpoint | None) -> dict[str, object]:

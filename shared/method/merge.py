@@ -26,7 +26,12 @@ from dume.shared.errors import DumeError
 from dume.shared.files import check_free, staged_directory
 from dume.shared.method.averaging import compute_basis, tensors_hash
 from dume.shared.method.data import DocumentStream, check_documents, load_tokenizer
-from dume.shared.method.distributed_statistics import StatisticsTask, check_processes, packed_statistics_of
+from dume.shared.method.distributed_statistics import (
+    StatisticsTask,
+    check_processes,
+    packed_statistics_of,
+    writes_output,
+)
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.families import check_same_architecture
 from dume.shared.method.placement import CPU, Placement
@@ -67,14 +72,19 @@ def merge(specs: Sequence[ExpertSpec], out_dir: str | Path, settings: MergeSetti
           placement: Placement = CPU, max_tokens: int | None = None, nproc: int = 1) -> Path:
     """Build the DUME checkpoint for ``specs`` into ``out_dir`` (which must not exist or be empty); the statistics'
     forward passes run where ``placement`` says, over at most ``max_tokens`` of each expert's data, in ``nproc``
-    worker processes (see ``distributed_statistics``: the bytes depend on ``nproc``)."""
+    worker processes (see ``distributed_statistics``: the bytes depend on ``nproc``). Started by torchrun, every
+    rank runs this and collects its share of the statistics; only rank 0 writes ``out_dir``."""
     specs, out_dir = list(specs), Path(out_dir)
     if not specs:
         raise DumeError("no experts given: pass --expert NAME=MODEL_DIR:DATA[,DATA...] at least once")
     if not 1 <= settings.top_k <= len(specs):
         raise DumeError(f"top-k {settings.top_k} is out of range: use 1 to {len(specs)} (the number of experts)")
-    check_free(out_dir)
     check_processes(nproc, placement)
+    if not writes_output():  # a torchrun rank other than 0: its share of the statistics, then rank 0 writes
+        experts = open_experts(specs)
+        member_statistics(specs, experts, compute_basis(experts), settings, placement, max_tokens)
+        return out_dir
+    check_free(out_dir)
     experts = open_experts(specs)
     with staged_directory(out_dir) as staging:
         basis = compute_basis(experts)
@@ -116,6 +126,8 @@ def member_statistics(specs: list[ExpertSpec], experts: dict[str, ExpertDirector
     collected: dict[str, list] = {name: [] for name in experts}
     results = packed_statistics_of([task for *_, task in runs], basis, settings.batch_size, placement, nproc, spill)
     for (name, node, dataset, _), packed in zip(runs, results):
+        if packed is None:  # a torchrun rank other than 0: its share went to rank 0
+            continue
         check_enough_tokens(packed, f"{node}/{dataset}")
         collected[name].append(packed_contribution(node, dataset, packed) if spill is None
                                else spill_contribution(spill, node, dataset, packed))
