@@ -11,12 +11,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
+from dume.shared.errors import DumeError
 from dume.shared.lab.harness import (
     FEDERATION_THREADS,
     Federation,
@@ -28,13 +31,14 @@ from dume.shared.lab.harness import (
 from dume.shared.lab.tiny import synthetic_documents
 from dume.shared.method.averaging import compute_basis
 from dume.shared.method.data import DocumentStream, load_tokenizer, pack_documents
-from dume.shared.method.distributed_statistics import StatisticsTask, packed_statistics_of
+from dume.shared.method.distributed_statistics import StatisticsTask, packed_statistics, packed_statistics_of
 from dume.shared.method.expert import ExpertDirectory, load_decoder
 from dume.shared.method.families import detect_family
 from dume.shared.method.merge import merge
 from dume.shared.method.ridge import solve_routers
 from dume.shared.method.settings import MergeSettings
 from dume.shared.method.statistics import from_upper_triangle, layer_name, token_count
+from dume.shared.method.statistics_checkpoint import StatisticsCheckpoint
 
 SEQUENCE = 64
 # `dume merge`'s library call as each rank of `torchrun --nproc-per-node 2` runs it (the CLI takes two experts).
@@ -70,6 +74,15 @@ def held_out_router_inputs(expert: ExpertDirectory, basis: dict, documents: list
     for handle in handles:
         handle.remove()
     return captured
+
+
+def assert_within_rounding(packed: torch.Tensor, reference: torch.Tensor) -> None:
+    """Every entry of G within float64 rounding of the reference's, relative to its bound sqrt(G_ii G_jj)."""
+    size = int(round(((8 * packed.shape[-1] + 1) ** 0.5 - 1) / 2))
+    mine, theirs = from_upper_triangle(packed, size), from_upper_triangle(reference, size)
+    diagonal = theirs.diagonal(dim1=1, dim2=2)
+    bound = torch.sqrt(diagonal[:, :, None] * diagonal[:, None, :])  # |G_ij| <= sqrt(G_ii G_jj)
+    assert float(((mine - theirs).abs() / bound).max()) < 1e-12
 
 
 def test_a_member_with_two_gloo_workers_matches_one_process_and_merge_with_two_workers(experts, tmp_path):
@@ -116,10 +129,8 @@ def test_a_member_with_two_gloo_workers_matches_one_process_and_merge_with_two_w
         one = dict(zip(names, packed_statistics_of(tasks, basis, MergeSettings().batch_size)))
     size = int(directories["code"].config["hidden_size"]) + 1
     assert token_count(reduced_code) == token_count(one["code"]) > size  # every token counted once, by one rank
-    reference, reduced = from_upper_triangle(one["code"], size), from_upper_triangle(reduced_code, size)
-    diagonal = reference.diagonal(dim1=1, dim2=2)
-    bound = torch.sqrt(diagonal[:, :, None] * diagonal[:, None, :])  # |G_ij| <= sqrt(G_ii G_jj)
-    assert float(((reduced - reference).abs() / bound).max()) < 1e-12
+    assert_within_rounding(reduced_code, one["code"])
+    reduced = from_upper_triangle(reduced_code, size)
 
     # Routers over the three experts, with code's statistics from one process or from the two workers.
     full = {name: from_upper_triangle(one[name], size) for name in names}
@@ -155,3 +166,40 @@ def test_a_worker_killed_ends_the_merge_with_one_line_and_stops_the_other(expert
     assert lines[-1].startswith("dume: error: statistics worker 1 of 2 was killed by SIGKILL"), stderr[-2000:]
     assert not Path(f"/proc/{workers[0]}").exists() or "zombie" in Path(f"/proc/{workers[0]}/status").read_text()
     assert not (tmp_path / "merged").exists()
+
+
+def saved_batches(path: Path) -> int:
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return int(handle.metadata()["batches"])
+    except Exception:  # not written yet, or being replaced
+        return 0
+
+
+def test_a_two_process_run_killed_mid_way_resumes_from_each_workers_checkpoint(experts, tmp_path, capfd):
+    expert = ExpertDirectory(experts["code"].model_dir, "code")
+    basis = compute_basis({"code": expert})
+    (tmp_path / "long.txt").write_text("\n".join(synthetic_documents("code", 250)) + "\n")
+    data = DocumentStream(tmp_path / "long.txt", load_tokenizer(expert.path), 16)
+    partial = tmp_path / "statistics.safetensors.partial"
+    rank_files = [tmp_path / f"statistics.safetensors.rank{rank}-of-2.partial" for rank in range(2)]
+
+    def kill_rank_one() -> None:
+        wait_until(lambda: saved_batches(rank_files[1]) >= 6, 120, "rank 1's checkpoint", every=0.01)
+        os.kill(children_of(os.getpid())[1], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_rank_one, daemon=True)
+    killer.start()
+    every_batch = StatisticsCheckpoint(partial, "basis", every_batches=1)
+    with pytest.raises(DumeError, match="statistics worker 1 of 2 was killed by SIGKILL"):
+        packed_statistics(expert, basis, data, 1, checkpoint=every_batch, nproc=2)
+    killer.join()
+    assert all(saved_batches(path) >= 6 for path in rank_files)
+    capfd.readouterr()
+    resumed = packed_statistics(expert, basis, data, 1, checkpoint=StatisticsCheckpoint(partial, "basis"), nproc=2)
+    assert "resuming statistics from" in capfd.readouterr().err  # rank 0's own line; rank 1's goes to its log
+    assert not any(path.exists() for path in rank_files)  # removed once the result is in
+    # Neither a batch lost nor one counted twice: one process's token count, and its sums within float64 rounding.
+    one = packed_statistics(expert, basis, data, 1)
+    assert token_count(resumed) == token_count(one)
+    assert_within_rounding(resumed, one)
