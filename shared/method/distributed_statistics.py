@@ -9,9 +9,10 @@ reads the same deterministic batch stream and sums batches r, r+N, r+2N... (``st
 sums are then gathered to rank 0 a layer at a time and added in rank order, so the bytes depend on N but not on
 the collective's algorithm (gloo on the CPU, NCCL on GPUs); rank 0 writes them and the command reads them back.
 
-What "exact" means across N: the same inputs, settings and N on the same machine give the same bytes; another N
-sums the batches in another order, which moves G by float64 rounding (about 1e-16 relative). A federation's exact
-version equals ``dume merge`` only when both ran with the same N.
+What "exact" means across N: the same inputs, settings and N on the same machine give the same bytes. Another N
+sums the batches in another order, which moves G by float64 rounding, and on the CPU gives each worker a share of
+the threads, which moves the float32 forward and products as any change of thread count does (about 1e-7 of
+sqrt(G_ii G_jj)). A federation's exact version equals ``dume merge`` only when both ran with the same N.
 
 A worker that fails (bad data, out of memory, killed) ends the run at once: the command watches its workers,
 stops the others and raises one line naming the worker and its error. A worker whose command died stops itself.
