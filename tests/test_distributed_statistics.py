@@ -203,3 +203,17 @@ def test_a_two_process_run_killed_mid_way_resumes_from_each_workers_checkpoint(e
     one = packed_statistics(expert, basis, data, 1)
     assert token_count(resumed) == token_count(one)
     assert_within_rounding(resumed, one)
+
+
+def test_join_started_by_torchrun_is_refused_before_enrolling(experts, tmp_path):
+    """N copies of `join` would each enrol and upload: under torchrun it refuses and names --nproc."""
+    join = subprocess.run([sys.executable, "-m", "dume.node", "join", "--token", "dume1.unused", "--model",
+                           str(experts["code"].model_dir), "--data", str(experts["code"].data_path), "--workdir",
+                           str(tmp_path / "node"), "--nproc", "2"],
+                          env={**environment(), "WORLD_SIZE": "2", "RANK": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert join.returncode == 2
+    assert join.stderr.strip().splitlines() == [
+        "dume-node: error: dume-node join was started by torchrun (WORLD_SIZE=2): start it once with --nproc 2 "
+        "instead; it starts its statistics workers itself (one enrolment, one upload)"]
+    assert not (tmp_path / "node").exists()

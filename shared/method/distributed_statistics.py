@@ -120,6 +120,8 @@ def check_processes(nproc: int, placement: Placement) -> None:
     device = placement.torch_device()
     if nproc == 1:
         return
+    if launched_by_torchrun():
+        raise DumeError(f"--nproc {nproc} under torchrun: torchrun already started the processes; drop --nproc")
     if device.type == "cuda":
         if device.index is not None:
             raise DumeError(f"--nproc {nproc} with --device {placement.device} would put every worker on one GPU: "
@@ -167,8 +169,7 @@ def packed_statistics_of(tasks: Sequence[StatisticsTask], basis: Mapping[str, to
     folder). In a process torchrun started, this rank takes its share and the statistics are reduced to rank 0:
     there they are given, and None on the other ranks."""
     if launched_by_torchrun():
-        if nproc != 1:
-            raise DumeError(f"--nproc {nproc} under torchrun: torchrun already started the processes; drop --nproc")
+        check_processes(nproc, placement)
         yield from _statistics_as_torchrun_rank(tasks, basis, batch_size, placement)
         return
     if nproc == 1:
