@@ -192,13 +192,15 @@ def test_a_two_process_run_killed_mid_way_resumes_from_each_workers_checkpoint(e
     killer.start()
     every_batch = StatisticsCheckpoint(partial, "basis", every_batches=1)
     with pytest.raises(DumeError, match="statistics worker 1 of 2 was killed by SIGKILL"):
-        packed_statistics(expert, basis, data, 1, checkpoint=every_batch, nproc=2)
+        packed_statistics(expert, basis, data, 1, checkpoint=every_batch, nproc=2, scratch=tmp_path)
     killer.join()
     assert all(saved_batches(path) >= 6 for path in rank_files)
     capfd.readouterr()
-    resumed = packed_statistics(expert, basis, data, 1, checkpoint=StatisticsCheckpoint(partial, "basis"), nproc=2)
+    resumed = packed_statistics(expert, basis, data, 1, checkpoint=StatisticsCheckpoint(partial, "basis"), nproc=2,
+                                scratch=tmp_path)
     assert "resuming statistics from" in capfd.readouterr().err  # rank 0's own line; rank 1's goes to its log
     assert not any(path.exists() for path in rank_files)  # removed once the result is in
+    assert not list(tmp_path.glob("dume-statistics-*"))  # nor is the workers' folder (basis, job, results) left
     # Neither a batch lost nor one counted twice: one process's token count, and its sums within float64 rounding.
     one = packed_statistics(expert, basis, data, 1)
     assert token_count(resumed) == token_count(one)

@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -156,8 +157,9 @@ def packed_statistics(expert: ExpertDirectory, basis: Mapping[str, torch.Tensor]
                       batch_size: int, placement: Placement = CPU, checkpoint: StatisticsCheckpoint | None = None,
                       nproc: int = 1, scratch: Path | None = None) -> torch.Tensor:
     """``packed_statistics_under_basis`` over ``nproc`` worker processes (in this process when 1)."""
-    return next(iter(packed_statistics_of([StatisticsTask(expert, data, checkpoint)], basis, batch_size, placement,
-                                          nproc, scratch)))
+    tasks = [StatisticsTask(expert, data, checkpoint)]
+    with closing(packed_statistics_of(tasks, basis, batch_size, placement, nproc, scratch)) as results:
+        return next(results)  # closing: the workers' folder goes now, not when the generator is collected
 
 
 def packed_statistics_of(tasks: Sequence[StatisticsTask], basis: Mapping[str, torch.Tensor], batch_size: int,

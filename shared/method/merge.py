@@ -125,7 +125,7 @@ def member_statistics(specs: list[ExpertSpec], experts: dict[str, ExpertDirector
             runs.append((name, dataset.node, dataset.name, StatisticsTask(experts[name], stream)))
     collected: dict[str, list] = {name: [] for name in experts}
     results = packed_statistics_of([task for *_, task in runs], basis, settings.batch_size, placement, nproc, spill)
-    for (name, node, dataset, _), packed in zip(runs, results):
+    for (name, node, dataset, _), packed in zip(runs, results, strict=True):  # strict: runs the generator out
         if packed is None:  # a torchrun rank other than 0: its share went to rank 0
             continue
         check_enough_tokens(packed, f"{node}/{dataset}")
