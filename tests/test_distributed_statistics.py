@@ -8,6 +8,7 @@ federation; a worker that dies ends the command with one line.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -219,3 +220,17 @@ def test_join_started_by_torchrun_is_refused_before_enrolling(experts, tmp_path)
         "dume-node: error: dume-node join was started by torchrun (WORLD_SIZE=2): start it once with --nproc 2 "
         "instead; it starts its statistics workers itself (one enrolment, one upload)"]
     assert not (tmp_path / "node").exists()
+
+
+def test_a_worker_error_comes_back_as_one_line_naming_the_worker(experts, tmp_path):
+    """Data that breaks in the workers (here binary; `join` and `merge` check it earlier, but a file may change
+    under a long run) ends the run with the worker's own one-line error."""
+    expert = ExpertDirectory(experts["code"].model_dir, "code")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"text\x00more\n")
+    with pytest.raises(DumeError) as error:
+        packed_statistics(expert, compute_basis({"code": expert}), DocumentStream(binary, load_tokenizer(expert.path),
+                                                                                  SEQUENCE), 1, nproc=2)
+    assert re.match(f"statistics worker [01] of 2 failed: {re.escape(str(binary))} line 1 holds a NUL byte",
+                    str(error.value))  # both fail alike: whichever the command saw first
+    assert "\n" not in str(error.value)
