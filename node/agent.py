@@ -338,7 +338,7 @@ class Agent:
         sources = [self.state["datasets"][dataset]] + ([self.state["model"]] if self.owner else [])
         stamps = [(path, os.stat(path).st_mtime_ns, os.stat(path).st_size) for path in sources]
         stamps.append([self.placement.device, self.placement.dtype, self.max_tokens,
-                       *([self.nproc] if self.nproc > 1 else [])])  # another N, other float64 rounding
+                       *([self.nproc] if self.nproc > 1 else [])])  # another N: other rounding, other bytes
         return hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:12]
 
     def _collect(self, expert: ExpertDirectory, basis: pb.Basis, tensors: dict, dataset: str, path: Path) -> None:
