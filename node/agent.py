@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import ssl
 import sys
 import threading
@@ -31,6 +32,7 @@ from dume.shared.errors import CoordinatorUnreachable, DumeError
 from dume.shared.files import atomic_path, staged_directory
 from dume.shared.method.averaging import tensors_hash
 from dume.shared.method.data import DocumentStream, load_tokenizer
+from dume.shared.method.distributed_statistics import SCRATCH_PREFIX, packed_statistics
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.expert_weights import expert_hash, expert_manifest
 from dume.shared.method.families import detect_family
@@ -38,7 +40,6 @@ from dume.shared.method.placement import CPU, Placement
 from dume.shared.method.statistics import (
     check_enough_tokens,
     layout_token_count,
-    packed_statistics_under_basis,
     statistics_tensors,
     token_count,
 )
@@ -181,12 +182,13 @@ class Superseded(Exception):
 
 
 class Agent:
-    """One enrolled node talking to its coordinator; ``placement`` and ``max_tokens`` say how statistics run, and
-    ``give_up_after`` how long the coordinator may stay unreachable before the agent gives up (None: never)."""
+    """One enrolled node talking to its coordinator; ``placement``, ``max_tokens`` and ``nproc`` (worker processes)
+    say how statistics run, and ``give_up_after`` how long the coordinator may stay unreachable before the agent
+    gives up (None: never)."""
 
     def __init__(self, workdir: Workdir, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_rate: float = 0.0,
                  placement: Placement = CPU, max_tokens: int | None = None,
-                 give_up_after: float | None = None, stall_seconds: float = STALL_SECONDS) -> None:
+                 give_up_after: float | None = None, stall_seconds: float = STALL_SECONDS, nproc: int = 1) -> None:
         self.workdir = workdir
         self.state = workdir.state()
         self.stub = rpc.FederationStub(workdir.channel())
@@ -194,6 +196,7 @@ class Agent:
         self.max_rate = max_rate
         self.placement = placement
         self.max_tokens = max_tokens
+        self.nproc = nproc
         self.give_up_after = give_up_after
         self.stall_seconds = stall_seconds  # a transfer moving nothing this long is cancelled and resumed
 
@@ -347,7 +350,8 @@ class Agent:
         from the cache."""
         sources = [self.state["datasets"][dataset]] + ([self.state["model"]] if self.owner else [])
         stamps = [(path, os.stat(path).st_mtime_ns, os.stat(path).st_size) for path in sources]
-        stamps.append([self.placement.device, self.placement.dtype, self.max_tokens])
+        stamps.append([self.placement.device, self.placement.dtype, self.max_tokens,
+                       *([self.nproc] if self.nproc > 1 else [])])  # another N: other rounding, other bytes
         return hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:12]
 
     def _collect(self, expert: ExpertDirectory, basis: pb.Basis, tensors: dict, dataset: str, path: Path) -> None:
@@ -358,10 +362,15 @@ class Agent:
         for stale in path.parent.glob("*.partial"):  # runs under bases gone since (this basis's: resumed in turn)
             if not stale.name.startswith(basis.basis_hash):
                 stale.unlink(missing_ok=True)
-        gram = packed_statistics_under_basis(expert, tensors, data, int(basis.batch_size), self.placement, checkpoint)
+        for stale in path.parent.glob(f"{SCRATCH_PREFIX}*"):  # workers' folders of a run killed with the node
+            shutil.rmtree(stale, ignore_errors=True)
+        gram = packed_statistics(expert, tensors, data, int(basis.batch_size), self.placement, checkpoint,
+                                 self.nproc, self.workdir.statistics)
         check_enough_tokens(gram, f"{self.state['name']}/{dataset}")
         seconds, tokens = time.monotonic() - started, token_count(gram)
-        say(f"statistics of {dataset} under basis {basis.basis_hash[:12]}: {tokens} tokens in {seconds:.2f} s")
+        workers = f" by {self.nproc} worker processes" if self.nproc > 1 else ""
+        say(f"statistics of {dataset} under basis {basis.basis_hash[:12]}: {tokens} tokens in {seconds:.2f} s"
+            f"{workers}")
         self.workdir.record_transfer("statistics", basis=basis.basis_hash, dataset=dataset, tokens=tokens,
                                      seconds=seconds)
         with atomic_path(path) as partial:

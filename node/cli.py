@@ -19,6 +19,7 @@ from dume.node.status import describe_status, node_status
 from dume.node.workdir import Workdir, disk_full_is_one_line
 from dume.shared.commandline import (
     add_json,
+    add_nproc,
     add_placement,
     duration,
     placement,
@@ -70,8 +71,17 @@ def _join(args: argparse.Namespace) -> None:
     for path in datasets.values():
         check_documents(path)
     chosen = placement(args)
+    check_workers(args, chosen, "dume-node join")
     with disk_full_is_one_line(args.workdir):
         _contribute(args, workdir, datasets, chosen)
+
+
+def check_workers(args: argparse.Namespace, chosen: Placement, command: str) -> None:
+    """``--nproc`` this machine can run, and one copy of the command (not N started by torchrun)."""
+    from dume.shared.method.distributed_statistics import check_not_under_torchrun, check_processes
+
+    check_not_under_torchrun(command)
+    check_processes(args.nproc, chosen)
 
 
 def given_datasets(items: list[str]) -> dict[str, Path]:
@@ -100,7 +110,7 @@ def _contribute(args: argparse.Namespace, workdir: Workdir, datasets: dict[str, 
         check_role(state["expert"] != state["name"], state["expert"], args.model)
         add_datasets(workdir, args.model, datasets)
     agent = Agent(workdir, args.chunk_kib * 1024, args.max_rate_kib * 1024 if args.max_rate_kib else 0.0,
-                  chosen, args.max_tokens, args.deadline if args.once else None, args.stall_timeout)
+                  chosen, args.max_tokens, args.deadline if args.once else None, args.stall_timeout, args.nproc)
     agent.run(once=args.once)
     if args.once:
         say("contribution complete; statistics are current")
@@ -193,8 +203,11 @@ def _update(args: argparse.Namespace) -> None:
         check_same_architecture({"the current model": current.config, "the new model": new.config})
     except DumeError as error:
         raise DumeError(f"{args.model} cannot replace the expert: {error}") from None
+    chosen = placement(args)
+    check_workers(args, chosen, "dume-node update")
     with disk_full_is_one_line(args.workdir):
-        agent = Agent(workdir, placement=placement(args), max_tokens=args.max_tokens, give_up_after=args.deadline)
+        agent = Agent(workdir, placement=chosen, max_tokens=args.max_tokens, give_up_after=args.deadline,
+                      nproc=args.nproc)
         agent.contribute_model(args.model)
         say(f"uploaded the new weights of expert {state['expert']}; recomputing the statistics of every dataset")
         agent.run(once=True)
@@ -231,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="upload chunk size in KiB (default 1024, the most the coordinator takes)")
     join.add_argument("--max-rate-kib", type=positive_int, help="upload bandwidth limit in KiB/s")
     add_placement(join)
+    add_nproc(join)
     add_log_format(join)
     join.add_argument("--max-tokens", type=positive_int,
                       help="statistics from at most this many tokens of the data (default: all of it)")
@@ -260,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--deadline", type=duration, default=600.0,
                         help="give up when the coordinator stays unreachable this long (default 10m)")
     add_placement(update)
+    add_nproc(update)
     add_log_format(update)
     update.add_argument("--max-tokens", type=positive_int,
                         help="statistics from at most this many tokens of each dataset (default: all of it)")

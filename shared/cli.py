@@ -10,6 +10,7 @@ from pathlib import Path
 from dume.shared.commandline import (
     add_json,
     add_merge_settings,
+    add_nproc,
     add_placement,
     merge_settings,
     placement,
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     add_merge_settings(merge)
     add_placement(merge)
+    add_nproc(merge)
     merge.add_argument("--max-tokens", type=positive_int,
                        help="statistics from at most this many tokens of each expert's data (default: all of it)")
     add_json(merge)
@@ -61,10 +63,12 @@ def run_merge(args: argparse.Namespace) -> None:
     if len(args.expert) < 2:
         raise DumeError("a merge needs at least two experts (a one-expert MoE is the expert itself): pass --expert "
                         "NAME=MODEL_DIR:DATA[,DATA...] once per expert")
+    from dume.shared.method.distributed_statistics import writes_output
     from dume.shared.method.merge import merge
 
-    out = merge(args.expert, args.out, merge_settings(args), placement(args), args.max_tokens)
-    report(args, {"out": str(out), "members": sorted(spec.name for spec in args.expert)}, f"wrote {out}")
+    out = merge(args.expert, args.out, merge_settings(args), placement(args), args.max_tokens, args.nproc)
+    if writes_output():  # under torchrun only rank 0 writes, and says so
+        report(args, {"out": str(out), "members": sorted(spec.name for spec in args.expert)}, f"wrote {out}")
 
 
 def run_demo_command(args: argparse.Namespace) -> None:

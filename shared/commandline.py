@@ -75,6 +75,14 @@ def add_placement(parser: argparse.ArgumentParser) -> None:
                         help="precision of the model's forward (default: the model's own, typically bfloat16)")
 
 
+def add_nproc(parser: argparse.ArgumentParser) -> None:
+    """``--nproc``: statistics collected by that many worker processes (``dume merge``, ``dume-node``)."""
+    parser.add_argument("--nproc", type=positive_int, default=1,
+                        help="collect statistics in this many worker processes, each on its share of the batches "
+                             "(one GPU each with --device cuda/auto on a GPU host; else the CPU cores split among "
+                             "them); statistics from another --nproc differ in float64 rounding (default 1)")
+
+
 def placement(args: argparse.Namespace) -> Placement:
     from dume.shared.method.placement import Placement  # imports torch: only once a command runs
 

@@ -10,9 +10,10 @@ from tqdm.auto import tqdm
 Item = TypeVar("Item")
 
 
-def token_progress(total: int | None, description: str) -> tqdm:
-    """A bar counting tokens (rate in tokens/s; an ETA when the total is known); ``update`` it per batch."""
-    return tqdm(total=total, desc=description, unit="tok", unit_scale=True, disable=None)
+def token_progress(total: int | None, description: str, shown: bool = True) -> tqdm:
+    """A bar counting tokens (rate in tokens/s; an ETA when the total is known); ``update`` it per batch.
+    ``shown=False``: never shown (a statistics worker other than rank 0)."""
+    return tqdm(total=total, desc=description, unit="tok", unit_scale=True, disable=None if shown else True)
 
 
 def byte_progress(total: int, description: str) -> tqdm:

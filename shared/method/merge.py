@@ -26,12 +26,18 @@ from dume.shared.errors import DumeError
 from dume.shared.files import check_free, staged_directory
 from dume.shared.method.averaging import compute_basis, tensors_hash
 from dume.shared.method.data import DocumentStream, check_documents, load_tokenizer
+from dume.shared.method.distributed_statistics import (
+    StatisticsTask,
+    check_processes,
+    packed_statistics_of,
+    writes_output,
+)
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.families import check_same_architecture
 from dume.shared.method.placement import CPU, Placement
 from dume.shared.method.routers import ExpertStatistics, packed_contribution, solve_for_checkpoint, sum_contributions
 from dume.shared.method.settings import ExpertSpec, MergeSettings, check_name
-from dume.shared.method.statistics import check_enough_tokens, packed_statistics_under_basis
+from dume.shared.method.statistics import check_enough_tokens
 from dume.shared.method.statistics_spill import spill_contribution
 from dume.shared.method.writer import write_moe_checkpoint
 
@@ -63,20 +69,27 @@ def open_experts(specs: list[ExpertSpec]) -> dict[str, ExpertDirectory]:
 
 
 def merge(specs: Sequence[ExpertSpec], out_dir: str | Path, settings: MergeSettings = MergeSettings(),
-          placement: Placement = CPU, max_tokens: int | None = None) -> Path:
+          placement: Placement = CPU, max_tokens: int | None = None, nproc: int = 1) -> Path:
     """Build the DUME checkpoint for ``specs`` into ``out_dir`` (which must not exist or be empty); the statistics'
-    forward passes run where ``placement`` says, over at most ``max_tokens`` of each expert's data."""
+    forward passes run where ``placement`` says, over at most ``max_tokens`` of each expert's data, in ``nproc``
+    worker processes (see ``distributed_statistics``: the bytes depend on ``nproc``). Started by torchrun, every
+    rank runs this and collects its share of the statistics; only rank 0 writes ``out_dir``."""
     specs, out_dir = list(specs), Path(out_dir)
     if not specs:
         raise DumeError("no experts given: pass --expert NAME=MODEL_DIR:DATA[,DATA...] at least once")
     if not 1 <= settings.top_k <= len(specs):
         raise DumeError(f"top-k {settings.top_k} is out of range: use 1 to {len(specs)} (the number of experts)")
+    check_processes(nproc, placement)
+    if not writes_output():  # a torchrun rank other than 0: its share of the statistics, then rank 0 writes
+        experts = open_experts(specs)
+        member_statistics(specs, experts, compute_basis(experts), settings, placement, max_tokens)
+        return out_dir
     check_free(out_dir)
     experts = open_experts(specs)
     with staged_directory(out_dir) as staging:
         basis = compute_basis(experts)
         with spill_directory(out_dir) as spill:
-            statistics = member_statistics(specs, experts, basis, settings, placement, max_tokens, spill)
+            statistics = member_statistics(specs, experts, basis, settings, placement, max_tokens, spill, nproc)
             solved = solve_for_checkpoint(statistics, settings, tensors_hash(basis))
         write_moe_checkpoint(staging, experts, solved.routers, solved.top_k, solved.dume_block)
     return out_dir
@@ -91,7 +104,8 @@ def spill_directory(out_dir: Path) -> Iterator[Path]:
 
 def member_statistics(specs: list[ExpertSpec], experts: dict[str, ExpertDirectory], basis: dict[str, torch.Tensor],
                       settings: MergeSettings, placement: Placement = CPU,
-                      max_tokens: int | None = None, spill: Path | None = None) -> dict[str, ExpertStatistics]:
+                      max_tokens: int | None = None, spill: Path | None = None,
+                      nproc: int = 1) -> dict[str, ExpertStatistics]:
     """Every expert's statistics under ``basis``: one packed G per dataset (as a node computes and uploads each of
     its datasets), kept packed (half of full matrices) and summed in canonical order one layer at a time by the
     solve. With ``spill`` (a folder) each is written there as soon as it is collected and read back layer by layer,
@@ -102,17 +116,20 @@ def member_statistics(specs: list[ExpertSpec], experts: dict[str, ExpertDirector
         for dataset in contributions[spec.name]:
             check_documents(dataset.path)
         load_tokenizer(spec.model_dir)
-    statistics = {}
+    runs = []  # (expert, node, dataset, task) in canonical order
     for name in sorted(experts):
         spec = next(spec for spec in specs if spec.name == name)
         tokenizer = load_tokenizer(spec.model_dir)
-        collected = []
         for dataset in sorted(contributions[name], key=lambda dataset: (dataset.node, dataset.name)):
             stream = DocumentStream(dataset.path, tokenizer, settings.sequence_length, max_tokens)
-            packed = packed_statistics_under_basis(experts[name], basis, stream, settings.batch_size, placement)
-            check_enough_tokens(packed, f"{dataset.node}/{dataset.name}")
-            collected.append(packed_contribution(dataset.node, dataset.name, packed) if spill is None
-                             else spill_contribution(spill, dataset.node, dataset.name, packed))
-            del packed
-        statistics[name] = sum_contributions(collected)
-    return statistics
+            runs.append((name, dataset.node, dataset.name, StatisticsTask(experts[name], stream)))
+    collected: dict[str, list] = {name: [] for name in experts}
+    results = packed_statistics_of([task for *_, task in runs], basis, settings.batch_size, placement, nproc, spill)
+    for (name, node, dataset, _), packed in zip(runs, results, strict=True):  # strict: runs the generator out
+        if packed is None:  # a torchrun rank other than 0: its share went to rank 0
+            continue
+        check_enough_tokens(packed, f"{node}/{dataset}")
+        collected[name].append(packed_contribution(node, dataset, packed) if spill is None
+                               else spill_contribution(spill, node, dataset, packed))
+        del packed
+    return {name: sum_contributions(collected[name]) for name in sorted(experts)}

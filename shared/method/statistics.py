@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,9 +45,22 @@ def collect_statistics(
     return from_upper_triangle(packed, model.config.hidden_size + 1)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Which batches of the stream one process takes: ``rank``, ``rank + world``, ``rank + 2 world``... (one
+    process: all of them). Every rank reads the whole stream, so each knows the position of the batches it skips."""
+
+    rank: int = 0
+    world: int = 1
+
+    def takes(self, batch: int) -> bool:
+        """Whether batch number ``batch`` (from 1) is this rank's."""
+        return (batch - 1) % self.world == self.rank
+
+
 def collect_packed_statistics(model: torch.nn.Module, data: Batches, batch_size: int = 8,
                               description: str = "statistics",
-                              checkpoint: StatisticsCheckpoint | None = None) -> torch.Tensor:
+                              checkpoint: StatisticsCheckpoint | None = None, shard: Shard = Shard()) -> torch.Tensor:
     """Each layer's upper triangle of ``G`` (the layout ``upper_triangle`` gives), shape (layers, triangle), float64
     on the CPU; padding positions are masked out. ``model`` is a causal LM or its decoder stack alone.
 
@@ -56,6 +69,10 @@ def collect_packed_statistics(model: torch.nn.Module, data: Batches, batch_size:
     in float64. Relative to an all-float64 computation G moves by about 1e-7 (benchmarks/statistics_throughput.py
     measures it, and the routing agreement that follows). The same code, settings and machine give the same bytes.
     With a ``checkpoint`` the partial sums are saved now and then and a matching earlier run is resumed.
+
+    With a ``shard`` of several ranks this process sums its share of the batches only (possibly none); its
+    checkpoint is then kept at the end (saved at its final position) for the caller to remove once the ranks' sums
+    are reduced, so a run killed during the reduction does not start over.
     """
     family = detect_family(model.config.to_dict())
     decoder = model.base_model
@@ -79,20 +96,25 @@ def collect_packed_statistics(model: torch.nn.Module, data: Batches, batch_size:
         return hook
 
     named = {layer_name(index): accumulator for index, accumulator in enumerate(accumulators)}
-    resume_key = _inputs_fingerprint(model, data, batch_size, checkpoint)
+    resume_key = _inputs_fingerprint(model, data, batch_size, checkpoint, shard)
     position = checkpoint.restore(resume_key, named) if checkpoint else Position()
     handles = [getattr(layer, family.router_input).register_forward_hook(accumulate(i))
                for i, layer in enumerate(layers)]
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
-    batches, tokens = 0, 0
+    batches, tokens, own = 0, 0, 0
+    # One bar for all ranks: rank 0 counts every batch of the stream as it passes it, so tokens/s is the total.
     try:
-        with torch.inference_mode(), token_progress(data.expected_tokens, description) as bar:
+        with torch.inference_mode(), token_progress(data.expected_tokens, description, shown=shard.rank == 0) as bar:
             for input_ids, attention_mask in data.batches(batch_size):
                 mask = attention_mask.reshape(-1).bool()
                 batches, tokens = batches + 1, tokens + int(mask.sum())
+                own += shard.takes(batches)  # this rank's batches so far, the checkpoint's clock
                 if batches <= position.batches:  # already in the checkpoint's sums: replay the data only
                     _check_replay(checkpoint, position, batches, tokens)
+                    bar.update(int(mask.sum()))
+                    continue
+                if not shard.takes(batches):  # another rank's
                     bar.update(int(mask.sum()))
                     continue
                 try:
@@ -101,7 +123,7 @@ def collect_packed_statistics(model: torch.nn.Module, data: Batches, batch_size:
                 except _LastLayerCaptured:
                     pass
                 bar.update(int(mask.sum()))
-                if checkpoint is not None and checkpoint.due(batches):
+                if checkpoint is not None and checkpoint.due(own):
                     checkpoint.save(named, Position(batches, tokens), resume_key)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -112,6 +134,10 @@ def collect_packed_statistics(model: torch.nn.Module, data: Batches, batch_size:
     for index, accumulator in enumerate(accumulators):
         if accumulator.device.type != "cpu":
             packed[index].copy_(accumulator)
+    if shard.world > 1:  # a rank may hold no tokens; the caller checks the reduced sums
+        if checkpoint is not None:
+            checkpoint.save(named, Position(batches, tokens), resume_key)
+        return packed
     if not token_count(packed):
         raise DumeError("the data produced no tokens with this tokenizer: check the data and the model's tokenizer")
     if checkpoint is not None:
@@ -130,15 +156,16 @@ def _check_replay(checkpoint: StatisticsCheckpoint | None, position: Position, b
 
 
 def _inputs_fingerprint(model: torch.nn.Module, data: Batches, batch_size: int,
-                        checkpoint: StatisticsCheckpoint | None) -> str:
+                        checkpoint: StatisticsCheckpoint | None, shard: Shard) -> str:
     """What a checkpoint must have been made from to be resumed: the caller's inputs (the basis), the model's
-    config and dtype, the data, the batch size and the code's settings."""
+    config and dtype, the data, the batch size, the code's settings and (with several ranks) the rank's share."""
     if checkpoint is None:
         return ""
     parameter = next(model.parameters())
     return fingerprint({"inputs": checkpoint.inputs, "config": model.config.to_dict(), "dtype": parameter.dtype,
                         "device": parameter.device, "data": _data_fingerprint(data), "batch_size": batch_size,
-                        "gram_blocks": GRAM_BLOCKS, "torch": torch.__version__})
+                        "gram_blocks": GRAM_BLOCKS, "torch": torch.__version__,
+                        **({"shard": [shard.rank, shard.world]} if shard.world > 1 else {})})
 
 
 def _data_fingerprint(data: Batches) -> object:
@@ -206,15 +233,17 @@ def statistics_under_basis(expert: ExpertDirectory, basis: Mapping[str, torch.Te
 
 def packed_statistics_under_basis(expert: ExpertDirectory, basis: Mapping[str, torch.Tensor], data: Batches,
                                   batch_size: int, placement: Placement = CPU,
-                                  checkpoint: StatisticsCheckpoint | None = None) -> torch.Tensor:
+                                  checkpoint: StatisticsCheckpoint | None = None,
+                                  shard: Shard = Shard()) -> torch.Tensor:
     """One member's packed G under ``basis`` (layers, triangle): its own decoder, without the LM head, with the
     shared parameters replaced by the basis as they are read (a ``LazyTensors`` basis is never whole in memory).
-    With a ``checkpoint`` the run saves its partial sums and resumes a matching earlier run."""
+    With a ``checkpoint`` the run saves its partial sums and resumes a matching earlier run; with a ``shard`` it
+    sums only that rank's batches (see ``distributed_statistics``)."""
     model = load_decoder(expert, placement, basis)
     if checkpoint is not None:
         stamps = file_stamps([path for path in expert.path.iterdir() if path.is_file()])
         checkpoint = replace(checkpoint, inputs=fingerprint([checkpoint.inputs, stamps, placement]))
-    return collect_packed_statistics(model, data, batch_size, f"statistics {expert.name}", checkpoint)
+    return collect_packed_statistics(model, data, batch_size, f"statistics {expert.name}", checkpoint, shard)
 
 
 def check_enough_tokens(gram: torch.Tensor, member: str) -> None:
