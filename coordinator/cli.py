@@ -17,12 +17,14 @@ import grpc
 
 from dume.coordinator import health, messages
 from dume.coordinator.backup import backup, restore
+from dume.coordinator.probe import DEFAULT_FLAG_RATIO, DEFAULT_PROBE_TOKENS, ProbeSettings
 from dume.coordinator.state_dir import StateDir, initialise, split_address
 from dume.shared.commandline import (
     add_json,
     add_merge_settings,
     duration,
     merge_settings,
+    positive_float,
     positive_int,
     report,
     run_cli,
@@ -73,7 +75,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from dume.coordinator.daemon import serve
 
     configure_logging(args.log_format, "%(asctime)s %(name)s %(message)s")
-    return serve(StateDir(args.state), args.drain_seconds, args.metrics_listen)
+    probe = None
+    if args.probe_data:
+        probe = ProbeSettings(args.probe_data, args.probe_tokens, args.probe_flag_ratio)
+        probe.check()  # a missing or empty probe text stops `serve` before it binds a port
+    return serve(StateDir(args.state), args.drain_seconds, args.metrics_listen, probe)
 
 
 def run_token(args: argparse.Namespace) -> None:
@@ -122,6 +128,25 @@ def run_status(args: argparse.Namespace) -> None:
         for c in expert["contributions"]:
             print(f"    {c['node'] + '/' + c['dataset']:<30} {c['token_count']:>10} tokens, basis "
                   f"{c['basis_hash'][:12]}, {'current' if c['current'] else 'stale'}")
+    print_routing(status)
+
+
+def print_routing(status: dict) -> None:
+    """Each expert's share of routing on the probe text next to its share of the federation's tokens."""
+    routing = status["routing"]
+    if routing is None:
+        return
+    if routing["error"]:
+        print(f"routing probe of version {routing['version']} failed: {routing['error']}")
+        return
+    tokens = {expert["name"]: sum(c["token_count"] for c in expert["contributions"]) for expert in status["experts"]}
+    total = sum(tokens.values()) or 1
+    fair = 1 / len(routing["shares"])
+    print(f"routing on the probe text (version {routing['version']}, {routing['tokens']} tokens; flagged above "
+          f"{routing['flag_ratio']:g}x the fair share {fair:.1%}):")
+    for name, share in routing["shares"].items():
+        flag = "  FLAGGED: takes more routing than its peers; check its statistics" if share["flagged"] else ""
+        print(f"  {name:<20} routing {share['share']:6.1%}  tokens {tokens.get(name, 0) / total:6.1%}{flag}")
 
 
 def run_revoke(args: argparse.Namespace) -> None:
@@ -249,6 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on SIGTERM, how long calls in flight may take to finish (default 10s)")
     served.add_argument("--metrics-listen", metavar="HOST:PORT",
                         help="serve Prometheus metrics over HTTP on this address (default: no metrics endpoint)")
+    served.add_argument("--probe-data", type=Path, metavar="PATH",
+                        help="a public probe text (.txt, .jsonl or a directory): each published version runs over "
+                        "it and `status` shows each expert's share of routing (default: no probe; it holds one "
+                        "copy of the version's model in memory)")
+    served.add_argument("--probe-tokens", type=positive_int, default=DEFAULT_PROBE_TOKENS,
+                        help=f"tokens of the probe text to run (default {DEFAULT_PROBE_TOKENS})")
+    served.add_argument("--probe-flag-ratio", type=positive_float, default=DEFAULT_FLAG_RATIO,
+                        help="flag an expert whose routing share exceeds this multiple of the fair share 1/E "
+                        f"(default {DEFAULT_FLAG_RATIO:g})")
     add_log_format(served)
     token = command("token", "print a one-time join token for a node", run_token)
     token.add_argument("--node", required=True, help="the node's name in the federation")

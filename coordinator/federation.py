@@ -23,6 +23,7 @@ from dume.coordinator.errors import Refused
 from dume.coordinator.failpoints import failpoint
 from dume.coordinator.ledger import Ledger
 from dume.coordinator.metrics import Metrics
+from dume.coordinator.probe import ProbeSettings, RoutingProber
 from dume.coordinator.publication import Publisher, basis_is_current
 from dume.coordinator.records import (
     BasisRecord,
@@ -34,6 +35,7 @@ from dume.coordinator.records import (
     MemberStatus,
     Published,
     Removal,
+    RoutingStatus,
     Status,
     VersionRecord,
 )
@@ -54,7 +56,7 @@ log = logging.getLogger("dume.coordinator")
 class Coordinator:
     """Owns the ledger, the blobs, the uploads in progress and the publisher; the servicers are thin views on it."""
 
-    def __init__(self, state: StateDir, metrics: Metrics | None = None) -> None:
+    def __init__(self, state: StateDir, metrics: Metrics | None = None, probe: ProbeSettings | None = None) -> None:
         self.metrics = metrics or Metrics()
         self.config = state.config()
         self.settings = state.settings()
@@ -73,7 +75,12 @@ class Coordinator:
         self._transfers: Counter[str] = Counter()  # open SendChunks and ReadBlob streams per member
         self._online_lock = threading.Lock()
         self._changed = threading.Condition()
-        self.publisher = Publisher(self.ledger, self.blobs, self.settings, self.notify, self.metrics)
+        self.prober: RoutingProber | None = None
+        self.publisher = Publisher(self.ledger, self.blobs, self.settings, self.notify, self.metrics,
+                                   on_publish=self._probe_routing)
+        if probe is not None:
+            self.prober = RoutingProber(probe, self.ledger, self.blobs, state.root / "probe",
+                                        self.settings.sequence_length)
         latest = self.ledger.version()
         self.metrics.latest_version.set(latest.number if latest else 0)
         self.metrics.watch_members(lambda: dict(Counter(member.state for member in self.ledger.members())))
@@ -397,6 +404,10 @@ class Coordinator:
         with self._changed:
             self._changed.wait(timeout)
 
+    def _probe_routing(self, version: int) -> None:
+        if self.prober is not None:
+            self.prober.request(version)
+
     def notify(self) -> None:
         """Wakes every watcher: something published may have changed."""
         with self._changed:
@@ -428,9 +439,11 @@ class Coordinator:
                            for c in contributions if c.expert == owner.name])
             for owner in current_members if owner.owner]
         latest = self.ledger.version()
+        probe = self.ledger.routing_probe() if self.prober is not None else None
+        routing = RoutingStatus(probe, self.prober.settings.flag_ratio) if probe is not None else None
         return Status(latest.number if latest else 0, bool(latest and latest.exact), current, members,
                       len(self.ledger.audit_entries()), asdict(self.settings), self.publisher.error, experts,
-                      latest.contributions if latest else [])
+                      latest.contributions if latest else [], routing)
 
     def audit_entries(self) -> list[AuditEntry]:
         return self.ledger.audit_entries()
@@ -476,4 +489,6 @@ class Coordinator:
         self._closing.set()
         self._expiry.join()
         self.publisher.stop()
+        if self.prober is not None:
+            self.prober.stop()
         self.ledger.close()

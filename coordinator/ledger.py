@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from dume.coordinator import messages
-from dume.coordinator.records import BasisRecord, BlobUse, Contribution, Member, VersionFile, VersionRecord
+from dume.coordinator.records import (
+    BasisRecord,
+    BlobUse,
+    Contribution,
+    Member,
+    RoutingProbeRecord,
+    VersionFile,
+    VersionRecord,
+)
 from dume.shared.method.expert_weights import expert_hash, expert_manifest
 from dume.shared.method.families import detect_family
 from dume.shared.method.settings import DEFAULT_DATASET
@@ -56,6 +64,9 @@ CREATE TABLE IF NOT EXISTS published_blobs (sha256 TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS basis_blobs (sha256 TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS version_blobs (
     sha256 TEXT NOT NULL, version INTEGER NOT NULL, PRIMARY KEY (sha256, version));
+CREATE TABLE IF NOT EXISTS routing_probes (
+    version INTEGER PRIMARY KEY, experts TEXT NOT NULL, per_layer TEXT NOT NULL, tokens INTEGER NOT NULL,
+    error TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (
     sequence INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, subject TEXT NOT NULL,
     detail_json TEXT NOT NULL, previous_hash TEXT NOT NULL, entry_hash TEXT NOT NULL);
@@ -420,6 +431,23 @@ class Ledger:
         return VersionRecord(number, bool(exact), basis_hash, json.loads(members),
                              messages.file_list(federation_pb2.Version.FromString(files)), fingerprint, at,
                              pruned_at, json.loads(contributions))
+
+    # -- routing probes (each version's share of routing per expert on the operator's probe text) ----------------
+    def record_routing_probe(self, probe: RoutingProbeRecord) -> None:
+        with self.transaction():
+            self._db.execute("INSERT OR REPLACE INTO routing_probes VALUES (?, ?, ?, ?, ?, ?)",
+                             (probe.version, json.dumps(probe.experts), json.dumps(probe.per_layer), probe.tokens,
+                              probe.error, time.time()))
+
+    def routing_probe(self, version: int = 0) -> RoutingProbeRecord | None:
+        """The probe of version ``version``, or the latest probe with 0."""
+        sql = "SELECT version, experts, per_layer, tokens, error FROM routing_probes"
+        rows = self._rows(sql + " WHERE version = ?", version) if version else self._rows(
+            sql + " ORDER BY version DESC LIMIT 1")
+        if not rows:
+            return None
+        number, experts, per_layer, tokens, error = rows[0]
+        return RoutingProbeRecord(number, json.loads(experts), json.loads(per_layer), tokens, error)
 
     # -- garbage collection ---------------------------------------------------------------------------------------
     def blob_use(self, prune_before: int = 0) -> BlobUse:
