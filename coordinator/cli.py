@@ -32,6 +32,7 @@ from dume.shared.commandline import (
 from dume.shared.config import add_config_command
 from dume.shared.errors import DumeError
 from dume.shared.logs import add_log_format, configure_logging
+from dume.shared.method.settings import DEFAULT_DATASET
 from dume.shared.transport.blobs import BlobStore, sha256_file
 from dume.shared.transport.channels import mutual_tls_channel, refusal
 from dume.shared.trust import pki
@@ -128,6 +129,9 @@ def run_status(args: argparse.Namespace) -> None:
         for c in expert["contributions"]:
             print(f"    {c['node'] + '/' + c['dataset']:<30} {c['token_count']:>10} tokens, basis "
                   f"{c['basis_hash'][:12]}, {'current' if c['current'] else 'stale'}")
+        for c in expert["pending"]:
+            print(f"    {c['node'] + '/' + c['dataset']:<30} {c['token_count']:>10} tokens, HELD for approval, in no "
+                  f"version: `dume-coordinator approve {c['node']} --dataset {c['dataset']}` (or --refuse)")
     print_routing(status)
 
 
@@ -170,6 +174,23 @@ def run_revoke(args: argparse.Namespace) -> None:
     report(args, {"revoked": args.name, "version": response.version or None},
            f"revoked {args.name}; version {response.version} published without it" if response.version
            else f"revoked {args.name}; no member with statistics remains, so no version was published")
+
+
+def run_approve(args: argparse.Namespace) -> None:
+    admin, _ = admin_stubs(StateDir(args.state))
+    label = f"{args.node}/{args.dataset}"
+    try:
+        response = admin.Approve(pb.ApproveRequest(node=args.node, dataset=args.dataset, refuse=args.refuse))
+    except grpc.RpcError as error:
+        raise refusal(error, f"cannot {'refuse' if args.refuse else 'approve'} {label}") from None
+    decided = "refused" if args.refuse else "approved"
+    if response.publication_error:
+        raise DumeError(f"{decided} {label}, but {response.publication_error}: see `dume-coordinator status`")
+    if args.refuse:
+        prose = f"refused {label}: its dataset is out of the federation; latest version {response.version or '-'}"
+    else:
+        prose = f"approved {label}; version {response.version} published with it"
+    report(args, {decided: label, "version": response.version or None}, prose)
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -299,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("--dataset", help="revoke only this dataset of the member (its statistics); the member and "
                         "its other contributions stay")
     add_json(revoke)
+    approve = command("approve", "record statistics held for approval (limits.approve_tokens_above_ratio), or refuse "
+                      "them", run_approve)
+    approve.add_argument("node", help="the node whose statistics are held")
+    approve.add_argument("--dataset", default=DEFAULT_DATASET, help="the held dataset (default: default)")
+    approve.add_argument("--refuse", action="store_true", help="refuse instead: the dataset is taken out of the "
+                         "federation and its node stops sending it")
+    add_json(approve)
     export = command("export", "write a published version as a Hugging Face directory", run_export)
     export.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     export.add_argument("--version", type=positive_int, default=0, help="version number (default: the latest)")

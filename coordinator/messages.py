@@ -98,7 +98,8 @@ def status_message(status: Status) -> pb.StatusResponse:
                                token_count=member.token_count, expert=member.expert) for member in status.members]
     experts = [pb.ExpertStatus(name=expert.name, owner=expert.owner, expert_hash=expert.expert_hash,
                                contributors=expert.contributors,
-                               contributions=[pb.ContributionStatus(**asdict(c)) for c in expert.contributions])
+                               contributions=[pb.ContributionStatus(**asdict(c)) for c in expert.contributions],
+                               pending=[pb.ContributionStatus(**asdict(c)) for c in expert.pending])
                for expert in status.experts]
     return pb.StatusResponse(version=status.version, exact=status.exact, basis_hash=status.basis_hash,
                              members=members, audit_entries=status.audit_entries,
@@ -129,8 +130,8 @@ def status_dict(status: pb.StatusResponse) -> dict[str, Any]:
                     for m in status.members],
         "experts": [{"name": e.name, "owner": e.owner, "expert_hash": e.expert_hash or None,
                      "contributors": list(e.contributors),
-                     "contributions": [{"node": c.node, "dataset": c.dataset, "token_count": c.token_count,
-                                        "basis_hash": c.basis_hash, "current": c.current} for c in e.contributions]}
+                     "contributions": [contribution_dict(c) for c in e.contributions],
+                     "pending": [contribution_dict(c) for c in e.pending]}
                     for e in status.experts],
         "version_contributions": list(status.version_contributions),
         "audit_entries": status.audit_entries,
@@ -138,6 +139,11 @@ def status_dict(status: pb.StatusResponse) -> dict[str, Any]:
         "publication_error": status.publication_error or None,
         "routing": routing_dict(status.routing) if status.HasField("routing") else None,
     }
+
+
+def contribution_dict(c: pb.ContributionStatus) -> dict[str, Any]:
+    return {"node": c.node, "dataset": c.dataset, "token_count": c.token_count, "basis_hash": c.basis_hash,
+            "current": c.current}
 
 
 def routing_dict(routing: pb.RoutingProbe) -> dict[str, Any]:

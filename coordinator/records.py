@@ -152,6 +152,7 @@ class ExpertStatus:
     expert_hash: str  # "" before the owner's upload
     contributors: list[str]  # nodes admitted to its group besides the owner
     contributions: list[ContributionStatus]  # in the order they are summed
+    pending: list[ContributionStatus] = field(default_factory=list)  # held for approval: in no version
 
 
 @dataclass(frozen=True)

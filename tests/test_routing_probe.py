@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dume.coordinator.cli import main as coordinator_main
+from dume.coordinator.errors import Refused
 from dume.shared.lab.harness import Federation, wait_until
 from dume.shared.lab.tiny import synthetic_documents
 
 from conftest import DOMAINS
+from in_process import enrolled, make_coordinator
+from test_state_changes import staged_model, statistics_committed
 
 
 def probe_text(path, documents: int = 20):
@@ -73,3 +78,47 @@ def test_status_shows_each_experts_routing_share_and_flags_a_member_that_repeats
     finally:
         fed.close()
 
+
+
+def test_statistics_far_above_the_other_experts_wait_for_the_operators_approval(expert_factory, tmp_path):
+    """With limits.approve_tokens_above_ratio, a contribution that would give its expert more than that multiple of
+    the median of the other experts' tokens is held: in no version, shown in status, until approved or refused."""
+    experts = expert_factory("llama")
+    coordinator = make_coordinator(tmp_path / "coordinator", approve_tokens_above_ratio=3)
+    try:
+        identities = {name: enrolled(coordinator, name) for name in sorted(experts)}
+        for name, spec in sorted(experts.items()):
+            coordinator.commit_upload(identities[name], staged_model(coordinator, name, spec.model_dir))
+        coordinator.publisher.wait(coordinator.publisher.request())
+        repeated = tmp_path / "code-x10.txt"
+        repeated.write_text(experts["code"].data_path.read_text() * 10)
+        for name in ("math", "prose"):
+            statistics_committed(coordinator, experts[name], identities[name], tmp_path)
+        statistics_committed(coordinator, experts["code"], identities["code"], tmp_path, data=repeated)
+
+        assert [c.label for c in coordinator.ledger.contributions()] == ["math/default", "prose/default"]
+        code = next(expert for expert in coordinator.status().experts if expert.name == "code")
+        assert [(c.node, c.dataset) for c in code.pending] == [("code", "default")] and not code.contributions
+        assert "code/default" not in coordinator.ledger.version().contributions
+        hold = coordinator.ledger.audit_entries()[-1]
+        assert hold.kind == "hold" and "above limits.approve_tokens_above_ratio = 3" in json.loads(
+            hold.detail_json)["reason"]
+        with pytest.raises(Refused, match="code/other is not held for approval"):
+            coordinator.approve("code", "other")
+
+        approved = coordinator.approve("code", "default")
+        assert approved.publication_error == "" and approved.version == coordinator.ledger.version().number
+        assert "code/default" in coordinator.ledger.version().contributions
+        assert coordinator.ledger.pending_contributions() == []
+
+        # More of the same from code: held again, refused this time; the dataset is out and its node told so.
+        statistics_committed(coordinator, experts["code"], identities["code"], tmp_path, "more", data=repeated)
+        assert [c.label for c, _ in coordinator.ledger.pending_contributions()] == ["code/more"]
+        coordinator.approve("code", "more", refuse=True)
+        assert coordinator.ledger.removed_datasets("code") == ["more"]
+        assert [c.label for c in coordinator.ledger.contributions()] == ["code/default", "math/default",
+                                                                         "prose/default"]
+        assert [entry.kind for entry in coordinator.ledger.audit_entries()[-4:]] == ["approve", "publish", "hold",
+                                                                                   "refuse"]
+    finally:
+        coordinator.close()

@@ -268,18 +268,20 @@ class ContributionStatus(_message.Message):
     def __init__(self, node: _Optional[str] = ..., dataset: _Optional[str] = ..., token_count: _Optional[int] = ..., basis_hash: _Optional[str] = ..., current: _Optional[bool] = ...) -> None: ...
 
 class ExpertStatus(_message.Message):
-    __slots__ = ("name", "owner", "expert_hash", "contributors", "contributions")
+    __slots__ = ("name", "owner", "expert_hash", "contributors", "contributions", "pending")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     EXPERT_HASH_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
     name: str
     owner: str
     expert_hash: str
     contributors: _containers.RepeatedScalarFieldContainer[str]
     contributions: _containers.RepeatedCompositeFieldContainer[ContributionStatus]
-    def __init__(self, name: _Optional[str] = ..., owner: _Optional[str] = ..., expert_hash: _Optional[str] = ..., contributors: _Optional[_Iterable[str]] = ..., contributions: _Optional[_Iterable[_Union[ContributionStatus, _Mapping]]] = ...) -> None: ...
+    pending: _containers.RepeatedCompositeFieldContainer[ContributionStatus]
+    def __init__(self, name: _Optional[str] = ..., owner: _Optional[str] = ..., expert_hash: _Optional[str] = ..., contributors: _Optional[_Iterable[str]] = ..., contributions: _Optional[_Iterable[_Union[ContributionStatus, _Mapping]]] = ..., pending: _Optional[_Iterable[_Union[ContributionStatus, _Mapping]]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("version", "exact", "basis_hash", "members", "audit_entries", "settings_json", "publication_error", "experts", "version_contributions", "routing")
@@ -340,6 +342,24 @@ class RevokeRequest(_message.Message):
     reason: str
     dataset: str
     def __init__(self, node: _Optional[str] = ..., reason: _Optional[str] = ..., dataset: _Optional[str] = ...) -> None: ...
+
+class ApproveRequest(_message.Message):
+    __slots__ = ("node", "dataset", "refuse")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    REFUSE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    dataset: str
+    refuse: bool
+    def __init__(self, node: _Optional[str] = ..., dataset: _Optional[str] = ..., refuse: _Optional[bool] = ...) -> None: ...
+
+class ApproveResponse(_message.Message):
+    __slots__ = ("version", "publication_error")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PUBLICATION_ERROR_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    publication_error: str
+    def __init__(self, version: _Optional[int] = ..., publication_error: _Optional[str] = ...) -> None: ...
 
 class RevokeResponse(_message.Message):
     __slots__ = ("version", "publication_error")
