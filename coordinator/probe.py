@@ -29,6 +29,7 @@ DEFAULT_PROBE_TOKENS = 4096
 # An expert is flagged when it takes more than this multiple of the fair share 1/E: of three tiny experts, one
 # whose statistics are its data repeated ten times takes 1.7x under ``tokens`` weighting (test_routing_probe.py).
 DEFAULT_FLAG_RATIO = 1.5
+STOP_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -83,16 +84,13 @@ class RoutingProber:
             self._wanted = max(self._wanted, version)
             self._condition.notify_all()
 
-    def wait(self, version: int, timeout: float | None = None) -> bool:
-        """Whether version ``version`` (or a later one) was measured within ``timeout`` seconds (for tests)."""
-        with self._condition:
-            return self._condition.wait_for(lambda: self._done >= version, timeout)
-
-    def stop(self) -> None:
+    def stop(self, timeout: float = STOP_SECONDS) -> None:
+        """Stops taking requests; a probe still running is left to end with the process (its thread is a daemon):
+        stopping the coordinator never waits for a forward pass over a large model."""
         with self._condition:
             self._stopping = True
             self._condition.notify_all()
-        self._thread.join()
+        self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:
@@ -108,6 +106,8 @@ class RoutingProber:
             except Exception as error:  # a probe must never take the daemon or publication with it
                 log.exception("routing probe of version %d failed", number)
                 record = RoutingProbeRecord(number, [], [], 0, f"{type(error).__name__}: {error}")
+            if self._stopping:
+                return  # the ledger may be closed already: the next start measures this version again
             try:
                 self._ledger.record_routing_probe(record)
             except Exception:
