@@ -308,13 +308,15 @@ def run(bench: Bench, out_dir: Path) -> dict[str, Any]:
                   for fraction in (0.01, 0.1, 1.0)}
     defaults = MergeSettings()
     variants = {  # label: (statistics, router intercept, top-k)
-        "dume:local": (statistics[1.0], defaults.router_bias, defaults.top_k),
         "dume:intercept": (statistics[1.0], not defaults.router_bias, defaults.top_k),
         "dume:k2": (statistics[1.0], defaults.router_bias, 2),
         "dume:stats-1%": (statistics[0.01], defaults.router_bias, defaults.top_k),
         "dume:stats-10%": (statistics[0.1], defaults.router_bias, defaults.top_k),
     }
     routers = {label: solve_routers(stats, defaults.rho, bias) for label, (stats, bias, _) in variants.items()}
+    # The federation's routers (``dume``, default weighting) built in process: the variants above and below are the
+    # method as published (experts weighed by their tokens), each compared with ``dume:tokens-weighting``.
+    routers["dume:local"] = weighted_routers(statistics[1.0], defaults.expert_weighting)
     routers["dume:no-normalize"] = solve_routers(statistics[1.0], defaults.rho, normalize=False)
     unequal = {name: statistics[1.0 if name == LARGE_MEMBER else 0.1][name] for name in names}
     for weighting in EXPERT_WEIGHTINGS:  # the product's layered solve, as the coordinator and `dume merge` run it
@@ -324,9 +326,10 @@ def run(bench: Bench, out_dir: Path) -> dict[str, Any]:
     packed_train = {spec.name: pack_documents(read_documents(spec.data_path), tokenizer, config.sequence_length)
                     for spec in specs}
     ridge = partial(solve_routers, rho=defaults.rho)
-    routers["dume:routed-stats"] = refined_routers(experts, basis, routers["dume:local"], packed_train, ridge)
-    routers["dume:routed-stats-by-layer"] = refined_routers(experts, basis, routers["dume:local"], packed_train,
-                                                            ridge, layer_by_layer=True)
+    published = routers["dume:tokens-weighting"]
+    routers["dume:routed-stats"] = refined_routers(experts, basis, published, packed_train, ridge)
+    routers["dume:routed-stats-by-layer"] = refined_routers(experts, basis, published, packed_train, ridge,
+                                                            layer_by_layer=True)
     routers["dume:intercept+routed-stats"] = refined_routers(experts, basis, routers["dume:intercept"], packed_train,
                                                              partial(ridge, router_bias=True))
     routers["dume:lda+routed-stats"] = refined_routers(experts, basis, routers["dume:lda"], packed_train,

@@ -38,7 +38,7 @@ def test_status_shows_each_experts_routing_share_and_flags_a_member_that_repeats
     repeated.write_text(experts["code"].data_path.read_text() * 10)
     probe = probe_text(tmp_path / "probe.txt")
     fed = Federation(tmp_path / "federation")
-    fed.init("--sequence-length", "64")
+    fed.init("--sequence-length", "64", "--expert-weighting", "tokens")  # the weighting repetition buys routing in
     fed.serve("--probe-data", str(probe), "--probe-tokens", "2048")
     try:
         for name, spec in sorted(experts.items()):
