@@ -51,9 +51,10 @@ from dume.shared.method.evaluation import perplexity
 from dume.shared.method.merge import ExpertSpec, merge, open_experts
 from dume.shared.method.registration import load_merged
 from dume.shared.method.ridge import LayerRouter, solve_routers
-from dume.shared.method.routers import MergeSettings
+from dume.shared.method.routers import MergeSettings, packed_contribution, solve_for_checkpoint, sum_contributions
 from dume.shared.method.routing import build_routed_model, build_weight_averaged_model
-from dume.shared.method.statistics import statistics_under_basis
+from dume.shared.method.settings import DEFAULT_DATASET, EXPERT_WEIGHTINGS
+from dume.shared.method.statistics import statistics_under_basis, upper_triangle
 from dume.shared.method.training import TrainSettings, train
 
 from discriminant import discriminant_routers
@@ -91,6 +92,9 @@ CONFIGS = {
 }
 RHOS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
 DYNAMIC_LATE = "unicode"  # the domain that joins the running three-domain federation
+# The member with ten times the others' share of its data in the unequal-data scenario (statistics from all its
+# documents, the others' from every 10th): the attacker of benchmarks/router_capture.py, here honest.
+LARGE_MEMBER = "code"
 
 
 class Bench:
@@ -304,21 +308,28 @@ def run(bench: Bench, out_dir: Path) -> dict[str, Any]:
                   for fraction in (0.01, 0.1, 1.0)}
     defaults = MergeSettings()
     variants = {  # label: (statistics, router intercept, top-k)
-        "dume:local": (statistics[1.0], defaults.router_bias, defaults.top_k),
         "dume:intercept": (statistics[1.0], not defaults.router_bias, defaults.top_k),
         "dume:k2": (statistics[1.0], defaults.router_bias, 2),
         "dume:stats-1%": (statistics[0.01], defaults.router_bias, defaults.top_k),
         "dume:stats-10%": (statistics[0.1], defaults.router_bias, defaults.top_k),
     }
     routers = {label: solve_routers(stats, defaults.rho, bias) for label, (stats, bias, _) in variants.items()}
+    # The federation's routers (``dume``, default weighting) built in process: the variants above and below are the
+    # method as published (experts weighed by their tokens), each compared with ``dume:tokens-weighting``.
+    routers["dume:local"] = weighted_routers(statistics[1.0], defaults.expert_weighting)
     routers["dume:no-normalize"] = solve_routers(statistics[1.0], defaults.rho, normalize=False)
+    unequal = {name: statistics[1.0 if name == LARGE_MEMBER else 0.1][name] for name in names}
+    for weighting in EXPERT_WEIGHTINGS:  # the product's layered solve, as the coordinator and `dume merge` run it
+        routers[f"dume:{weighting}-weighting"] = weighted_routers(statistics[1.0], weighting)
+        routers[f"dume:unequal-data:{weighting}-weighting"] = weighted_routers(unequal, weighting)
     routers["dume:lda"] = discriminant_routers(statistics[1.0])
     packed_train = {spec.name: pack_documents(read_documents(spec.data_path), tokenizer, config.sequence_length)
                     for spec in specs}
     ridge = partial(solve_routers, rho=defaults.rho)
-    routers["dume:routed-stats"] = refined_routers(experts, basis, routers["dume:local"], packed_train, ridge)
-    routers["dume:routed-stats-by-layer"] = refined_routers(experts, basis, routers["dume:local"], packed_train,
-                                                            ridge, layer_by_layer=True)
+    published = routers["dume:tokens-weighting"]
+    routers["dume:routed-stats"] = refined_routers(experts, basis, published, packed_train, ridge)
+    routers["dume:routed-stats-by-layer"] = refined_routers(experts, basis, published, packed_train, ridge,
+                                                            layer_by_layer=True)
     routers["dume:intercept+routed-stats"] = refined_routers(experts, basis, routers["dume:intercept"], packed_train,
                                                              partial(ridge, router_bias=True))
     routers["dume:lda+routed-stats"] = refined_routers(experts, basis, routers["dume:lda"], packed_train,
@@ -367,6 +378,9 @@ def run(bench: Bench, out_dir: Path) -> dict[str, Any]:
         "retention": retention_table(ppl, domains),
         "routing_accuracy": accuracy,
         "rho_sweep": rho_sweep,
+        "expert_weighting": {"default": defaults.expert_weighting, "large_member": LARGE_MEMBER,
+                             "statistics_tokens": token_counts(statistics[1.0]),
+                             "unequal_data_tokens": token_counts(unequal)},
         "dynamic_addition": {"late": DYNAMIC_LATE, "versions": versions},
         "federated_byte_identical_to_merge": identical,
         "router_training_loss": {label: [losses[0], losses[-1]] for label, losses in router_losses.items()},
@@ -393,6 +407,19 @@ def all_statistics(experts: dict, basis: dict, specs: list[ExpertSpec], tokenize
         with torch_threads(FEDERATION_THREADS):
             statistics[spec.name] = statistics_under_basis(experts[spec.name], basis, packed, 8)
     return statistics
+
+
+def weighted_routers(statistics: dict[str, torch.Tensor], weighting: str) -> list[LayerRouter]:
+    """Routers from each member's whole statistics through the product's layered solve (``solve_for_checkpoint``,
+    what the coordinator publishes), with experts weighed by ``weighting`` (``MergeSettings.expert_weighting``)."""
+    experts = {name: sum_contributions([packed_contribution(name, DEFAULT_DATASET, upper_triangle(gram))])
+               for name, gram in statistics.items()}
+    return solve_for_checkpoint(experts, MergeSettings(expert_weighting=weighting), "").routers
+
+
+def token_counts(statistics: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The tokens each member's statistics record (the count in G's last entry)."""
+    return {name: int(round(float(gram[0, -1, -1]))) for name, gram in statistics.items()}
 
 
 def full_finetuning(specs: list[ExpertSpec], held_out: dict[str, PackedData], tokenizer, config: Config,

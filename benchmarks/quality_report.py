@@ -9,7 +9,8 @@ from typing import Any
 # Rows of the headline table, in reading order: references first, then the method, then its variants.
 HEADLINE = ("base", "weight-average", "random", "oracle", "dume", "dume:intercept", "dume:no-normalize", "dume:lda",
             "dume:routed-stats", "dume:routed-stats-by-layer", "dume:intercept+routed-stats",
-            "dume:lda+routed-stats", "dume:k2", "dume:stats-1%", "dume:stats-10%",
+            "dume:lda+routed-stats", "dume:k2", "dume:stats-1%", "dume:stats-10%", "dume:tokens-weighting",
+            "dume:equal-weighting", "dume:unequal-data:tokens-weighting", "dume:unequal-data:equal-weighting",
             "dynamic:three", "dynamic:provisional", "btx:random", "btx:dume")
 
 

@@ -1,6 +1,6 @@
 """Router capture: how much of the other domains' routing one member takes by inflating its statistics, with the
-experts weighed by their tokens (``--expert-weighting tokens``, the default) and with every expert scaled to one
-token budget (``equal``), next to honest federations with equal and very unequal data.
+experts weighed by their tokens (``--expert-weighting tokens``, the method as published) and with every expert
+scaled to one token budget (``equal``, the default), next to honest federations with equal and very unequal data.
 
 Three tiny Llama experts (perturbed copies of one base) on three synthetic domains, as in ``rho_sweep.py``;
 statistics from the first documents of each domain, routing accuracy (share of a domain's held-out tokens routed

@@ -17,12 +17,14 @@ import grpc
 
 from dume.coordinator import health, messages
 from dume.coordinator.backup import backup, restore
+from dume.coordinator.probe import DEFAULT_FLAG_RATIO, DEFAULT_PROBE_TOKENS, ProbeSettings
 from dume.coordinator.state_dir import StateDir, initialise, split_address
 from dume.shared.commandline import (
     add_json,
     add_merge_settings,
     duration,
     merge_settings,
+    positive_float,
     positive_int,
     report,
     run_cli,
@@ -30,6 +32,7 @@ from dume.shared.commandline import (
 from dume.shared.config import add_config_command
 from dume.shared.errors import DumeError
 from dume.shared.logs import add_log_format, configure_logging
+from dume.shared.method.settings import DEFAULT_DATASET
 from dume.shared.transport.blobs import BlobStore, sha256_file
 from dume.shared.transport.channels import mutual_tls_channel, refusal
 from dume.shared.trust import pki
@@ -73,7 +76,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from dume.coordinator.daemon import serve
 
     configure_logging(args.log_format, "%(asctime)s %(name)s %(message)s")
-    return serve(StateDir(args.state), args.drain_seconds, args.metrics_listen)
+    probe = None
+    if args.probe_data:
+        probe = ProbeSettings(args.probe_data, args.probe_tokens, args.probe_flag_ratio)
+        probe.check()  # a missing or empty probe text stops `serve` before it binds a port
+    return serve(StateDir(args.state), args.drain_seconds, args.metrics_listen, probe)
 
 
 def run_token(args: argparse.Namespace) -> None:
@@ -122,6 +129,28 @@ def run_status(args: argparse.Namespace) -> None:
         for c in expert["contributions"]:
             print(f"    {c['node'] + '/' + c['dataset']:<30} {c['token_count']:>10} tokens, basis "
                   f"{c['basis_hash'][:12]}, {'current' if c['current'] else 'stale'}")
+        for c in expert["pending"]:
+            print(f"    {c['node'] + '/' + c['dataset']:<30} {c['token_count']:>10} tokens, HELD for approval, in no "
+                  f"version: `dume-coordinator approve {c['node']} --dataset {c['dataset']}` (or --refuse)")
+    print_routing(status)
+
+
+def print_routing(status: dict) -> None:
+    """Each expert's share of routing on the probe text next to its share of the federation's tokens."""
+    routing = status["routing"]
+    if routing is None:
+        return
+    if routing["error"]:
+        print(f"routing probe of version {routing['version']} failed: {routing['error']}")
+        return
+    tokens = {expert["name"]: sum(c["token_count"] for c in expert["contributions"]) for expert in status["experts"]}
+    total = sum(tokens.values()) or 1
+    fair = 1 / len(routing["shares"])
+    print(f"routing on the probe text (version {routing['version']}, {routing['tokens']} tokens; flagged above "
+          f"{routing['flag_ratio']:g}x the fair share {fair:.1%}):")
+    for name, share in routing["shares"].items():
+        flag = "  FLAGGED: takes more routing than its peers; check its statistics" if share["flagged"] else ""
+        print(f"  {name:<20} routing {share['share']:6.1%}  tokens {tokens.get(name, 0) / total:6.1%}{flag}")
 
 
 def run_revoke(args: argparse.Namespace) -> None:
@@ -145,6 +174,23 @@ def run_revoke(args: argparse.Namespace) -> None:
     report(args, {"revoked": args.name, "version": response.version or None},
            f"revoked {args.name}; version {response.version} published without it" if response.version
            else f"revoked {args.name}; no member with statistics remains, so no version was published")
+
+
+def run_approve(args: argparse.Namespace) -> None:
+    admin, _ = admin_stubs(StateDir(args.state))
+    label = f"{args.node}/{args.dataset}"
+    try:
+        response = admin.Approve(pb.ApproveRequest(node=args.node, dataset=args.dataset, refuse=args.refuse))
+    except grpc.RpcError as error:
+        raise refusal(error, f"cannot {'refuse' if args.refuse else 'approve'} {label}") from None
+    decided = "refused" if args.refuse else "approved"
+    if response.publication_error:
+        raise DumeError(f"{decided} {label}, but {response.publication_error}: see `dume-coordinator status`")
+    if args.refuse:
+        prose = f"refused {label}: its dataset is out of the federation; latest version {response.version or '-'}"
+    else:
+        prose = f"approved {label}; version {response.version} published with it"
+    report(args, {decided: label, "version": response.version or None}, prose)
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -249,6 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on SIGTERM, how long calls in flight may take to finish (default 10s)")
     served.add_argument("--metrics-listen", metavar="HOST:PORT",
                         help="serve Prometheus metrics over HTTP on this address (default: no metrics endpoint)")
+    served.add_argument("--probe-data", type=Path, metavar="PATH",
+                        help="a public probe text (.txt, .jsonl or a directory): each published version runs over "
+                        "it and `status` shows each expert's share of routing (default: no probe; it holds one "
+                        "copy of the version's model in memory)")
+    served.add_argument("--probe-tokens", type=positive_int, default=DEFAULT_PROBE_TOKENS,
+                        help=f"tokens of the probe text to run (default {DEFAULT_PROBE_TOKENS})")
+    served.add_argument("--probe-flag-ratio", type=positive_float, default=DEFAULT_FLAG_RATIO,
+                        help="flag an expert whose routing share exceeds this multiple of the fair share 1/E "
+                        f"(default {DEFAULT_FLAG_RATIO:g})")
     add_log_format(served)
     token = command("token", "print a one-time join token for a node", run_token)
     token.add_argument("--node", required=True, help="the node's name in the federation")
@@ -265,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("--dataset", help="revoke only this dataset of the member (its statistics); the member and "
                         "its other contributions stay")
     add_json(revoke)
+    approve = command("approve", "record statistics held for approval (limits.approve_tokens_above_ratio), or refuse "
+                      "them", run_approve)
+    approve.add_argument("node", help="the node whose statistics are held")
+    approve.add_argument("--dataset", default=DEFAULT_DATASET, help="the held dataset (default: default)")
+    approve.add_argument("--refuse", action="store_true", help="refuse instead: the dataset is taken out of the "
+                         "federation and its node stops sending it")
+    add_json(approve)
     export = command("export", "write a published version as a Hugging Face directory", run_export)
     export.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     export.add_argument("--version", type=positive_int, default=0, help="version number (default: the latest)")

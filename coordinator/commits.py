@@ -8,6 +8,8 @@ as invalid.
 from __future__ import annotations
 
 import logging
+import statistics
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
@@ -110,12 +112,42 @@ def _commit_statistics(ledger: Ledger, uploads: Uploads, settings: MergeSettings
         uploads.adopt(planned)
         if ledger.contribution(member, header.dataset) == contribution:
             return False  # the same commit again (its answer was lost): acknowledged, not recorded twice
+        if held := outlier(ledger, contribution, uploads.limits.approve_tokens_above_ratio):
+            if (contribution, held) in ledger.pending_contributions():
+                return False  # held already: the same commit again
+            ledger.hold_contribution(contribution, held)
+            ledger.audit("hold", member, dataset=header.dataset, expert=node.expert, tokens=header.token_count,
+                         reason=held)
+            log.warning("statistics of %s/%s held for approval: %s; `dume-coordinator approve %s --dataset %s` "
+                        "records them", member, header.dataset, held, member, header.dataset)
+            return True
         ledger.set_contribution(contribution)
         ledger.audit("upload", member, what="statistics", dataset=header.dataset, expert=node.expert,
                      basis_hash=header.basis_hash, expert_hash=header.expert_hash, tokens=header.token_count)
     log.info("%s uploaded statistics of %s for %s under basis %s (%d tokens)", member, header.dataset, node.expert,
              header.basis_hash[:12], header.token_count)
     return True
+
+
+def outlier(ledger: Ledger, contribution: Contribution, ratio: float) -> str:
+    """Why ``contribution`` waits for the operator's approval ("" when it does not): it would make its expert's
+    token total exceed ``ratio`` times the median of the other experts' totals (0: never held; nor without other
+    experts' statistics to compare with). Routing follows the tokens an expert declares (docs/limits.md)."""
+    if not ratio:
+        return ""
+    experts, totals = ledger.experts(), Counter()
+    for recorded in ledger.contributions():
+        if recorded.expert in experts and (recorded.node, recorded.dataset) != (contribution.node,
+                                                                                 contribution.dataset):
+            totals[recorded.expert] += recorded.token_count
+    others = [tokens for expert, tokens in totals.items() if expert != contribution.expert]
+    if not others:
+        return ""
+    total, median = totals[contribution.expert] + contribution.token_count, statistics.median(others)
+    if total <= ratio * median:
+        return ""
+    return (f"expert {contribution.expert} would hold {total} tokens, {total / median:.1f}x the median of the "
+            f"other experts ({median:g}), above limits.approve_tokens_above_ratio = {ratio:g}")
 
 
 def check_dataset_room(ledger: Ledger, node: str, dataset: str, most: int) -> None:

@@ -22,6 +22,7 @@ from dume.coordinator.federation import Coordinator
 from dume.coordinator.health import Health
 from dume.coordinator.lock import StateLock
 from dume.coordinator.metrics import Metrics, MetricsInterceptor
+from dume.coordinator.probe import ProbeSettings
 from dume.coordinator.servicers import AdminService, EnrolmentService, FederationService
 from dume.coordinator.state_dir import StateDir, split_address
 from dume.shared.errors import DumeError
@@ -45,20 +46,21 @@ def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials
     return f"{address.rpartition(':')[0]}:{port}"
 
 
-def serve(state: StateDir, drain_seconds: float = DRAIN_SECONDS, metrics_listen: str | None = None) -> int:
+def serve(state: StateDir, drain_seconds: float = DRAIN_SECONDS, metrics_listen: str | None = None,
+          probe: ProbeSettings | None = None) -> int:
     config = state.config()
     metrics_address = split_address(metrics_listen) if metrics_listen else None
     with StateLock(state.root / "daemon.lock"):
-        return _serve_locked(state, config, drain_seconds, metrics_address)
+        return _serve_locked(state, config, drain_seconds, metrics_address, probe)
 
 
 def _serve_locked(state: StateDir, config: dict, drain_seconds: float,
-                  metrics_address: tuple[str, int] | None) -> int:
+                  metrics_address: tuple[str, int] | None, probe: ProbeSettings | None) -> int:
     metrics, health = Metrics(), Health()
     if armed := failpoints.arm(state.root):
         log.warning("%s arms the test failpoints %s: this daemon stops for good when it reaches one; never set it "
                     "outside tests", failpoints.VARIABLE, ", ".join(armed))
-    coordinator = Coordinator(state, metrics)
+    coordinator = Coordinator(state, metrics, probe)
     key, cert = coordinator.ca_key, coordinator.ca_cert
     # Each Watch stream holds a thread for its life: the pool has one per stream allowed, plus the unary workers,
     # so streams never starve the other calls (Coordinator.watching refuses streams past the limits).

@@ -21,8 +21,9 @@ from dume.coordinator import gc, validation
 from dume.coordinator.commits import check_dataset_room, commit_upload
 from dume.coordinator.errors import Refused
 from dume.coordinator.failpoints import failpoint
-from dume.coordinator.ledger import Ledger
+from dume.coordinator.ledger import Ledger, StateChanged
 from dume.coordinator.metrics import Metrics
+from dume.coordinator.probe import ProbeSettings, RoutingProber
 from dume.coordinator.publication import Publisher, basis_is_current
 from dume.coordinator.records import (
     BasisRecord,
@@ -34,6 +35,7 @@ from dume.coordinator.records import (
     MemberStatus,
     Published,
     Removal,
+    RoutingStatus,
     Status,
     VersionRecord,
 )
@@ -54,7 +56,7 @@ log = logging.getLogger("dume.coordinator")
 class Coordinator:
     """Owns the ledger, the blobs, the uploads in progress and the publisher; the servicers are thin views on it."""
 
-    def __init__(self, state: StateDir, metrics: Metrics | None = None) -> None:
+    def __init__(self, state: StateDir, metrics: Metrics | None = None, probe: ProbeSettings | None = None) -> None:
         self.metrics = metrics or Metrics()
         self.config = state.config()
         self.settings = state.settings()
@@ -73,7 +75,12 @@ class Coordinator:
         self._transfers: Counter[str] = Counter()  # open SendChunks and ReadBlob streams per member
         self._online_lock = threading.Lock()
         self._changed = threading.Condition()
-        self.publisher = Publisher(self.ledger, self.blobs, self.settings, self.notify, self.metrics)
+        self.prober: RoutingProber | None = None
+        self.publisher = Publisher(self.ledger, self.blobs, self.settings, self.notify, self.metrics,
+                                   on_publish=self._probe_routing)
+        if probe is not None:
+            self.prober = RoutingProber(probe, self.ledger, self.blobs, state.root / "probe",
+                                        self.settings.sequence_length)
         latest = self.ledger.version()
         self.metrics.latest_version.set(latest.number if latest else 0)
         self.metrics.watch_members(lambda: dict(Counter(member.state for member in self.ledger.members())))
@@ -241,6 +248,36 @@ class Coordinator:
             self.ledger.audit(kind, node, dataset=dataset, **({"reason": reason} if kind == "revoke" else {}))
         log.info("%s: dataset %s of %s taken out", kind, dataset, node)
         return self._publish_without(node, f"{node}/{dataset}")
+
+    def approve(self, node: str, dataset: str, refuse: bool = False) -> Removal:
+        """Records a contribution held for approval and publishes with it, or refuses it: the dataset is taken out
+        of the federation and its node stops sending it. Says what the latest version is afterwards."""
+        label = f"{node}/{dataset}"
+        with self.ledger.transaction():
+            pending = self.ledger.take_pending(node, dataset)
+            if pending is None:
+                held = [c.label for c, _ in self.ledger.pending_contributions()]
+                raise Refused("not_found", f"{label} is not held for approval (held: {', '.join(held) or 'none'}): "
+                              "see `dume-coordinator status`")
+            if refuse:
+                self.ledger.refuse_dataset(node, dataset)
+            else:
+                try:
+                    self.ledger.set_contribution(pending)
+                except StateChanged as error:
+                    raise Refused("precondition", f"cannot approve {label}: {error}") from None
+            self.ledger.audit("refuse" if refuse else "approve", node, dataset=dataset, expert=pending.expert,
+                              tokens=pending.token_count)
+        log.info("%s %s (%d tokens for %s)", "refused" if refuse else "approved", label, pending.token_count,
+                 pending.expert)
+        if refuse:
+            return self._publish_without(node, label)
+        self.publisher.wait(self.publisher.request())
+        latest = self.ledger.version()
+        if latest is not None and label in latest.contributions:
+            return Removal(latest.number)
+        return Removal(latest.number if latest else 0, f"no version with {label} was published "
+                       f"({self.publisher.error or 'its statistics are stale: its node recomputes them'})")
 
     # -- uploads --------------------------------------------------------------------------------------------------
     def begin_upload(self, member: str, plan: pb.UploadPlan) -> PlannedUpload:
@@ -416,6 +453,10 @@ class Coordinator:
         with self._changed:
             self._changed.wait(timeout)
 
+    def _probe_routing(self, version: int) -> None:
+        if self.prober is not None:
+            self.prober.request(version)
+
     def notify(self) -> None:
         """Wakes every watcher: something published may have changed."""
         with self._changed:
@@ -430,6 +471,7 @@ class Coordinator:
         def is_current(c: Contribution) -> bool:
             return c.basis_hash == current and c.expert_hash == weights.get(c.expert)
 
+        pending = self.ledger.pending_contributions()
         members, everyone = [], self.ledger.members()
         for member in everyone:
             own = [c for c in contributions if c.node == member.name]
@@ -444,12 +486,16 @@ class Coordinator:
             name=owner.name, owner=owner.name, expert_hash=weights.get(owner.name, ""),
             contributors=[m.name for m in current_members if m.expert == owner.name and not m.owner],
             contributions=[ContributionStatus(c.node, c.dataset, c.token_count, c.basis_hash, is_current(c))
-                           for c in contributions if c.expert == owner.name])
+                           for c in contributions if c.expert == owner.name],
+            pending=[ContributionStatus(c.node, c.dataset, c.token_count, c.basis_hash, is_current(c))
+                     for c, _ in pending if c.expert == owner.name])
             for owner in current_members if owner.owner]
         latest = self.ledger.version()
+        probe = self.ledger.routing_probe() if self.prober is not None else None
+        routing = RoutingStatus(probe, self.prober.settings.flag_ratio) if probe is not None else None
         return Status(latest.number if latest else 0, bool(latest and latest.exact), current, members,
                       self.ledger.audit_length(), asdict(self.settings), self.publisher.error, experts,
-                      latest.contributions if latest else [])
+                      latest.contributions if latest else [], routing)
 
     def audit_entries(self) -> list[AuditEntry]:
         return self.ledger.audit_entries()
@@ -495,4 +541,6 @@ class Coordinator:
         self._closing.set()
         self._expiry.join()
         self.publisher.stop()
+        if self.prober is not None:
+            self.prober.stop()
         self.ledger.close()

@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from dume.coordinator import messages
-from dume.coordinator.records import BasisRecord, BlobUse, Contribution, Member, VersionFile, VersionRecord
+from dume.coordinator.records import (
+    BasisRecord,
+    BlobUse,
+    Contribution,
+    Member,
+    RoutingProbeRecord,
+    VersionFile,
+    VersionRecord,
+)
 from dume.shared.method.expert_weights import expert_hash, expert_manifest
 from dume.shared.method.families import detect_family
 from dume.shared.method.settings import DEFAULT_DATASET
@@ -45,6 +53,10 @@ CREATE TABLE IF NOT EXISTS contributions (
     node TEXT NOT NULL, dataset TEXT NOT NULL, expert TEXT NOT NULL, basis_hash TEXT NOT NULL,
     expert_hash TEXT NOT NULL, token_count INTEGER NOT NULL, manifest BLOB NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (node, dataset));
+CREATE TABLE IF NOT EXISTS pending_contributions (
+    node TEXT NOT NULL, dataset TEXT NOT NULL, expert TEXT NOT NULL, basis_hash TEXT NOT NULL,
+    expert_hash TEXT NOT NULL, token_count INTEGER NOT NULL, manifest BLOB NOT NULL, at REAL NOT NULL,
+    reason TEXT NOT NULL, PRIMARY KEY (node, dataset));
 CREATE TABLE IF NOT EXISTS removed_datasets (
     node TEXT NOT NULL, dataset TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (node, dataset));
 CREATE TABLE IF NOT EXISTS bases (
@@ -57,6 +69,9 @@ CREATE TABLE IF NOT EXISTS published_blobs (sha256 TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS basis_blobs (sha256 TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS version_blobs (
     sha256 TEXT NOT NULL, version INTEGER NOT NULL, PRIMARY KEY (sha256, version));
+CREATE TABLE IF NOT EXISTS routing_probes (
+    version INTEGER PRIMARY KEY, experts TEXT NOT NULL, per_layer TEXT NOT NULL, tokens INTEGER NOT NULL,
+    error TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (
     sequence INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, subject TEXT NOT NULL,
     detail_json TEXT NOT NULL, previous_hash TEXT NOT NULL, entry_hash TEXT NOT NULL);
@@ -313,6 +328,8 @@ class Ledger:
                  contribution.expert_hash, contribution.token_count,
                  contribution.manifest.SerializeToString(deterministic=True), time.time()),
             )
+            self._db.execute("DELETE FROM pending_contributions WHERE node = ? AND dataset = ?",
+                             (contribution.node, contribution.dataset))
             self._db.execute("UPDATE members SET state = 'active' WHERE name = ? AND state = 'enrolled'",
                              (contribution.node,))
 
@@ -335,6 +352,38 @@ class Ledger:
         node, dataset, expert, basis_hash, weights, count, manifest = row
         return Contribution(node, dataset, expert, basis_hash, weights, count,
                             tensors_pb2.TensorManifest.FromString(manifest))
+
+    # -- contributions held for the operator's approval (limits.approve_tokens_above_ratio) -----------------------
+    def hold_contribution(self, contribution: Contribution, reason: str) -> None:
+        """Records (or replaces) a contribution that waits for approval: in no version until ``take_pending``."""
+        with self.transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO pending_contributions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (contribution.node, contribution.dataset, contribution.expert, contribution.basis_hash,
+                 contribution.expert_hash, contribution.token_count,
+                 contribution.manifest.SerializeToString(deterministic=True), time.time(), reason),
+            )
+
+    def pending_contributions(self) -> list[tuple[Contribution, str]]:
+        """Every held contribution with why it was held, in the canonical order: expert, node, dataset."""
+        rows = self._rows(f"SELECT {self._CONTRIBUTION_COLUMNS}, reason FROM pending_contributions "
+                          "ORDER BY expert, node, dataset")
+        return [(self._contribution(row[:-1]), row[-1]) for row in rows]
+
+    def take_pending(self, node: str, dataset: str) -> Contribution | None:
+        """Removes a held contribution and returns it (None when there is none)."""
+        with self.transaction():
+            rows = self._rows(f"SELECT {self._CONTRIBUTION_COLUMNS} FROM pending_contributions "
+                              "WHERE node = ? AND dataset = ?", node, dataset)
+            self._db.execute("DELETE FROM pending_contributions WHERE node = ? AND dataset = ?", (node, dataset))
+        return self._contribution(rows[0]) if rows else None
+
+    def refuse_dataset(self, node: str, dataset: str) -> None:
+        """Takes a dataset out of the federation, whether or not a contribution of it is recorded (a refused one
+        was only held): its node is told and stops sending it."""
+        with self.transaction():
+            self._db.execute("DELETE FROM contributions WHERE node = ? AND dataset = ?", (node, dataset))
+            self._db.execute("INSERT OR REPLACE INTO removed_datasets VALUES (?, ?, ?)", (node, dataset, time.time()))
 
     def remove_dataset(self, node: str, dataset: str) -> None:
         """Takes one dataset's contribution out and remembers that it was (raises StateChanged when there is none)."""
@@ -428,13 +477,30 @@ class Ledger:
                              messages.file_list(federation_pb2.Version.FromString(files)), fingerprint, at,
                              pruned_at, json.loads(contributions))
 
+    # -- routing probes (each version's share of routing per expert on the operator's probe text) ----------------
+    def record_routing_probe(self, probe: RoutingProbeRecord) -> None:
+        with self.transaction():
+            self._db.execute("INSERT OR REPLACE INTO routing_probes VALUES (?, ?, ?, ?, ?, ?)",
+                             (probe.version, json.dumps(probe.experts), json.dumps(probe.per_layer), probe.tokens,
+                              probe.error, time.time()))
+
+    def routing_probe(self, version: int = 0) -> RoutingProbeRecord | None:
+        """The probe of version ``version``, or the latest probe with 0."""
+        sql = "SELECT version, experts, per_layer, tokens, error FROM routing_probes"
+        rows = self._rows(sql + " WHERE version = ?", version) if version else self._rows(
+            sql + " ORDER BY version DESC LIMIT 1")
+        if not rows:
+            return None
+        number, experts, per_layer, tokens, error = rows[0]
+        return RoutingProbeRecord(number, json.loads(experts), json.loads(per_layer), tokens, error)
+
     # -- garbage collection ---------------------------------------------------------------------------------------
     def blob_use(self, prune_before: int = 0) -> BlobUse:
         """Which blobs the ledger still needs, and which it names only through what ``gc`` may drop: members revoked
         or gone, versions numbered below ``prune_before`` (or pruned before), and bases nothing kept names.
 
-        Kept: the models of enrolled and active members, every contribution (only theirs exist), every version
-        not pruned, and the current basis with those the kept versions and statistics were made under.
+        Kept: the models of enrolled and active members, every contribution (only theirs exist) and their held ones,
+        every version not pruned, and the current basis with those the kept versions and statistics were made under.
         """
         live: set[str] = set()
         departed: dict[str, set[str]] = {}
@@ -448,6 +514,10 @@ class Ledger:
         statistics = self.contributions()
         for record in statistics:
             live.update(entry.sha256 for entry in record.manifest.tensors)
+        current_members = {member.name for member in self.members() if member.state in ("enrolled", "active")}
+        for record, _ in self.pending_contributions():  # kept until approved or refused
+            if record.node in current_members:
+                live.update(entry.sha256 for entry in record.manifest.tensors)
         kept_bases = {self.get_meta("current_basis")} | {record.basis_hash for record in statistics}
         pruned: dict[int, set[str]] = {}
         pruning: list[int] = []

@@ -28,6 +28,9 @@ class Limits:
     transfers_per_member: int = 4  # SendChunks and ReadBlob streams one member may have open at once
     unary_workers: int = 32  # server threads for every other call, on top of the Watch streams
     datasets_per_node: int = 16  # contributions one node may have recorded (each holds a G per layer on disk)
+    # A contribution that would make its expert's token total exceed this multiple of the median of the other
+    # experts' totals is held for the operator (`dume-coordinator approve`); 0: off (docs/limits.md, router capture).
+    approve_tokens_above_ratio: float = 0.0
 
     @classmethod
     def from_config(cls, values: dict[str, Any] | None) -> Limits:
@@ -39,7 +42,7 @@ class Limits:
             raise DumeError(f"config.json sets unknown limit {unknown[0]!r}: the limits are {', '.join(sorted(known))}")
         limits = cls(**values)
         for name, value in asdict(limits).items():
-            least = 0 if name == "min_free_bytes" else 1
+            least = 0 if name in ("min_free_bytes", "approve_tokens_above_ratio") else 1
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= least:
                 raise DumeError(f"config.json limit {name} = {value!r} must be a number of at least {least}")
         return limits

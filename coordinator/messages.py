@@ -8,7 +8,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, fields
 from typing import Any
 
-from dume.coordinator.records import BasisRecord, GarbageReport, Published, Status, VersionFile, VersionRecord
+from dume.coordinator.records import (
+    BasisRecord,
+    GarbageReport,
+    Published,
+    RoutingStatus,
+    Status,
+    VersionFile,
+    VersionRecord,
+)
 from dume.shared.method.settings import MergeSettings
 from dume.shared.trust.audit import AuditEntry
 from dume.v1 import federation_pb2 as pb
@@ -90,13 +98,24 @@ def status_message(status: Status) -> pb.StatusResponse:
                                token_count=member.token_count, expert=member.expert) for member in status.members]
     experts = [pb.ExpertStatus(name=expert.name, owner=expert.owner, expert_hash=expert.expert_hash,
                                contributors=expert.contributors,
-                               contributions=[pb.ContributionStatus(**asdict(c)) for c in expert.contributions])
+                               contributions=[pb.ContributionStatus(**asdict(c)) for c in expert.contributions],
+                               pending=[pb.ContributionStatus(**asdict(c)) for c in expert.pending])
                for expert in status.experts]
     return pb.StatusResponse(version=status.version, exact=status.exact, basis_hash=status.basis_hash,
                              members=members, audit_entries=status.audit_entries,
                              settings_json=json.dumps(status.settings, sort_keys=True),
                              publication_error=status.publication_error, experts=experts,
-                             version_contributions=status.version_contributions)
+                             version_contributions=status.version_contributions,
+                             routing=routing_message(status.routing) if status.routing else None)
+
+
+def routing_message(routing: RoutingStatus) -> pb.RoutingProbe:
+    probe, flagged = routing.probe, set(routing.flagged())
+    shares = [pb.RoutingShare(expert=name, share=share, flagged=name in flagged,
+                              per_layer=[row[index] for row in probe.per_layer])
+              for index, (name, share) in enumerate(probe.mean().items())]
+    return pb.RoutingProbe(version=probe.version, tokens=probe.tokens, error=probe.error,
+                           flag_ratio=routing.flag_ratio, shares=shares)
 
 
 def status_dict(status: pb.StatusResponse) -> dict[str, Any]:
@@ -111,14 +130,27 @@ def status_dict(status: pb.StatusResponse) -> dict[str, Any]:
                     for m in status.members],
         "experts": [{"name": e.name, "owner": e.owner, "expert_hash": e.expert_hash or None,
                      "contributors": list(e.contributors),
-                     "contributions": [{"node": c.node, "dataset": c.dataset, "token_count": c.token_count,
-                                        "basis_hash": c.basis_hash, "current": c.current} for c in e.contributions]}
+                     "contributions": [contribution_dict(c) for c in e.contributions],
+                     "pending": [contribution_dict(c) for c in e.pending]}
                     for e in status.experts],
         "version_contributions": list(status.version_contributions),
         "audit_entries": status.audit_entries,
         "settings": json.loads(status.settings_json),
         "publication_error": status.publication_error or None,
+        "routing": routing_dict(status.routing) if status.HasField("routing") else None,
     }
+
+
+def contribution_dict(c: pb.ContributionStatus) -> dict[str, Any]:
+    return {"node": c.node, "dataset": c.dataset, "token_count": c.token_count, "basis_hash": c.basis_hash,
+            "current": c.current}
+
+
+def routing_dict(routing: pb.RoutingProbe) -> dict[str, Any]:
+    return {"version": routing.version, "tokens": routing.tokens, "error": routing.error or None,
+            "flag_ratio": routing.flag_ratio,
+            "shares": {share.expert: {"share": share.share, "per_layer": list(share.per_layer),
+                                      "flagged": share.flagged} for share in routing.shares}}
 
 
 def audit_entry_message(entry: AuditEntry) -> pb.AuditEntry:

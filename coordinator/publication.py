@@ -201,8 +201,10 @@ class Publisher:
     """
 
     def __init__(self, ledger: Ledger, blobs: BlobStore, settings: MergeSettings,
-                 on_change: Callable[[], None], metrics: Metrics | None = None) -> None:
+                 on_change: Callable[[], None], metrics: Metrics | None = None,
+                 on_publish: Callable[[int], None] = lambda version: None) -> None:
         self._ledger, self._blobs, self._settings, self._on_change = ledger, blobs, settings, on_change
+        self._on_publish = on_publish  # told each new version's number once its row is written (the routing probe)
         self._metrics = metrics or Metrics()
         self._condition = threading.Condition()
         self._wanted = self._done = 0
@@ -270,4 +272,5 @@ class Publisher:
             metrics.latest_version.set(number)
             log.info("published version %d (%s) over %s", number, "exact" if version.exact else "provisional",
                      ", ".join(version.members))
+            self._on_publish(number)
         self._on_change()

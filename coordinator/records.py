@@ -82,6 +82,38 @@ class VersionRecord:
 
 
 @dataclass(frozen=True)
+class RoutingProbeRecord:
+    """A version run over the operator's probe text: per layer, each expert's share of the real tokens its router
+    ranks first (``experts`` order), or why the probe failed (``error``, and no shares)."""
+
+    version: int
+    experts: list[str]
+    per_layer: list[list[float]]
+    tokens: int
+    error: str = ""
+
+    def mean(self) -> dict[str, float]:
+        """Each expert's share averaged over layers."""
+        if not self.per_layer:
+            return {}
+        return {name: sum(row[index] for row in self.per_layer) / len(self.per_layer)
+                for index, name in enumerate(self.experts)}
+
+
+@dataclass(frozen=True)
+class RoutingStatus:
+    """The latest probe as status shows it: the record, and the flag ratio the daemon runs with."""
+
+    probe: RoutingProbeRecord
+    flag_ratio: float
+
+    def flagged(self) -> list[str]:
+        """Experts whose mean share exceeds ``flag_ratio`` times the fair share 1/E."""
+        fair = 1 / len(self.probe.experts) if self.probe.experts else 0.0
+        return [name for name, share in self.probe.mean().items() if share > self.flag_ratio * fair]
+
+
+@dataclass(frozen=True)
 class Published:
     """What a watching node is told: the current basis and the latest version (0 when none)."""
 
@@ -120,6 +152,7 @@ class ExpertStatus:
     expert_hash: str  # "" before the owner's upload
     contributors: list[str]  # nodes admitted to its group besides the owner
     contributions: list[ContributionStatus]  # in the order they are summed
+    pending: list[ContributionStatus] = field(default_factory=list)  # held for approval: in no version
 
 
 @dataclass(frozen=True)
@@ -135,6 +168,7 @@ class Status:
     publication_error: str  # why the last publication round failed; "" when it succeeded
     experts: list[ExpertStatus] = field(default_factory=list)
     version_contributions: list[str] = field(default_factory=list)  # "node/dataset" the latest version holds
+    routing: RoutingStatus | None = None  # the latest probe of routing shares (None: no probe configured or run)
 
 
 @dataclass(frozen=True)

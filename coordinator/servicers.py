@@ -209,6 +209,12 @@ class AdminService(rpc.AdminServicer):
         return pb.RevokeResponse(version=removal.version, publication_error=removal.publication_error)
 
     @refusals_abort
+    def Approve(self, request: pb.ApproveRequest, context: grpc.ServicerContext) -> pb.ApproveResponse:
+        self._admin(context)
+        outcome = self.c.approve(request.node, request.dataset, request.refuse)
+        return pb.ApproveResponse(version=outcome.version, publication_error=outcome.publication_error)
+
+    @refusals_abort
     def Audit(self, request: pb.AuditRequest, context: grpc.ServicerContext) -> pb.AuditResponse:
         self._admin(context)
         return pb.AuditResponse(entries=[messages.audit_entry_message(entry) for entry in self.c.audit_entries()])

@@ -18,7 +18,7 @@ from typing import Any
 
 from dume.coordinator.limits import Limits
 from dume.shared.errors import CoordinatorUnreachable, DumeError
-from dume.shared.method.settings import MergeSettings
+from dume.shared.method.settings import LEGACY_EXPERT_WEIGHTING, MergeSettings
 from dume.shared.trust import pki
 
 ADMIN_NAME = "admin"
@@ -76,7 +76,9 @@ class StateDir:
                                              + "\n").encode())
 
     def settings(self) -> MergeSettings:
-        return MergeSettings(**self.config()["settings"])
+        """The federation's merge settings; one initialised before ``expert_weighting`` existed keeps solving as it
+        did (``tokens``), so an upgrade never changes the bytes of its next version."""
+        return MergeSettings(**{"expert_weighting": LEGACY_EXPERT_WEIGHTING, **self.config()["settings"]})
 
     def limits(self) -> Limits:
         return Limits.from_config(self.config().get("limits"))

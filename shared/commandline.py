@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from dume.shared.config import parse_with_configuration
 from dume.shared.errors import INTERRUPTED, DumeError
-from dume.shared.method.settings import DEFAULT_RHO, DTYPE_NAMES, EXPERT_WEIGHTINGS, MergeSettings
+from dume.shared.method.settings import (
+    DEFAULT_EXPERT_WEIGHTING,
+    DEFAULT_RHO,
+    DTYPE_NAMES,
+    EXPERT_WEIGHTINGS,
+    MergeSettings,
+)
 from dume.shared.progress import no_bars_unless_terminal
 from dume.shared.transport.protocol import PROTOCOL_VERSION
 
@@ -61,10 +67,10 @@ def add_merge_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-normalize", action="store_true", help="keep raw ridge columns (no L2 normalisation)")
     parser.add_argument("--sequence-length", type=positive_int, default=256, help="tokens per packed row")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass")
-    parser.add_argument("--expert-weighting", choices=EXPERT_WEIGHTINGS, default="tokens",
-                        help="each expert's weight in the router solve: 'tokens' (its data as collected, the "
-                             "default) or 'equal' (every expert scaled to one token budget, so no member buys a "
-                             "larger share of routing by declaring more or repeated data)")
+    parser.add_argument("--expert-weighting", choices=EXPERT_WEIGHTINGS, default=DEFAULT_EXPERT_WEIGHTING,
+                        help="each expert's weight in the router solve: 'equal' (the default: every expert scaled "
+                             "to one token budget, so no member buys a larger share of routing by declaring more "
+                             "or repeated data) or 'tokens' (its data as collected, the method as published)")
 
 
 def add_placement(parser: argparse.ArgumentParser) -> None:

@@ -45,7 +45,7 @@ MEMBER_METHODS = {
     FEDERATION + "GetBasis": (False, False), FEDERATION + "GetVersion": (False, False),
     FEDERATION + "ReadBlob": (False, True), FEDERATION + "NoSuchMethod": (False, False),
     ADMIN + "CreateToken": (False, False), ADMIN + "Status": (False, False), ADMIN + "Revoke": (False, False),
-    ADMIN + "Audit": (False, False), ADMIN + "CollectGarbage": (False, False),
+    ADMIN + "Audit": (False, False), ADMIN + "CollectGarbage": (False, False), ADMIN + "Approve": (False, False),
 }
 ENROLMENT_METHODS = {ENROL: (False, False), "/dume.v1.Enrolment/NoSuchMethod": (False, False),
                      FEDERATION + "Watch": (False, True), ADMIN + "Status": (False, False)}

@@ -3,11 +3,13 @@ contribution's layers in layer order, one layer of every contribution before the
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 import torch
 
+from dume.coordinator.state_dir import initialise
 from dume.shared.errors import DumeError
 from dume.shared.method.ridge import solve_routers
 from dume.shared.method.routers import (
@@ -76,7 +78,8 @@ def layered_statistics(grams, reads: list[tuple[str, int]] | None = None):
 @pytest.mark.parametrize("router_bias", [False, True])
 def test_layer_by_layer_solve_gives_the_bytes_of_the_whole_tensor_solve(router_bias):
     grams = random_statistics(seed=int(router_bias))
-    settings = MergeSettings(router_bias=router_bias, temperature=1.5)
+    # The whole-tensor solve sums the statistics as collected: experts weighed by their tokens.
+    settings = MergeSettings(router_bias=router_bias, temperature=1.5, expert_weighting="tokens")
     expected, expected_tokens, expected_counts = whole_tensor_solve(grams, settings)
 
     solved = solve_for_checkpoint(layered_statistics(grams), settings, "basis")
@@ -156,3 +159,15 @@ def test_equal_expert_weighting_gives_a_member_nothing_for_repeating_its_data():
 def test_an_unknown_expert_weighting_is_refused_in_one_line():
     with pytest.raises(DumeError, match="expert weighting 'fair' is not one of tokens, equal"):
         MergeSettings(expert_weighting="fair")
+
+
+def test_experts_weigh_equally_by_default_but_a_federation_from_before_the_setting_keeps_tokens(tmp_path):
+    """``equal`` is the default of `init` and `dume merge`; a state directory whose settings predate
+    ``expert_weighting`` keeps solving as it did, so an upgrade does not change its next version's bytes."""
+    assert MergeSettings().expert_weighting == "equal"
+    state = initialise(tmp_path / "coordinator", "127.0.0.1:0", "127.0.0.1:0", None, None, MergeSettings(), None)
+    assert state.settings().expert_weighting == "equal"
+    config = state.config()
+    del config["settings"]["expert_weighting"]
+    state.config_path.write_text(json.dumps(config))
+    assert state.settings().expert_weighting == "tokens"

@@ -17,8 +17,13 @@ DEFAULT_RHO = 1e-3
 # The precisions a model may run in (``--dtype``); placement maps them to torch dtypes.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
-# How experts weigh in the router solve (``MergeSettings.expert_weighting``).
+# How experts weigh in the router solve (``MergeSettings.expert_weighting``). "equal" is the default: on the quality
+# benchmark it keeps as much of the experts as "tokens" with honest data and more when one member holds ten times
+# the others' data, and a member repeating its data buys nothing (docs/limits.md, "Router capture").
 EXPERT_WEIGHTINGS = ("tokens", "equal")
+DEFAULT_EXPERT_WEIGHTING = "equal"
+# What a federation initialised before the setting existed solved with: its settings keep it (state_dir).
+LEGACY_EXPERT_WEIGHTING = "tokens"
 
 
 # The name of a dataset given without one (``--data PATH``): a node or expert with one dataset needs no names.
@@ -104,10 +109,10 @@ class MergeSettings:
     temperature: float = 1.0
     sequence_length: int = 256
     batch_size: int = 8
-    # How much each expert's statistics weigh in the ridge system: "tokens" (as collected: an expert's share grows
-    # with the tokens it declares, the method as published) or "equal" (each expert's G scaled to the same token
-    # budget, so declaring more data, or the same data repeated, buys no more of the solve; see docs/limits.md).
-    expert_weighting: str = "tokens"
+    # How much each expert's statistics weigh in the ridge system: "equal" (each expert's G scaled to the same token
+    # budget, so declaring more data, or the same data repeated, buys no more of the solve) or "tokens" (as
+    # collected: an expert's share grows with the tokens it declares, the method as published); docs/limits.md.
+    expert_weighting: str = DEFAULT_EXPERT_WEIGHTING
 
     def __post_init__(self) -> None:
         if self.expert_weighting not in EXPERT_WEIGHTINGS:

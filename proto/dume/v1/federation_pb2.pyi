@@ -268,21 +268,23 @@ class ContributionStatus(_message.Message):
     def __init__(self, node: _Optional[str] = ..., dataset: _Optional[str] = ..., token_count: _Optional[int] = ..., basis_hash: _Optional[str] = ..., current: _Optional[bool] = ...) -> None: ...
 
 class ExpertStatus(_message.Message):
-    __slots__ = ("name", "owner", "expert_hash", "contributors", "contributions")
+    __slots__ = ("name", "owner", "expert_hash", "contributors", "contributions", "pending")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     EXPERT_HASH_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
     name: str
     owner: str
     expert_hash: str
     contributors: _containers.RepeatedScalarFieldContainer[str]
     contributions: _containers.RepeatedCompositeFieldContainer[ContributionStatus]
-    def __init__(self, name: _Optional[str] = ..., owner: _Optional[str] = ..., expert_hash: _Optional[str] = ..., contributors: _Optional[_Iterable[str]] = ..., contributions: _Optional[_Iterable[_Union[ContributionStatus, _Mapping]]] = ...) -> None: ...
+    pending: _containers.RepeatedCompositeFieldContainer[ContributionStatus]
+    def __init__(self, name: _Optional[str] = ..., owner: _Optional[str] = ..., expert_hash: _Optional[str] = ..., contributors: _Optional[_Iterable[str]] = ..., contributions: _Optional[_Iterable[_Union[ContributionStatus, _Mapping]]] = ..., pending: _Optional[_Iterable[_Union[ContributionStatus, _Mapping]]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "exact", "basis_hash", "members", "audit_entries", "settings_json", "publication_error", "experts", "version_contributions")
+    __slots__ = ("version", "exact", "basis_hash", "members", "audit_entries", "settings_json", "publication_error", "experts", "version_contributions", "routing")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EXACT_FIELD_NUMBER: _ClassVar[int]
     BASIS_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +294,7 @@ class StatusResponse(_message.Message):
     PUBLICATION_ERROR_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     VERSION_CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
     version: int
     exact: bool
     basis_hash: str
@@ -301,7 +304,34 @@ class StatusResponse(_message.Message):
     publication_error: str
     experts: _containers.RepeatedCompositeFieldContainer[ExpertStatus]
     version_contributions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[int] = ..., exact: _Optional[bool] = ..., basis_hash: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., audit_entries: _Optional[int] = ..., settings_json: _Optional[str] = ..., publication_error: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertStatus, _Mapping]]] = ..., version_contributions: _Optional[_Iterable[str]] = ...) -> None: ...
+    routing: RoutingProbe
+    def __init__(self, version: _Optional[int] = ..., exact: _Optional[bool] = ..., basis_hash: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., audit_entries: _Optional[int] = ..., settings_json: _Optional[str] = ..., publication_error: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertStatus, _Mapping]]] = ..., version_contributions: _Optional[_Iterable[str]] = ..., routing: _Optional[_Union[RoutingProbe, _Mapping]] = ...) -> None: ...
+
+class RoutingProbe(_message.Message):
+    __slots__ = ("version", "tokens", "error", "flag_ratio", "shares")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    FLAG_RATIO_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    tokens: int
+    error: str
+    flag_ratio: float
+    shares: _containers.RepeatedCompositeFieldContainer[RoutingShare]
+    def __init__(self, version: _Optional[int] = ..., tokens: _Optional[int] = ..., error: _Optional[str] = ..., flag_ratio: _Optional[float] = ..., shares: _Optional[_Iterable[_Union[RoutingShare, _Mapping]]] = ...) -> None: ...
+
+class RoutingShare(_message.Message):
+    __slots__ = ("expert", "share", "per_layer", "flagged")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    expert: str
+    share: float
+    per_layer: _containers.RepeatedScalarFieldContainer[float]
+    flagged: bool
+    def __init__(self, expert: _Optional[str] = ..., share: _Optional[float] = ..., per_layer: _Optional[_Iterable[float]] = ..., flagged: _Optional[bool] = ...) -> None: ...
 
 class RevokeRequest(_message.Message):
     __slots__ = ("node", "reason", "dataset")
@@ -312,6 +342,24 @@ class RevokeRequest(_message.Message):
     reason: str
     dataset: str
     def __init__(self, node: _Optional[str] = ..., reason: _Optional[str] = ..., dataset: _Optional[str] = ...) -> None: ...
+
+class ApproveRequest(_message.Message):
+    __slots__ = ("node", "dataset", "refuse")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    REFUSE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    dataset: str
+    refuse: bool
+    def __init__(self, node: _Optional[str] = ..., dataset: _Optional[str] = ..., refuse: _Optional[bool] = ...) -> None: ...
+
+class ApproveResponse(_message.Message):
+    __slots__ = ("version", "publication_error")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PUBLICATION_ERROR_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    publication_error: str
+    def __init__(self, version: _Optional[int] = ..., publication_error: _Optional[str] = ...) -> None: ...
 
 class RevokeResponse(_message.Message):
     __slots__ = ("version", "publication_error")

@@ -624,6 +624,11 @@ class AdminStub:
                 request_serializer=dume_dot_v1_dot_federation__pb2.GarbageRequest.SerializeToString,
                 response_deserializer=dume_dot_v1_dot_federation__pb2.GarbageReport.FromString,
                 _registered_method=True)
+        self.Approve = channel.unary_unary(
+                '/dume.v1.Admin/Approve',
+                request_serializer=dume_dot_v1_dot_federation__pb2.ApproveRequest.SerializeToString,
+                response_deserializer=dume_dot_v1_dot_federation__pb2.ApproveResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -664,6 +669,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Approve(self, request, context):
+        """Records a contribution held for the operator's approval (limits.approve_tokens_above_ratio), or refuses it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -691,6 +703,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.CollectGarbage,
                     request_deserializer=dume_dot_v1_dot_federation__pb2.GarbageRequest.FromString,
                     response_serializer=dume_dot_v1_dot_federation__pb2.GarbageReport.SerializeToString,
+            ),
+            'Approve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Approve,
+                    request_deserializer=dume_dot_v1_dot_federation__pb2.ApproveRequest.FromString,
+                    response_serializer=dume_dot_v1_dot_federation__pb2.ApproveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -831,6 +848,33 @@ class Admin:
             '/dume.v1.Admin/CollectGarbage',
             dume_dot_v1_dot_federation__pb2.GarbageRequest.SerializeToString,
             dume_dot_v1_dot_federation__pb2.GarbageReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Approve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dume.v1.Admin/Approve',
+            dume_dot_v1_dot_federation__pb2.ApproveRequest.SerializeToString,
+            dume_dot_v1_dot_federation__pb2.ApproveResponse.FromString,
             options,
             channel_credentials,
             insecure,
