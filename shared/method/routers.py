@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from dume.shared.errors import DumeError
-from dume.shared.method.ridge import NO_STATISTICS, LayerRouter, check_router_settings, solve_layer, system_size
+from dume.shared.method.ridge import NO_STATISTICS, LayerRouter, check_router_settings, packed_system, solve_system
 from dume.shared.method.settings import MergeSettings
-from dume.shared.method.statistics import from_upper_triangle, gram_size, last_column
+from dume.shared.method.statistics import gram_size, last_column
 
 # What every expert's statistics are scaled to with ``expert_weighting="equal"``. Only the experts' relative weights
 # reach the routers (lambda scales with G, and columns are L2-normalised); a round number keeps G's magnitude usual.
@@ -153,9 +153,10 @@ def solve_for_checkpoint(statistics: Mapping[str, ExpertStatistics | None], sett
 def solve_layer_from_packed(layer: int, statistics: Mapping[str, ExpertStatistics], settings: MergeSettings
                             ) -> tuple[LayerRouter, dict[str, tuple[int, dict[str, int]]]]:
     """Layer ``layer``'s router: each expert's packed G of the layer (its contributions summed in canonical order),
-    added in sorted expert order into the total, which alone is unpacked into a full matrix for the solve. These
-    are the additions of summing whole (layers, d+1, d+1) tensors, so the bytes are the same. Also returns each
-    expert's token count and its contributions' (what the layer's triangles record)."""
+    added in sorted expert order into the total, whose lower triangle alone is copied out, into the one matrix the
+    Cholesky factorisation overwrites. These are the additions of summing whole (layers, d+1, d+1) tensors, and the
+    factor is that of the same lower triangle, so the bytes are the same. Also returns each expert's token count
+    and its contributions' (what the layer's triangles record)."""
     experts = tuple(sorted(statistics))
     total, targets, counts = None, [], {}
     for name in experts:
@@ -170,9 +171,8 @@ def solve_layer_from_packed(layer: int, statistics: Mapping[str, ExpertStatistic
         else:
             total += gram
         del gram
-    full = from_upper_triangle(total[None], size)[0]
+    system = packed_system(total, settings.router_bias)
     del total
-    rows = system_size(full, settings.router_bias)
-    router = solve_layer(layer, full, torch.stack(targets, dim=1)[:rows], experts, settings.rho, settings.router_bias,
-                         settings.normalize, settings.temperature)
+    router = solve_system(layer, system, torch.stack(targets, dim=1)[:system.shape[0]], experts, settings.rho,
+                          settings.router_bias, settings.normalize, settings.temperature)
     return router, counts
