@@ -85,7 +85,9 @@ def solve_system(layer: int, system: torch.Tensor, targets: torch.Tensor, expert
     del system
     if factor is None:
         raise DumeError(f"layer {layer}: the statistics are not positive definite even with ridge: increase rho")
-    solution = torch.cholesky_solve(targets, factor)
+    # cholesky_solve's two triangular solves (LAPACK potrs), the same bytes, without its copy of the factor
+    solution = torch.linalg.solve_triangular(factor.mT, torch.linalg.solve_triangular(factor, targets, upper=False),
+                                             upper=True)
     del factor
     hidden = solution.shape[0] - 1 if router_bias else solution.shape[0]
     weight, bias = solution[:hidden].T, (solution[-1] if router_bias else None)
