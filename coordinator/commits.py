@@ -98,7 +98,8 @@ def _commit_statistics(ledger: Ledger, uploads: Uploads, settings: MergeSettings
     norm_weight = _router_input_norms(basis, config, uploads.blobs) if basis is not None else None
     with validating():
         validation.check_statistics(header, planned.plan.manifest, config, norm_weight, settings,
-                                    lambda sha: uploads.blob_path(planned, sha))
+                                    lambda sha: uploads.blob_path(planned, sha),
+                                    lambda sha: uploads.checked_finite(planned, sha))
         failpoint("commit.validating_statistics")
     contribution = Contribution(member, header.dataset, node.expert, header.basis_hash, header.expert_hash,
                                 header.token_count, planned.plan.manifest)

@@ -98,14 +98,14 @@ def manifest_into(blobs: BlobStore, tensors: dict[str, torch.Tensor]) -> tensors
 
 def contribution_statistics(contribution: Contribution, blobs: BlobStore) -> ContributionStatistics:
     """One contribution's statistics as its node uploaded them, one blob per layer's upper triangle: each is read
-    only when the solve reaches its layer, straight into the tensor's memory."""
+    only when the solve reaches its layer, straight into the buffer the solve gives."""
     entries = {entry.name: entry for entry in contribution.manifest.tensors}
 
-    def read_layer(layer: int) -> torch.Tensor:
-        entry = entries[layer_name(layer)]
-        return tensor_from_bytes(entry, blobs.read_buffer(entry.sha256))
+    def read_layer_into(layer: int, out: torch.Tensor) -> None:
+        blobs.read_into(entries[layer_name(layer)].sha256, memoryview(out.numpy()).cast("B"))
 
-    return ContributionStatistics(contribution.node, contribution.dataset, len(entries), read_layer)
+    return ContributionStatistics(contribution.node, contribution.dataset, len(entries),
+                                  int(entries[layer_name(0)].shape[0]), read_layer_into)
 
 
 def basis_inputs(experts: dict[str, Member]) -> str:

@@ -9,26 +9,34 @@ in every layer's count entry, and |G_ij| <= sqrt(G_ii G_jj) (Cauchy-Schwarz: a G
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 
 from dume.shared.errors import DumeError
 from dume.shared.method.families import check_same_architecture, detect_family
-from dume.shared.method.ridge import check_solvable
+from dume.shared.method.ridge import packed_solvable
 from dume.shared.method.routers import MergeSettings
 from dume.shared.method.settings import check_name
-from dume.shared.method.statistics import exceeds_norm_bound, expected_layout, from_upper_triangle, layer_index
+from dume.shared.method.statistics import (
+    diagonal_exceeds_norm_bound,
+    expected_layout,
+    layer_index,
+    row_starts,
+    triangle_size,
+)
 from dume.shared.method.writer import TOKENIZER_FILES
 from dume.shared.transport.blobs import read_range
-from dume.shared.transport.wire import DTYPES, all_finite, tensor_from_bytes
+from dume.shared.transport.wire import DTYPES, all_finite
 from dume.v1 import federation_pb2, tensors_pb2
 
 CHECK_BYTES = 1 << 22
 MODEL_FILES = frozenset(("config.json", *TOKENIZER_FILES))  # the only files a model upload carries
 CAUCHY_SCHWARZ_TOLERANCE = 1e-6
+CHECK_VALUES = 1 << 18  # entries of G checked at once against Cauchy-Schwarz (2 MiB of float64 per temporary)
 
 
 def check_plan(plan: federation_pb2.UploadPlan, reference: dict[str, Any] | None) -> None:
@@ -104,26 +112,41 @@ def check_model(config: dict[str, Any], manifest: tensors_pb2.TensorManifest, re
 def check_finite(entry: tensors_pb2.TensorEntry, path: Path) -> None:
     """Every value of a tensor blob is finite, read a few MiB at a time."""
     itemsize = DTYPES[entry.dtype].itemsize
-    for chunk in read_range(path, chunk_bytes=CHECK_BYTES - CHECK_BYTES % itemsize):
+    _check_finite_chunks(entry, read_range(path, chunk_bytes=CHECK_BYTES - CHECK_BYTES % itemsize))
+
+
+def _check_finite_chunks(entry: tensors_pb2.TensorEntry, chunks: Iterable[bytes | memoryview]) -> None:
+    for chunk in chunks:
         if not all_finite(chunk, entry.dtype):
             raise DumeError(f"tensor {entry.name} holds NaN or infinite values: fix the model before uploading")
 
 
 def check_statistics(header: tensors_pb2.StatisticsHeader, manifest: tensors_pb2.TensorManifest,
                      config: dict[str, Any], norm_weight: Callable[[int], torch.Tensor] | None,
-                     settings: MergeSettings, blob_path: Callable[[str], Path]) -> None:
+                     settings: MergeSettings, blob_path: Callable[[str], Path],
+                     checked_finite: Callable[[str], bool] = lambda sha256: False) -> None:
     """``norm_weight(layer)`` is the router-input norm weight of that layer in the basis the statistics name (None
-    when this coordinator never issued that basis); ``settings`` says how the routers will be solved."""
+    when this coordinator never issued that basis); ``settings`` says how the routers will be solved;
+    ``checked_finite(sha256)`` whether that blob was found finite as it arrived.
+
+    One layer at a time, each checked on its packed triangle as read from its blob (no mirrored G); the one full
+    matrix made is the Cholesky factorisation's, of the lower triangle only."""
     if norm_weight is None:
         raise DumeError(f"statistics were computed under basis {header.basis_hash[:12]}, which this coordinator "
                         "never issued: recompute them under the basis it names")
     check_statistics_layout(header, manifest, config)
-    hidden = int(config["hidden_size"])
+    size = int(config["hidden_size"]) + 1
     for entry in manifest.tensors:
-        check_finite(entry, blob_path(entry.sha256))
-        gram = from_upper_triangle(tensor_from_bytes(entry, blob_path(entry.sha256).read_bytes())[None], hidden + 1)[0]
-        _check_gram(gram, entry.name, header.token_count)
-        _check_solvable(gram, entry.name, norm_weight(layer_index(entry.name)), settings)
+        packed = torch.from_numpy(numpy.fromfile(blob_path(entry.sha256), dtype=numpy.float64))
+        if packed.shape != (triangle_size(size - 1),):
+            raise DumeError(f"statistics {entry.name} hold {packed.numel()} values, not {triangle_size(size - 1)}: "
+                            "upload them again")
+        if not checked_finite(entry.sha256):
+            raw = memoryview(packed.numpy()).cast("B")
+            _check_finite_chunks(entry, (raw[start:start + CHECK_BYTES] for start in range(0, len(raw), CHECK_BYTES)))
+        diagonal = _check_gram(packed, size, entry.name, header.token_count)
+        _check_solvable(packed, diagonal, entry.name, norm_weight(layer_index(entry.name)), settings)
+        del packed
 
 
 def check_statistics_layout(header: tensors_pb2.StatisticsHeader, manifest: tensors_pb2.TensorManifest,
@@ -151,26 +174,49 @@ def check_statistics_layout(header: tensors_pb2.StatisticsHeader, manifest: tens
         raise DumeError(f"{error} (StatisticsHeader.dataset)") from None
 
 
-def _check_gram(gram: torch.Tensor, name: str, token_count: int) -> None:
-    diagonal = gram.diagonal()
+def _check_gram(packed: torch.Tensor, size: int, name: str, token_count: int) -> torch.Tensor:
+    """A layer's packed G: non-negative diagonal, the declared count, Cauchy-Schwarz. Returns its diagonal."""
+    starts = row_starts(size)
+    diagonal = packed[starts[:-1]]
     if bool((diagonal < 0).any()):
         raise DumeError(f"statistics {name} have a negative diagonal entry: they are not sums of squares")
-    if float(gram[-1, -1]) != float(token_count):
-        raise DumeError(f"statistics {name} count {float(gram[-1, -1]):.0f} tokens, the header declares "
+    if float(packed[-1]) != float(token_count):
+        raise DumeError(f"statistics {name} count {float(packed[-1]):.0f} tokens, the header declares "
                         f"{token_count}")
-    bound = torch.sqrt(torch.outer(diagonal, diagonal))
-    if bool((gram.abs() > bound * (1 + CAUCHY_SCHWARZ_TOLERANCE) + 1e-9).any()):
+    if _breaks_cauchy_schwarz(packed, diagonal, starts):
         raise DumeError(f"statistics {name} break Cauchy-Schwarz (|G_ij| > sqrt(G_ii G_jj)): they are not a "
                         "Gram matrix of hidden states")
+    return diagonal
 
 
-def _check_solvable(gram: torch.Tensor, name: str, norm_weight: torch.Tensor, settings: MergeSettings) -> None:
+def _breaks_cauchy_schwarz(packed: torch.Tensor, diagonal: torch.Tensor, starts: list[int]) -> bool:
+    """Whether some |G_ij| > sqrt(G_ii G_jj) (with a little tolerance) in the packed upper triangle, which says it
+    of all of G (it is symmetric). Checked a block of whole rows (about CHECK_VALUES entries) at a time, so the
+    temporaries are a few MiB whatever d is, with the arithmetic of the whole-matrix check."""
+    size, first = len(diagonal), 0
+    while first < size:
+        last = first + 1
+        while last < size and starts[last + 1] - starts[first] <= CHECK_VALUES:
+            last += 1
+        rows = torch.arange(first, last)
+        lengths = size - rows
+        columns = torch.arange(starts[first], starts[last]) - torch.repeat_interleave(
+            torch.tensor(starts[first:last]) - rows, lengths)  # entry k of row r is G[r, r + k - start_r]
+        bound = torch.repeat_interleave(diagonal[first:last], lengths).mul_(diagonal[columns]).sqrt_()
+        if bool((packed[starts[first]:starts[last]].abs() > bound.mul_(1 + CAUCHY_SCHWARZ_TOLERANCE).add_(1e-9)).any()):
+            return True
+        first = last
+    return False
+
+
+def _check_solvable(packed: torch.Tensor, diagonal: torch.Tensor, name: str, norm_weight: torch.Tensor,
+                    settings: MergeSettings) -> None:
     """What the router solve needs of one member's layer: bounded energy, and ``G + lambda I`` positive definite
     (then every sum with other members' statistics is too, so one member cannot make the routers unsolvable)."""
-    if exceeds_norm_bound(gram, norm_weight):
-        raise DumeError(f"statistics {name} hold more than RMS-normalised hidden states of {float(gram[-1, -1]):.0f} "
+    if diagonal_exceeds_norm_bound(diagonal, norm_weight):
+        raise DumeError(f"statistics {name} hold more than RMS-normalised hidden states of {float(diagonal[-1]):.0f} "
                         "tokens can: they were not collected from the model under the basis; recompute them")
-    if check_solvable(gram[None], settings.rho, settings.router_bias) is not None:
+    if not packed_solvable(packed, settings.rho, settings.router_bias):
         raise DumeError(f"statistics {name} are not positive definite even with the federation's ridge: they are "
                         "not a Gram matrix of hidden states; recompute them")
 

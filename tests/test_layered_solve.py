@@ -66,11 +66,11 @@ def layered_statistics(grams, reads: list[tuple[str, int]] | None = None):
             if reads is None:
                 contributions.append(packed_contribution(node, dataset, packed))
             else:
-                def read(layer, packed=packed, label=f"{node}/{dataset}"):
+                def read(layer, out, packed=packed, label=f"{node}/{dataset}"):
                     reads.append((label, layer))
-                    return packed[layer].clone()
+                    out.copy_(packed[layer])
 
-                contributions.append(ContributionStatistics(node, dataset, LAYERS, read))
+                contributions.append(ContributionStatistics(node, dataset, LAYERS, packed.shape[-1], read))
         statistics[expert] = sum_contributions(contributions)
     return statistics
 

@@ -22,6 +22,7 @@ import torch
 
 from dume.shared.errors import DumeError
 from dume.shared.method.settings import DEFAULT_RHO
+from dume.shared.method.statistics import gram_size
 
 
 @dataclass(frozen=True)
@@ -72,13 +73,24 @@ def solve_layer(layer: int, total: torch.Tensor, targets: torch.Tensor, experts:
                 router_bias: bool, normalize: bool, temperature: float) -> LayerRouter:
     """One layer's router from its summed G (the full (d+1)x(d+1) matrix) and ``targets``, column j being the
     last column of expert j's G cut to the system's size."""
-    size = system_size(total[None], router_bias)
-    factor, ridge_lambda = _factor(total[:size, :size], rho)
+    return solve_system(layer, full_system(total, router_bias), targets, experts, rho, router_bias, normalize,
+                        temperature)
+
+
+def solve_system(layer: int, system: torch.Tensor, targets: torch.Tensor, experts: tuple[str, ...], rho: float,
+                 router_bias: bool, normalize: bool, temperature: float) -> LayerRouter:
+    """One layer's router from its system (``full_system`` or ``packed_system``, factorised in place: the caller
+    hands it over) and ``targets``."""
+    factor, ridge_lambda = _factor_in_place(system, rho)
+    del system
     if factor is None:
         raise DumeError(f"layer {layer}: the statistics are not positive definite even with ridge: increase rho")
-    solution = torch.cholesky_solve(targets, factor)
+    # cholesky_solve's two triangular solves (LAPACK potrs), the same bytes, without its copy of the factor
+    solution = torch.linalg.solve_triangular(factor.mT, torch.linalg.solve_triangular(factor, targets, upper=False),
+                                             upper=True)
     del factor
-    weight, bias = solution[: total.shape[-1] - 1].T, (solution[-1] if router_bias else None)
+    hidden = solution.shape[0] - 1 if router_bias else solution.shape[0]
+    weight, bias = solution[:hidden].T, (solution[-1] if router_bias else None)
     if normalize:
         norms = weight.norm(dim=1)
         if bool((norms == 0).any()):
@@ -95,12 +107,46 @@ def system_size(gram: torch.Tensor, router_bias: bool) -> int:
     return gram.shape[-1] if router_bias else gram.shape[-1] - 1
 
 
-def _factor(system: torch.Tensor, rho: float) -> tuple[torch.Tensor | None, float]:
-    """The Cholesky factor of ``system + lambda I`` (None if it does not factorise) and lambda."""
+# The system G (or its X^T X block) is held for the Cholesky factorisation as one column-major matrix of which only
+# the lower triangle is read (LAPACK's potrf, as torch calls it), and which becomes the factor: one (d+1)^2 buffer
+# per solve, no mirrored copy of G, no identity matrix, no separate factor.
+def full_system(gram: torch.Tensor, router_bias: bool) -> torch.Tensor:
+    """The system of one layer's full G, copied into a fresh column-major buffer."""
+    size = system_size(gram[None], router_bias)
+    system = torch.empty(size, size, dtype=torch.float64).mT
+    system.copy_(gram[:size, :size])
+    return system
+
+
+def packed_system(packed: torch.Tensor, router_bias: bool) -> torch.Tensor:
+    """The system of one layer's packed upper triangle (``statistics.upper_triangle``'s layout), in a fresh
+    column-major buffer: row r of the triangle, G[r, r:], is column r of G's lower triangle, so each row is one
+    contiguous copy and the upper triangle is never written (it holds whatever the allocation held)."""
+    size = gram_size(packed[None])
+    rows = size if router_bias else size - 1
+    transposed = torch.empty(rows, rows, dtype=torch.float64)  # its row r, from column r on, is column r of G
+    start = 0
+    for row in range(rows):
+        transposed[row, row:].copy_(packed[start:start + rows - row])
+        start += size - row
+    return transposed.mT
+
+
+def _factor_in_place(system: torch.Tensor, rho: float) -> tuple[torch.Tensor | None, float]:
+    """``system`` (column-major, its lower triangle read) turned into the Cholesky factor of ``system + lambda I``,
+    in place; None if it does not factorise. Adding ``lambda * 0.0`` everywhere first gives the bytes of adding
+    ``lambda * I`` (it turns a -0.0 into 0.0, as that addition does)."""
     ridge_lambda = rho * float(torch.trace(system)) / system.shape[0]
-    regularized = system + ridge_lambda * torch.eye(system.shape[0], dtype=torch.float64)
-    factor, info = torch.linalg.cholesky_ex(regularized)
-    return (factor if int(info) == 0 and math.isfinite(ridge_lambda) else None), ridge_lambda
+    system.add_(ridge_lambda * 0.0)
+    system.diagonal().add_(ridge_lambda)
+    info = torch.empty((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(system, out=(system, info))  # on the CPU: tril, then LAPACK potrf, in place
+    return (system if int(info) == 0 and math.isfinite(ridge_lambda) else None), ridge_lambda
+
+
+def packed_solvable(packed: torch.Tensor, rho: float, router_bias: bool) -> bool:
+    """Whether one layer's ``G + lambda I`` factorises, G given as its packed upper triangle (``check_solvable``)."""
+    return _factor_in_place(packed_system(packed, router_bias), rho)[0] is not None
 
 
 def check_solvable(gram: torch.Tensor, rho: float, router_bias: bool) -> int | None:
@@ -110,8 +156,7 @@ def check_solvable(gram: torch.Tensor, rho: float, router_bias: bool) -> int | N
     ``sum_j G_j + lambda I`` is the sum of every member's ``G_j + lambda_j I``: when each member's factorises, so
     does the sum, and no member's statistics can make the routers unsolvable for the others.
     """
-    size = system_size(gram, router_bias)
     for layer in range(gram.shape[0]):
-        if _factor(gram[layer, :size, :size].to(torch.float64), rho)[0] is None:
+        if _factor_in_place(full_system(gram[layer].to(torch.float64), router_bias), rho)[0] is None:
             return layer
     return None

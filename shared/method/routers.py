@@ -18,27 +18,29 @@ from typing import Any
 import torch
 
 from dume.shared.errors import DumeError
-from dume.shared.method.ridge import NO_STATISTICS, LayerRouter, check_router_settings, solve_layer, system_size
+from dume.shared.method.ridge import NO_STATISTICS, LayerRouter, check_router_settings, packed_system, solve_system
 from dume.shared.method.settings import MergeSettings
-from dume.shared.method.statistics import from_upper_triangle, gram_size, last_column
+from dume.shared.method.statistics import gram_size, last_column
 
 # What every expert's statistics are scaled to with ``expert_weighting="equal"``. Only the experts' relative weights
 # reach the routers (lambda scales with G, and columns are L2-normalised); a round number keeps G's magnitude usual.
 TOKEN_BUDGET = 1_000_000.0
 
-LayerReader = Callable[[int], torch.Tensor]  # layer -> that layer's packed upper triangle of G
+# (layer, out): fills ``out`` (float64, the triangle's size) with that layer's packed upper triangle of G
+LayerReader = Callable[[int, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
 class ContributionStatistics:
     """One contribution's G (one node's statistics of one named dataset), read one layer's packed triangle (the
     layout of ``upper_triangle``) at a time: from its blobs in the coordinator, from the computed statistics in
-    ``dume merge``."""
+    ``dume merge``. Each read fills a buffer the solve reuses, so reading costs no fresh memory."""
 
     node: str
     dataset: str
     layers: int
-    read_layer: LayerReader
+    triangle_entries: int  # of one layer's packed triangle: (d+1)(d+2)/2
+    read_layer_into: LayerReader
 
     @property
     def label(self) -> str:
@@ -47,7 +49,8 @@ class ContributionStatistics:
 
 def packed_contribution(node: str, dataset: str, packed: torch.Tensor) -> ContributionStatistics:
     """A contribution whose packed statistics (layers, triangle) are in memory."""
-    return ContributionStatistics(node, dataset, len(packed), packed.__getitem__)
+    return ContributionStatistics(node, dataset, len(packed), packed.shape[-1],
+                                  lambda layer, out: out.copy_(packed[layer]))
 
 
 @dataclass(frozen=True)
@@ -61,18 +64,28 @@ class ExpertStatistics:
     def layers(self) -> int:
         return self.contributions[0].layers
 
-    def layer(self, index: int) -> tuple[torch.Tensor, dict[str, int]]:
+    @property
+    def triangle_entries(self) -> int:
+        return self.contributions[0].triangle_entries
+
+    def layer(self, index: int, out: torch.Tensor | None = None, scratch: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, dict[str, int]]:
         """This expert's packed G of layer ``index``, its contributions' triangles summed in canonical order, one
-        read at a time, and the token count each recorded ("node/dataset" -> tokens, in that order)."""
-        total, counts = None, {}
-        for contribution in self.contributions:
-            triangle = contribution.read_layer(index).to(torch.float64)
-            counts[contribution.label] = packed_token_count(triangle)
-            if total is None:
-                total = triangle.clone()
+        read at a time, and the token count each recorded ("node/dataset" -> tokens, in that order). The sum is
+        formed in ``out`` and each further contribution read into ``scratch`` (float64 buffers of the triangle's
+        size, overwritten; new ones when not given)."""
+        counts = {}
+        for position, contribution in enumerate(self.contributions):
+            if position == 0:
+                total = out if out is not None else torch.empty(contribution.triangle_entries, dtype=torch.float64)
+                triangle = total
             else:
+                triangle = scratch if scratch is not None else torch.empty_like(total)
+                scratch = triangle
+            contribution.read_layer_into(index, triangle)
+            counts[contribution.label] = packed_token_count(triangle)
+            if position > 0:
                 total += triangle
-            del triangle
         return total, counts
 
 
@@ -95,6 +108,9 @@ def sum_contributions(contributions: Iterable[ContributionStatistics]) -> Expert
     if len({contribution.layers for contribution in ordered}) > 1:
         raise DumeError(f"the contributions {', '.join(c.label for c in ordered)} have statistics of different "
                         "numbers of layers: they must come from one architecture")
+    if len({contribution.triangle_entries for contribution in ordered}) > 1:
+        raise DumeError(f"the contributions {', '.join(c.label for c in ordered)} have statistics of different "
+                        "hidden sizes: they must come from one architecture")
     return ExpertStatistics(ordered)
 
 
@@ -123,9 +139,13 @@ def solve_for_checkpoint(statistics: Mapping[str, ExpertStatistics | None], sett
     if len(layers) > 1:
         raise DumeError(f"the experts' statistics cover different numbers of layers ({sorted(layers)}): they must "
                         "come from one architecture")
+    if len({statistics[name].triangle_entries for name in routed}) > 1:
+        raise DumeError("the experts' statistics are of different hidden sizes: they must come from one architecture")
+    buffers = LayerBuffers.for_triangle(statistics[routed[0]].triangle_entries)
     routers, token_counts, contributions = [], {}, {}
     for layer in range(layers.pop()):
-        router, counts = solve_layer_from_packed(layer, {name: statistics[name] for name in routed}, settings)
+        router, counts = solve_layer_from_packed(layer, {name: statistics[name] for name in routed}, settings,
+                                                 buffers)
         routers.append(router)
         if layer == 0:
             token_counts = {name: tokens for name, (tokens, _) in counts.items()}
@@ -150,29 +170,44 @@ def solve_for_checkpoint(statistics: Mapping[str, ExpertStatistics | None], sett
     return SolvedRouters(routers, top_k, block)
 
 
-def solve_layer_from_packed(layer: int, statistics: Mapping[str, ExpertStatistics], settings: MergeSettings
+@dataclass(frozen=True)
+class LayerBuffers:
+    """The packed triangles a layer's solve fills, reused from layer to layer: the total over experts, one expert's
+    sum, and one contribution being read. Memory used again costs no page faults, and none of it is zeroed."""
+
+    total: torch.Tensor
+    expert: torch.Tensor
+    scratch: torch.Tensor
+
+    @classmethod
+    def for_triangle(cls, entries: int) -> LayerBuffers:
+        return cls(*(torch.empty(entries, dtype=torch.float64) for _ in range(3)))
+
+
+def solve_layer_from_packed(layer: int, statistics: Mapping[str, ExpertStatistics], settings: MergeSettings,
+                            buffers: LayerBuffers | None = None
                             ) -> tuple[LayerRouter, dict[str, tuple[int, dict[str, int]]]]:
     """Layer ``layer``'s router: each expert's packed G of the layer (its contributions summed in canonical order),
-    added in sorted expert order into the total, which alone is unpacked into a full matrix for the solve. These
-    are the additions of summing whole (layers, d+1, d+1) tensors, so the bytes are the same. Also returns each
-    expert's token count and its contributions' (what the layer's triangles record)."""
+    added in sorted expert order into the total, whose lower triangle alone is copied out, into the one matrix the
+    Cholesky factorisation overwrites. These are the additions of summing whole (layers, d+1, d+1) tensors, and the
+    factor is that of the same lower triangle, so the bytes are the same. Also returns each expert's token count
+    and its contributions' (what the layer's triangles record)."""
     experts = tuple(sorted(statistics))
-    total, targets, counts = None, [], {}
-    for name in experts:
-        gram, by_label = statistics[name].layer(layer)
+    if buffers is None:
+        buffers = LayerBuffers.for_triangle(statistics[experts[0]].triangle_entries)
+    targets, counts = [], {}
+    for position, name in enumerate(experts):
+        # the first expert's sum is formed in the total itself, as adding whole tensors starts from it
+        gram, by_label = statistics[name].layer(layer, buffers.total if position == 0 else buffers.expert,
+                                                buffers.scratch)
         size = gram_size(gram[None])
         counts[name] = (packed_token_count(gram), by_label)
         if settings.expert_weighting == "equal":  # every expert's data weighs as TOKEN_BUDGET tokens
             gram.mul_(TOKEN_BUDGET / counts[name][0])
         targets.append(gram[last_column(size)])  # expert j's X^T Y (and its count): a copy
-        if total is None:
-            total = gram
-        else:
-            total += gram
-        del gram
-    full = from_upper_triangle(total[None], size)[0]
-    del total
-    rows = system_size(full, settings.router_bias)
-    router = solve_layer(layer, full, torch.stack(targets, dim=1)[:rows], experts, settings.rho, settings.router_bias,
-                         settings.normalize, settings.temperature)
+        if position > 0:
+            buffers.total.add_(gram)
+    system = packed_system(buffers.total, settings.router_bias)
+    router = solve_system(layer, system, torch.stack(targets, dim=1)[:system.shape[0]], experts, settings.rho,
+                          settings.router_bias, settings.normalize, settings.temperature)
     return router, counts

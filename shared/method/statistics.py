@@ -284,6 +284,11 @@ def from_upper_triangle(packed: torch.Tensor, size: int) -> torch.Tensor:
     return gram
 
 
+def row_starts(size: int) -> list[int]:
+    """Where each row of a layer's packed triangle starts (row r at G[r, r], its diagonal entry), and its end."""
+    return [row * size - row * (row - 1) // 2 for row in range(size + 1)]
+
+
 def last_column(size: int) -> torch.Tensor:
     """Where column d of G (rows 0 .. d: the feature sums, then the count) lies in a layer's packed triangle: at
     the end of each row."""
@@ -302,8 +307,13 @@ def exceeds_norm_bound(gram: torch.Tensor, norm_weight: torch.Tensor) -> bool:
     to ``sum_i y_i^2 / w_i^2``: over n tokens ``sum_i G_ii / w_i^2 <= n d``, and ``G_ii = 0`` where ``w_i = 0``.
     Statistics above that bound did not come from the model (scaled, or crafted to swamp the others' routers).
     """
-    hidden = gram.shape[-1] - 1
-    diagonal, count = gram.diagonal()[:hidden].to(torch.float64), float(gram[-1, -1])
+    return diagonal_exceeds_norm_bound(gram.diagonal(), norm_weight)
+
+
+def diagonal_exceeds_norm_bound(diagonal: torch.Tensor, norm_weight: torch.Tensor) -> bool:
+    """``exceeds_norm_bound`` from all it reads of G: its diagonal (d+1 entries, the token count last)."""
+    hidden, count = diagonal.shape[0] - 1, float(diagonal[-1])
+    diagonal = diagonal[:hidden].to(torch.float64)
     weight = norm_weight.to(torch.float64).square()
     used = weight > 0
     if bool((diagonal[~used] > 0).any()):

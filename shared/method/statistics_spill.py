@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy
 import torch
 
+from dume.shared.errors import DumeError
 from dume.shared.method.routers import ContributionStatistics
 
 
@@ -23,7 +23,9 @@ def spill_contribution(directory: Path, node: str, dataset: str, packed: torch.T
     for layer in range(len(packed)):
         packed[layer].numpy().tofile(folder / f"{layer}.f64")
 
-    def read_layer(layer: int) -> torch.Tensor:
-        return torch.from_numpy(numpy.fromfile(folder / f"{layer}.f64", dtype=numpy.float64))
+    def read_layer_into(layer: int, out: torch.Tensor) -> None:
+        with open(folder / f"{layer}.f64", "rb", buffering=0) as file:
+            if file.readinto(memoryview(out.numpy()).cast("B")) != out.nbytes or file.read(1):
+                raise DumeError(f"the spilled statistics {folder / f'{layer}.f64'} changed size: run the merge again")
 
-    return ContributionStatistics(node, dataset, len(packed), read_layer)
+    return ContributionStatistics(node, dataset, len(packed), packed.shape[-1], read_layer_into)
