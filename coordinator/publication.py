@@ -33,7 +33,7 @@ from dume.shared.method.routers import ContributionStatistics, MergeSettings, so
 from dume.shared.method.statistics import layer_name
 from dume.shared.method.writer import LazyTensors, write_moe_checkpoint
 from dume.shared.transport.blobs import BlobStore
-from dume.shared.transport.wire import tensor_entry, tensor_from_bytes, tensor_view
+from dume.shared.transport.wire import DTYPES, tensor_entry, tensor_from_bytes, tensor_view
 from dume.v1 import tensors_pb2
 
 log = logging.getLogger("dume.coordinator")
@@ -58,6 +58,20 @@ class StoredMember(DenseWeights):
     def tensor(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
         return tensor_from_bytes(entry, self._blobs.read_buffer(entry.sha256))
+
+    def tensor_shape(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        entry = self._entries[name]
+        return tuple(entry.shape), DTYPES[entry.dtype]
+
+    def tensor_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        entry = self._entries[name]
+        shape, dtype = tuple(entry.shape), DTYPES[entry.dtype]
+        if not shape:
+            return self.tensor(name)
+        rows = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+        row_bytes = rows[0].numel() * dtype.itemsize if len(rows) else 0
+        self._blobs.read_range_into(entry.sha256, start * row_bytes, rows.view(-1).view(torch.uint8).numpy())
+        return rows
 
     def read_file(self, name: str) -> bytes | None:
         sha256 = self._files.get(name)

@@ -9,15 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import dume
+from dume.coordinator.publication import StoredMember, manifest_into
+from dume.coordinator.records import Member
+from dume.shared.method import averaging
 from dume.shared.method.averaging import compute_basis
 from dume.shared.method.data import load_tokenizer, pack_documents, read_documents
-from dume.shared.method.expert import load_dense_model, overwrite_parameters
+from dume.shared.method.expert import ExpertDirectory, load_dense_model, overwrite_parameters
 from dume.shared.method.merge import ExpertSpec, member_statistics, merge, open_experts
 from dume.shared.method.routers import MergeSettings, solve_for_checkpoint
 from dume.shared.method.routing import build_routed_model, build_weight_averaged_model
+from dume.shared.transport.blobs import BlobStore
 
 from conftest import FAMILIES
 
@@ -143,3 +148,37 @@ def test_weight_averaging_baseline_averages_every_parameter(expert_factory):
     name = "model.layers.0.mlp.up_proj.weight"
     expected = torch.stack([experts[member].tensor(name) for member in sorted(experts)]).double().mean(0).float()
     torch.testing.assert_close(averaged.get_parameter(name).detach(), expected)
+
+
+def test_shared_weights_are_averaged_a_block_of_rows_at_a_time_with_the_bytes_of_whole_tensors(
+        expert_factory, tmp_path, monkeypatch):
+    """The basis (the vocabulary matrices included) is averaged a few rows at a time, read from each member's
+    directory or from the coordinator's blobs alike, and gives the bytes of the float64 mean of whole tensors
+    summed in sorted member order: no float64 copy of a whole vocabulary matrix, the same model."""
+    source = ExpertDirectory(expert_factory("llama")["code"].model_dir)
+    blobs = BlobStore(tmp_path / "blobs")
+    config = (source.path / "config.json").read_bytes()
+    directories, stored = {}, {}
+    generator = torch.Generator().manual_seed(1)
+    for index, name in enumerate(["code", "arith", "prose"]):  # joined out of sorted order
+        tensors = {key: (source.tensor(key) + index * torch.randn(source.tensor(key).shape, generator=generator))
+                   .to(torch.bfloat16) for key in source.parameter_names}
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_bytes(config)
+        directories[name] = ExpertDirectory(folder, name)
+        member = Member(name, "active", None, "", manifest_into(blobs, tensors),
+                        {"config.json": blobs.put_bytes(config)}, name)
+        stored[name] = StoredMember(member, blobs)
+    monkeypatch.setattr(averaging, "SUM_BLOCK", 7)  # blocks of a row or a few: every boundary is crossed
+
+    from_directories, from_blobs = compute_basis(directories), compute_basis(stored)
+    assert "model.embed_tokens.weight" in from_directories
+    for key in source.shared_names:
+        total = torch.zeros(source.tensor(key).shape, dtype=torch.float64)
+        for member in sorted(directories):
+            total += directories[member].tensor(key).double()
+        expected = (total / len(directories)).to(torch.bfloat16)
+        assert torch.equal(from_directories[key].view(torch.int16), expected.view(torch.int16)), key
+        assert torch.equal(from_blobs[key].view(torch.int16), expected.view(torch.int16)), key

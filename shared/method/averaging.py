@@ -9,45 +9,51 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
-from dume.shared.method.expert import ExpertDirectory
+from dume.shared.method.expert import DenseWeights
 
-SUM_BLOCK = 1 << 20  # values added at a time (8 MiB of float64)
+SUM_BLOCK = 1 << 20  # values averaged at a time (8 MiB of float64)
 
 
-def canonical_mean(member_names: Iterable[str], read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+def canonical_mean(experts: Mapping[str, DenseWeights], name: str) -> torch.Tensor:
     """The mean of one tensor over members, summed in float64 in sorted member order.
 
-    ``read(member)`` returns that member's copy of the tensor. Sorting makes the result independent of the order
-    members joined, so the same member set always gives the same bytes. The mean is cast back to the dtype of the
-    first member's copy (the model dtype) only at the end.
+    Sorting makes the result independent of the order members joined, so the same member set always gives the
+    same bytes. The mean is cast back to the first member's dtype (the model dtype) only at the end. It is computed
+    a block of rows at a time, each member's rows read as they are needed: memory holds the result in the model's
+    dtype and one block per member in float64, never a float64 copy of a whole vocabulary matrix (4 GiB for an
+    8B model's) nor a member's whole copy beside it.
     """
-    names = sorted(member_names)
+    names = sorted(experts)
     if not names:
         raise ValueError("no members to average")
-    first = read(names[0])
-    dtype = first.dtype
-    total = first.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
-    del first
-    flat = total.view(-1)
-    for name in names[1:]:  # in place and a block at a time: no float64 copy of a whole member's tensor
-        tensor = read(name).reshape(-1)
-        for start in range(0, len(flat), SUM_BLOCK):
-            flat[start:start + SUM_BLOCK] += tensor[start:start + SUM_BLOCK].to(torch.float64)
-        del tensor
-    return total.div_(len(names)).to(dtype)
+    shape, dtype = experts[names[0]].tensor_shape(name)
+    if not shape:
+        return _mean([experts[member].tensor(name) for member in names], dtype)
+    mean = torch.empty(shape, dtype=dtype)
+    rows = max(1, SUM_BLOCK // max(1, mean[0].numel()))
+    for start in range(0, shape[0], rows):
+        stop = min(start + rows, shape[0])
+        mean[start:stop] = _mean((experts[member].tensor_rows(name, start, stop) for member in names), dtype)
+    return mean
 
 
-def compute_basis(experts: Mapping[str, ExpertDirectory]) -> dict[str, torch.Tensor]:
+def _mean(blocks: Iterable[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``(b_0 + b_1 + ...) / n`` in float64, in the order given, cast to ``dtype``."""
+    total, count = None, 0
+    for block in blocks:
+        total = block.to(torch.float64, copy=True) if total is None else total.add_(block.to(torch.float64))
+        count += 1
+    return total.div_(count).to(dtype)
+
+
+def compute_basis(experts: Mapping[str, DenseWeights]) -> dict[str, torch.Tensor]:
     """The federation's basis: every shared parameter averaged over all members."""
     first = experts[min(experts)]
-    return {
-        name: canonical_mean(experts, lambda member, name=name: experts[member].tensor(name))
-        for name in first.shared_names
-    }
+    return {name: canonical_mean(experts, name) for name in first.shared_names}
 
 
 def tensors_hash(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,8 @@ from dume.shared.errors import DumeError
 from dume.shared.method.families import Family, detect_family, read_config
 from dume.shared.method.lazy_tensors import LazyTensors
 from dume.shared.method.placement import CPU, Placement
+
+FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class DenseWeights(ABC):
@@ -41,6 +43,15 @@ class DenseWeights(ABC):
     @abstractmethod
     def read_file(self, name: str) -> bytes | None:
         """A non-tensor file of the model (tokenizer, config), or None if it has none."""
+
+    @abstractmethod
+    def tensor_shape(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """A tensor's shape and dtype, read without its data."""
+
+    @abstractmethod
+    def tensor_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (along its first dimension; a 0-d tensor has one row), reading only
+        those: a vocabulary matrix is averaged a block of rows at a time."""
 
     @property
     def num_layers(self) -> int:
@@ -100,6 +111,22 @@ class ExpertDirectory(DenseWeights):
     def read_file(self, name: str) -> bytes | None:
         path = self.path / name
         return path.read_bytes() if path.is_file() else None
+
+    def tensor_shape(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        return self._read_slice(name, lambda sliced: (tuple(sliced.get_shape()), FILE_DTYPES[sliced.get_dtype()]))
+
+    def tensor_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._read_slice(name, lambda sliced: sliced[start:stop] if sliced.get_shape() else sliced[...])
+
+    def _read_slice(self, name: str, read: Callable[[Any], Any]) -> Any:
+        """``read`` applied to the tensor's safetensors slice (its header, and only the data ``read`` takes)."""
+        try:
+            with safe_open(self._file_of[name], framework="pt") as handle:
+                return read(handle.get_slice(name))
+        except KeyError:
+            raise DumeError(f"expert {self.name!r} has no tensor {name}: its weights do not match its config") from None
+        except (OSError, ValueError, SafetensorError) as error:
+            raise DumeError(f"cannot read {name} from {self.path} ({error}): re-save the model") from None
 
     def tensor_layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Name -> (shape, dtype) of every tensor, read from the headers without loading data."""

@@ -111,12 +111,8 @@ def build_routed_model(
 
 def build_weight_averaged_model(experts: Mapping[str, ExpertDirectory]) -> nn.Module:
     """The full weight averaging baseline: a dense model whose every parameter, MLPs included, is the mean."""
-    names = sorted(experts)
-    first = experts[names[0]]
+    first = experts[min(experts)]
     model = load_dense_model(first)
-    means = {
-        parameter: canonical_mean(names, lambda member, parameter=parameter: experts[member].tensor(parameter))
-        for parameter in first.parameter_names
-    }
+    means = {parameter: canonical_mean(experts, parameter) for parameter in first.parameter_names}
     overwrite_parameters(model, means)
     return model

@@ -106,7 +106,7 @@ def write_moe_checkpoint(
         return f"model-{index + 1:05d}-of-{shard_count:05d}.safetensors"
 
     def average(name: str) -> Callable[[], torch.Tensor]:
-        return lambda: canonical_mean(members, lambda member: experts[member].tensor(name))
+        return lambda: canonical_mean(experts, name)
 
     def expert(member: str, layer: int, projection: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
         return lambda: experts[member].mlp_tensor(layer, projection).to(dtype).contiguous()

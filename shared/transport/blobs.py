@@ -64,10 +64,16 @@ class BlobStore:
 
     def read_into(self, sha256: str, buffer: memoryview) -> None:
         """Fills ``buffer`` (exactly the blob's size: a tensor's memory, say) with the blob's bytes."""
-        path = self.path(sha256)
+        size, wanted = self.path(sha256).stat().st_size, memoryview(buffer).nbytes
+        if size != wanted:
+            raise OSError(f"{self.path(sha256)} holds {size} bytes, not {wanted}")
+        self.read_range_into(sha256, 0, buffer)
+
+    def read_range_into(self, sha256: str, start: int, buffer: memoryview) -> None:
+        """Fills ``buffer`` with the blob's bytes from ``start`` on (a block of a tensor's rows, say)."""
+        path, buffer = self.path(sha256), memoryview(buffer).cast("B")
         with open(path, "rb", buffering=0) as handle:
-            if os.fstat(handle.fileno()).st_size != buffer.nbytes:
-                raise OSError(f"{path} holds {os.fstat(handle.fileno()).st_size} bytes, not {buffer.nbytes}")
+            handle.seek(start)
             filled = 0
             while filled < buffer.nbytes:
                 read = handle.readinto(buffer[filled:])
