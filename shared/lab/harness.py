@@ -112,8 +112,9 @@ def describe(status: dict[str, Any]) -> str:
     for member in status["members"]:
         if member["state"] == "active":
             doing = "statistics current" if member["stats_current"] else "computing statistics"
-        elif member["state"] == "enrolled":
-            doing = "uploading its model"
+        elif member["state"] == "enrolled":  # an owner sends its model first; a contributor its first statistics
+            doing = "uploading its model" if member.get("expert", member["name"]) == member["name"] else \
+                "computing statistics"
         else:
             doing = member["state"]
         members.append(f"{member['name']} {doing}")
