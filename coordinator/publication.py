@@ -1,7 +1,7 @@
 """Publication: one worker brings the basis over the experts, and the model version built from it, up to date with
 the ledger.
 
-Nothing here is specific to the federation's math: the basis is ``dume.shared.method.averaging.compute_basis``,
+Nothing here is specific to the federation's math: the basis is ``dume.shared.method.averaging.lazy_basis``,
 the routers and the ``dume`` block ``dume.shared.method.routers.solve_for_checkpoint`` and the checkpoint
 ``dume.shared.method.writer.write_moe_checkpoint``, reading each expert's tensors and each contribution's
 statistics from their blobs in canonical (expert, node, dataset) order; the routers are solved one layer at a time,
@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
@@ -26,14 +26,14 @@ from dume.coordinator.failpoints import failpoint
 from dume.coordinator.ledger import Ledger
 from dume.coordinator.metrics import Metrics
 from dume.coordinator.records import BasisRecord, Contribution, Member, VersionFile
-from dume.shared.method.averaging import compute_basis, tensors_hash
+from dume.shared.method.averaging import lazy_basis, tensors_hash
 from dume.shared.method.expert import DenseWeights
 from dume.shared.method.families import detect_family
 from dume.shared.method.routers import ContributionStatistics, MergeSettings, solve_for_checkpoint, sum_contributions
 from dume.shared.method.statistics import layer_name
 from dume.shared.method.writer import LazyTensors, write_moe_checkpoint
 from dume.shared.transport.blobs import BlobStore
-from dume.shared.transport.wire import DTYPES, tensor_entry, tensor_from_bytes, tensor_view
+from dume.shared.transport.wire import DTYPES, stored_tensors, tensor_entry, tensor_from_bytes, tensor_view
 from dume.v1 import tensors_pb2
 
 log = logging.getLogger("dume.coordinator")
@@ -105,8 +105,8 @@ def store_tensor(blobs: BlobStore, name: str, tensor: torch.Tensor) -> tensors_p
     return tensor_entry(name, tensor, sha256)
 
 
-def manifest_into(blobs: BlobStore, tensors: dict[str, torch.Tensor]) -> tensors_pb2.TensorManifest:
-    """Stores each tensor as a blob; returns their manifest, sorted by name."""
+def manifest_into(blobs: BlobStore, tensors: Mapping[str, torch.Tensor]) -> tensors_pb2.TensorManifest:
+    """Stores each tensor as a blob (a lazy mapping's one at a time); returns their manifest, sorted by name."""
     return tensors_pb2.TensorManifest(tensors=[store_tensor(blobs, name, tensors[name]) for name in sorted(tensors)])
 
 
@@ -144,8 +144,9 @@ def refresh_basis(ledger: Ledger, blobs: BlobStore) -> BasisRecord | None:
         ledger.set_meta("current_basis", None)
         ledger.set_meta("basis_inputs", key)
         return None
-    basis = compute_basis({name: StoredMember(member, blobs) for name, member in active.items()})
-    record = BasisRecord(tensors_hash(basis), sorted(active), manifest_into(blobs, basis))
+    # Each mean is computed, stored and dropped before the next; the hash reads them back a tensor at a time.
+    manifest = manifest_into(blobs, lazy_basis({name: StoredMember(member, blobs) for name, member in active.items()}))
+    record = BasisRecord(tensors_hash(stored_tensors(manifest.tensors, blobs)), sorted(active), manifest)
     with ledger.transaction():
         ledger.add_basis(record)
         ledger.set_meta("current_basis", record.hash)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from dume.shared.method.expert import DenseWeights
+from dume.shared.method.lazy_tensors import LazyTensors
 
 SUM_BLOCK = 1 << 20  # values averaged at a time (8 MiB of float64)
 
@@ -52,8 +53,13 @@ def _mean(blocks: Iterable[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 
 def compute_basis(experts: Mapping[str, DenseWeights]) -> dict[str, torch.Tensor]:
     """The federation's basis: every shared parameter averaged over all members."""
-    first = experts[min(experts)]
-    return {name: canonical_mean(experts, name) for name in first.shared_names}
+    return dict(lazy_basis(experts).items())
+
+
+def lazy_basis(experts: Mapping[str, DenseWeights]) -> LazyTensors:
+    """The basis as a mapping that averages each shared parameter when it is read, so a caller that stores the
+    tensors one by one never holds the whole basis (the shared weights of an 8B model are about 4.7 GB)."""
+    return LazyTensors(experts[min(experts)].shared_names, lambda name: canonical_mean(experts, name))
 
 
 def tensors_hash(tensors: Mapping[str, torch.Tensor]) -> str:
