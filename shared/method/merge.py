@@ -16,24 +16,27 @@ before any heavy work, and the output directory appears only complete.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from dume.shared.errors import DumeError
 from dume.shared.files import check_free, staged_directory
-from dume.shared.method.averaging import compute_basis, tensors_hash
+from dume.shared.method.averaging import compute_basis, lazy_basis, tensors_hash
 from dume.shared.method.data import DocumentStream, check_documents, load_tokenizer
 from dume.shared.method.distributed_statistics import (
     StatisticsTask,
     check_processes,
     packed_statistics_of,
+    write_basis,
     writes_output,
 )
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.families import check_same_architecture
+from dume.shared.method.lazy_tensors import LazyTensors
 from dume.shared.method.placement import CPU, Placement
 from dume.shared.method.routers import ExpertStatistics, packed_contribution, solve_for_checkpoint, sum_contributions
 from dume.shared.method.settings import ExpertSpec, MergeSettings, check_name
@@ -87,8 +90,7 @@ def merge(specs: Sequence[ExpertSpec], out_dir: str | Path, settings: MergeSetti
     check_free(out_dir)
     experts = open_experts(specs)
     with staged_directory(out_dir) as staging:
-        basis = compute_basis(experts)
-        with spill_directory(out_dir) as spill:
+        with spill_directory(out_dir) as spill, spilled_basis(experts, spill) as basis:
             statistics = member_statistics(specs, experts, basis, settings, placement, max_tokens, spill, nproc)
             solved = solve_for_checkpoint(statistics, settings, tensors_hash(basis))
         write_moe_checkpoint(staging, experts, solved.routers, solved.top_k, solved.dume_block)
@@ -102,7 +104,17 @@ def spill_directory(out_dir: Path) -> Iterator[Path]:
         yield Path(spill)
 
 
-def member_statistics(specs: list[ExpertSpec], experts: dict[str, ExpertDirectory], basis: dict[str, torch.Tensor],
+@contextmanager
+def spilled_basis(experts: dict[str, ExpertDirectory], spill: Path) -> Iterator[LazyTensors]:
+    """The basis averaged into the spill folder a tensor at a time, then read from there a tensor at a time: merge
+    never holds it whole (an 8B model's shared weights are 4.7 GB) and averages it once for every expert."""
+    path = spill / "basis.safetensors"
+    write_basis(lazy_basis(experts), path)
+    with safe_open(path, framework="pt") as handle:
+        yield LazyTensors(handle.keys(), handle.get_tensor)
+
+
+def member_statistics(specs: list[ExpertSpec], experts: dict[str, ExpertDirectory], basis: Mapping[str, torch.Tensor],
                       settings: MergeSettings, placement: Placement = CPU,
                       max_tokens: int | None = None, spill: Path | None = None,
                       nproc: int = 1) -> dict[str, ExpertStatistics]:
