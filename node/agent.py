@@ -43,7 +43,7 @@ from dume.shared.method.statistics import (
     statistics_tensors,
     token_count,
 )
-from dume.shared.method.statistics_checkpoint import StatisticsCheckpoint
+from dume.shared.method.statistics_checkpoint import DEFAULT_EVERY_SECONDS, StatisticsCheckpoint
 from dume.shared.method.writer import TOKENIZER_FILES
 from dume.shared.progress import byte_progress
 from dume.shared.transport.blobs import read_range, sha256_file
@@ -182,13 +182,14 @@ class Superseded(Exception):
 
 
 class Agent:
-    """One enrolled node talking to its coordinator; ``placement``, ``max_tokens`` and ``nproc`` (worker processes)
-    say how statistics run, and ``give_up_after`` how long the coordinator may stay unreachable before the agent
-    gives up (None: never)."""
+    """One enrolled node talking to its coordinator; ``placement``, ``max_tokens``, ``nproc`` (worker processes)
+    and ``checkpoint_every`` (seconds between saves of the partial sums) say how statistics run, and
+    ``give_up_after`` how long the coordinator may stay unreachable before the agent gives up (None: never)."""
 
     def __init__(self, workdir: Workdir, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_rate: float = 0.0,
                  placement: Placement = CPU, max_tokens: int | None = None,
-                 give_up_after: float | None = None, stall_seconds: float = STALL_SECONDS, nproc: int = 1) -> None:
+                 give_up_after: float | None = None, stall_seconds: float = STALL_SECONDS, nproc: int = 1,
+                 checkpoint_every: float = DEFAULT_EVERY_SECONDS) -> None:
         self.workdir = workdir
         self.state = workdir.state()
         self.stub = rpc.FederationStub(workdir.channel())
@@ -199,6 +200,7 @@ class Agent:
         self.nproc = nproc
         self.give_up_after = give_up_after
         self.stall_seconds = stall_seconds  # a transfer moving nothing this long is cancelled and resumed
+        self.checkpoint_every = checkpoint_every  # seconds of statistics a kill may cost at most
 
     # -- uploads --------------------------------------------------------------------------------------------------
     def upload(self, upload: Upload) -> pb.CommitResponse:
@@ -358,7 +360,8 @@ class Agent:
         data = DocumentStream(Path(self.state["datasets"][dataset]), load_tokenizer(expert.path),
                               int(basis.sequence_length), self.max_tokens)
         started = time.monotonic()
-        checkpoint = StatisticsCheckpoint(path.with_name(path.name + ".partial"), basis.basis_hash)
+        checkpoint = StatisticsCheckpoint(path.with_name(path.name + ".partial"), basis.basis_hash,
+                                          self.checkpoint_every)
         for stale in path.parent.glob("*.partial"):  # runs under bases gone since (this basis's: resumed in turn)
             if not stale.name.startswith(basis.basis_hash):
                 stale.unlink(missing_ok=True)

@@ -32,6 +32,7 @@ from dume.shared.config import add_config_command, join_token
 from dume.shared.errors import DumeError
 from dume.shared.logs import add_log_format, configure_logging
 from dume.shared.method.settings import TRAINABLE, TrainSettings, check_unique_datasets, parse_dataset
+from dume.shared.method.statistics_checkpoint import DEFAULT_EVERY_SECONDS
 from dume.shared.transport.channels import DEFAULT_CHUNK_BYTES
 from dume.shared.transport.stall import STALL_SECONDS
 from dume.shared.trust.join_token import JoinToken
@@ -110,7 +111,8 @@ def _contribute(args: argparse.Namespace, workdir: Workdir, datasets: dict[str, 
         check_role(state["expert"] != state["name"], state["expert"], args.model)
         add_datasets(workdir, args.model, datasets)
     agent = Agent(workdir, args.chunk_kib * 1024, args.max_rate_kib * 1024 if args.max_rate_kib else 0.0,
-                  chosen, args.max_tokens, args.deadline if args.once else None, args.stall_timeout, args.nproc)
+                  chosen, args.max_tokens, args.deadline if args.once else None, args.stall_timeout, args.nproc,
+                  args.checkpoint_every)
     agent.run(once=args.once)
     if args.once:
         say("contribution complete; statistics are current")
@@ -207,7 +209,7 @@ def _update(args: argparse.Namespace) -> None:
     check_workers(args, chosen, "dume-node update")
     with disk_full_is_one_line(args.workdir):
         agent = Agent(workdir, placement=chosen, max_tokens=args.max_tokens, give_up_after=args.deadline,
-                      nproc=args.nproc)
+                      nproc=args.nproc, checkpoint_every=args.checkpoint_every)
         agent.contribute_model(args.model)
         say(f"uploaded the new weights of expert {state['expert']}; recomputing the statistics of every dataset")
         agent.run(once=True)
@@ -248,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_format(join)
     join.add_argument("--max-tokens", type=positive_int,
                       help="statistics from at most this many tokens of the data (default: all of it)")
+    add_checkpoint_every(join)
     join.set_defaults(run=run_join)
     fetch = commands.add_parser("fetch", help="download a published version as a Hugging Face directory")
     fetch.add_argument("--workdir", type=Path, required=True, help="the node's working directory")
@@ -278,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_format(update)
     update.add_argument("--max-tokens", type=positive_int,
                         help="statistics from at most this many tokens of each dataset (default: all of it)")
+    add_checkpoint_every(update)
     update.set_defaults(run=run_update)
     leave = commands.add_parser("leave", help="take this node's contribution out of the federation")
     leave.add_argument("--workdir", type=Path, required=True, help="the node's working directory")
@@ -301,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     training.set_defaults(run=run_train)
     add_config_command(commands, parser)
     return parser
+
+
+def add_checkpoint_every(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint-every", type=duration, default=DEFAULT_EVERY_SECONDS,
+                        help="save a statistics run's partial sums this often, so that a node killed mid-run resumes "
+                             "there, e.g. 2m (default 10m)")
 
 
 def add_stall_timeout(parser: argparse.ArgumentParser) -> None:
