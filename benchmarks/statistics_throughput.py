@@ -68,11 +68,19 @@ def float64_reference(inputs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def seconds_per_batch(run, batches: int) -> float:
-    """Seconds per batch of ``run()`` over ``batches`` batches, after one warm-up run (allocations, kernels)."""
+    """Seconds per batch of ``run()`` over ``batches`` batches, after one warm-up run (allocations, kernels); on a
+    GPU until its queued kernels are done."""
     run()
+    synchronize()
     started = time.perf_counter()
     run()
+    synchronize()
     return (time.perf_counter() - started) / batches
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def measure(hidden: int, dtype: torch.dtype, layers: int, batches: int, device: str) -> dict:

@@ -15,6 +15,7 @@ from dume.shared.method.expert import load_dense_model, overwrite_parameters
 from dume.shared.method.merge import open_experts
 from dume.shared.method.ridge import check_solvable, solve_routers
 from dume.shared.method.statistics import (
+    PackedTriangle,
     collect_statistics,
     exceeds_norm_bound,
     from_upper_triangle,
@@ -102,6 +103,23 @@ def test_statistics_are_deterministic_and_symmetric(member):
     assert gram.dtype == torch.float64
     assert torch.equal(gram, gram.transpose(1, 2))
     assert torch.equal(from_upper_triangle(upper_triangle(gram), gram.shape[-1]), gram)
+
+
+def test_half_precision_hidden_states_give_the_float32_gram_of_the_same_values():
+    """A bfloat16 model's hidden states: the packed Gram is the float32 product of those exact values. Where the
+    device's torch has no half-in, float32-out product (this CPU), the tensor-core path falls back to widening."""
+    x = torch.randn(300, 70, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    size = 71 * 72 // 2
+    widened, tried = torch.zeros(size, dtype=torch.float64), torch.zeros(size, dtype=torch.float64)
+    PackedTriangle(70, torch.device("cpu")).add_gram(widened, x)
+    as_on_a_gpu = PackedTriangle(70, torch.device("cpu"))
+    as_on_a_gpu.half_products = True
+    as_on_a_gpu.add_gram(tried, x)
+    assert torch.equal(tried, widened)
+    assert not as_on_a_gpu.half_products  # tried once, then widened from the start
+    augmented = torch.cat([x.double(), torch.ones(300, 1, dtype=torch.float64)], dim=1)
+    exact = upper_triangle((augmented.T @ augmented)[None])[0]
+    assert float(((widened - exact).abs() / exact.abs().clamp(min=1)).max()) < 1e-5
 
 
 def random_members(seed: int = 0, members: int = 3, features: int = 6):

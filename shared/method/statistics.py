@@ -64,10 +64,11 @@ def collect_packed_statistics(model: torch.nn.Module, data: Batches, batch_size:
     """Each layer's upper triangle of ``G`` (the layout ``upper_triangle`` gives), shape (layers, triangle), float64
     on the CPU; padding positions are masked out. ``model`` is a causal LM or its decoder stack alone.
 
-    Each batch's ``X^T X`` is a float32 product (TF32 off) over the upper triangle only, added into a packed
-    float64 accumulator on the layer's device (G is never held whole); the feature sums and the count are summed
-    in float64. Relative to an all-float64 computation G moves by about 1e-7 (benchmarks/statistics_throughput.py
-    measures it, and the routing agreement that follows). The same code, settings and machine give the same bytes.
+    Each batch's ``X^T X`` is a float32 product (TF32 off; on a GPU a bfloat16 model's hidden states go to the
+    tensor cores with float32 accumulation) over the upper triangle only, added into a packed float64 accumulator
+    on the layer's device (G is never held whole); the feature sums and the count are summed in float64. Relative
+    to an all-float64 computation G moves by about 1e-7 (benchmarks/statistics_throughput.py measures it, and the
+    routing agreement that follows). The same code, settings and machine give the same bytes.
     With a ``checkpoint`` the partial sums are saved now and then and a matching earlier run is resumed.
 
     With a ``shard`` of several ranks this process sums its share of the batches only (possibly none); its
@@ -184,6 +185,7 @@ def _data_fingerprint(data: Batches) -> object:
 # Column blocks of the upper-triangle product: more blocks skip more of the lower triangle's work, fewer blocks
 # keep each GEMM large; at 4 blocks the product costs 62.5% of a full X^T X.
 GRAM_BLOCKS = 4
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class PackedTriangle:
@@ -211,17 +213,32 @@ class PackedTriangle:
             self.blocks.append((start, stop, row_starts[start], row_starts[stop], gather.to(device), sums.to(device)))
         self.sums = torch.tensor(row_starts[1:size], device=device) - 1  # column d of rows 0 .. d-1
 
+        self.half_products = device.type == "cuda"  # until a GPU's torch turns out to lack mm's out_dtype
+
     def add_gram(self, accumulator: torch.Tensor, x: torch.Tensor) -> None:
         """``accumulator += upper triangle of [x;1]^T [x;1]``: ``X^T X`` in float32 one block row at a time, each
         block row against the columns from its diagonal on; the feature sums and the count in float64."""
-        features = x.to(torch.float32)
+        features = x if self.half_products and x.dtype in HALF_DTYPES else x.to(torch.float32)
         for start, stop, first, last, gather, sums in self.blocks:
-            product = features[:, start:stop].T @ features[:, start:]
+            product = self._float32_product(features[:, start:stop].T, features[:, start:])
             values = product.view(-1).index_select(0, gather)
             values[sums] = 0  # column d: its sums are added below, in float64
             accumulator[first:last] += values  # each float32 value is widened exactly, then added in float64
         accumulator[self.sums] += x.sum(dim=0, dtype=torch.float64)
         accumulator[-1] += len(x)
+
+    def _float32_product(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """``left @ right`` with float32 output. Half-precision factors on a GPU run on its tensor cores with float32
+        accumulation and output: a product of two bfloat16 (or float16) values is exact in float32, so this is the
+        float32 product of the same values at the half-precision rate (a float32 Gram with TF32 off runs at about a
+        fifteenth of it on an H100, where it would cost more than half the forward). Elsewhere both are float32."""
+        if left.dtype in HALF_DTYPES:
+            try:
+                return torch.mm(left, right, out_dtype=torch.float32)
+            except (TypeError, RuntimeError, NotImplementedError):  # a torch without it: widen, as on the CPU
+                self.half_products = False
+                return left.to(torch.float32) @ right.to(torch.float32)
+        return left @ right
 
 
 def statistics_under_basis(expert: ExpertDirectory, basis: Mapping[str, torch.Tensor], data: Batches,
