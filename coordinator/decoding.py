@@ -14,7 +14,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-CHECKED_PREFIX = "/dume.v1."
+# The dume services, and the stock health service on both ports (grpc would answer its malformed requests INTERNAL).
+CHECKED_PREFIXES = ("/dume.v1.", "/grpc.health.v1.")
 
 
 def _decoded(parse: Callable[[bytes], Any], raw: bytes, context: grpc.ServicerContext, method: str) -> Any:
@@ -27,13 +28,15 @@ def _decoded(parse: Callable[[bytes], Any], raw: bytes, context: grpc.ServicerCo
 
 
 class RequestDecoding(grpc.ServerInterceptor):
-    """Parses the requests of the dume services in the handler, so that malformed ones are INVALID_ARGUMENT.
+    """Parses the requests of the dume and health services in the handler, so that malformed ones are
+    INVALID_ARGUMENT.
 
     Register it last (innermost): the interceptors before it then see a handler that takes raw bytes."""
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
-        if handler is None or not details.method.startswith(CHECKED_PREFIX) or handler.request_deserializer is None:
+        checked = details.method.startswith(CHECKED_PREFIXES)
+        if handler is None or not checked or handler.request_deserializer is None:
             return handler
         parse, method = handler.request_deserializer, details.method
 

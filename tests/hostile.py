@@ -37,6 +37,7 @@ ABNORMAL = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.D
 FEDERATION = "/dume.v1.Federation/"
 ADMIN = "/dume.v1.Admin/"
 ENROL = "/dume.v1.Enrolment/Enrol"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"  # on both ports
 # method -> (request streams, response streams). Leave is not here: it takes no field, so every request that
 # parses is a real departure.
 MEMBER_METHODS = {
@@ -46,9 +47,10 @@ MEMBER_METHODS = {
     FEDERATION + "ReadBlob": (False, True), FEDERATION + "NoSuchMethod": (False, False),
     ADMIN + "CreateToken": (False, False), ADMIN + "Status": (False, False), ADMIN + "Revoke": (False, False),
     ADMIN + "Audit": (False, False), ADMIN + "CollectGarbage": (False, False), ADMIN + "Approve": (False, False),
+    HEALTH_CHECK: (False, False),
 }
 ENROLMENT_METHODS = {ENROL: (False, False), "/dume.v1.Enrolment/NoSuchMethod": (False, False),
-                     FEDERATION + "Watch": (False, True), ADMIN + "Status": (False, False)}
+                     FEDERATION + "Watch": (False, True), ADMIN + "Status": (False, False), HEALTH_CHECK: (False, False)}
 SHAPES = {**MEMBER_METHODS, **ENROLMENT_METHODS}
 
 
