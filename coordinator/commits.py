@@ -114,8 +114,9 @@ def _commit_statistics(ledger: Ledger, uploads: Uploads, settings: MergeSettings
         if ledger.contribution(member, header.dataset) == contribution:
             return False  # the same commit again (its answer was lost): acknowledged, not recorded twice
         if held := outlier(ledger, contribution, uploads.limits.approve_tokens_above_ratio):
-            if (contribution, held) in ledger.pending_contributions():
-                return False  # held already: the same commit again
+            already = ledger.pending_contribution(member, header.dataset)
+            if already is not None and already[0] == contribution:
+                return False  # held already: the same commit again (the reason may have moved with the others)
             ledger.hold_contribution(contribution, held)
             ledger.audit("hold", member, dataset=header.dataset, expert=node.expert, tokens=header.token_count,
                          reason=held)
@@ -152,8 +153,9 @@ def outlier(ledger: Ledger, contribution: Contribution, ratio: float) -> str:
 
 
 def check_dataset_room(ledger: Ledger, node: str, dataset: str, most: int) -> None:
-    """A node records at most ``most`` datasets (a new name past that is refused; replacing one is not)."""
-    held = {c.dataset for c in ledger.contributions(node)}
+    """A node records or has held at most ``most`` datasets (a new name past that is refused; replacing one is
+    not): each holds a G per layer on the coordinator's disk."""
+    held = ledger.datasets(node)
     if dataset not in held and len(held) >= most:
         raise Refused("invalid", f"{node} already contributes {len(held)} datasets, the most a node may "
                       f"(limits.datasets_per_node): forget one first, or ask the operator to raise the limit")

@@ -240,10 +240,10 @@ class Coordinator:
             member = self.ledger.member(node)
             if member is None:
                 raise Refused("not_found", f"no member {node!r}: see `dume-coordinator status`")
-            if self.ledger.contribution(node, dataset) is None:
-                held = sorted(c.dataset for c in self.ledger.contributions(node))
+            held = self.ledger.datasets(node)
+            if dataset not in held:
                 raise Refused("not_found", f"{node!r} has no dataset {dataset!r} in the federation (it has: "
-                              f"{', '.join(held) or 'none'}): see `dume-coordinator status`")
+                              f"{', '.join(sorted(held)) or 'none'}): see `dume-coordinator status`")
             self.ledger.remove_dataset(node, dataset)
             self.ledger.audit(kind, node, dataset=dataset, **({"reason": reason} if kind == "revoke" else {}))
         log.info("%s: dataset %s of %s taken out", kind, dataset, node)
@@ -262,6 +262,7 @@ class Coordinator:
             if refuse:
                 self.ledger.refuse_dataset(node, dataset)
             else:
+                check_dataset_room(self.ledger, node, dataset, self.limits.datasets_per_node)
                 try:
                     self.ledger.set_contribution(pending)
                 except StateChanged as error:
@@ -298,8 +299,9 @@ class Coordinator:
             raise Refused("invalid", str(error)) from None
         return self.uploads.begin(member, plan)
 
-    def commit_upload(self, identity: pki.Identity, upload_id: str) -> str:
-        """Records a complete upload and asks for publication; returns the current basis hash ("" if none).
+    def commit_upload(self, identity: pki.Identity, upload_id: str) -> tuple[str, str]:
+        """Records a complete upload and asks for publication; returns the current basis hash ("" if none) and,
+        for statistics held for the operator's approval, why ("" when recorded).
 
         The caller is authorised again inside the transaction that records the upload: a revocation or a leave
         landing while the upload is validated wins, and the upload is refused.
@@ -315,7 +317,9 @@ class Coordinator:
             metrics.uploads.labels(kind).inc()
             metrics.upload_bytes.labels(kind).inc(sum(planned.sizes.values()))
         self.publisher.request()
-        return self.ledger.get_meta("current_basis") or ""
+        held = (self.ledger.pending_contribution(member, planned.plan.statistics.dataset)
+                if planned.plan.kind == pb.UPLOAD_KIND_STATISTICS else None)
+        return self.ledger.get_meta("current_basis") or "", held[1] if held else ""
 
     # -- what is published ----------------------------------------------------------------------------------------
     def basis(self, basis_hash: str) -> BasisRecord:
@@ -475,10 +479,11 @@ class Coordinator:
         members, everyone = [], self.ledger.members()
         for member in everyone:
             own = [c for c in contributions if c.node == member.name]
+            held = any(c.node == member.name for c, _ in pending)  # in no version until the operator approves
             members.append(MemberStatus(
                 name=member.name, state=member.state, online=self._online[member.name] > 0,
                 # A contributor left without datasets has nothing to recompute; an owner has its own data.
-                stats_current=(bool(own) or not member.owner) and all(is_current(c) for c in own),
+                stats_current=(bool(own) or not member.owner) and not held and all(is_current(c) for c in own),
                 reason=member.reason,
                 token_count=sum(c.token_count for c in own), expert=member.expert or member.name))
         current_members = [m for m in everyone if m.state in ("enrolled", "active")]  # sorted by name

@@ -281,6 +281,7 @@ class Ledger:
                 (name, cert_serial, time.time(), expert),
             )
             self._db.execute("DELETE FROM contributions WHERE node = ?", (name,))
+            self._db.execute("DELETE FROM pending_contributions WHERE node = ?", (name,))
             self._db.execute("DELETE FROM removed_datasets WHERE node = ?", (name,))
 
     def enrol_again(self, name: str, cert_serial: str) -> None:
@@ -297,8 +298,8 @@ class Ledger:
 
     def set_state(self, name: str, state: str, expected: tuple[str, ...], reason: str = "") -> None:
         """Moves a member to ``state``, only from one of the ``expected`` states. A member that leaves or is revoked
-        takes its contributions with it and, when it owns an expert, every contribution to that expert, whose
-        contributors leave with it."""
+        takes its contributions (recorded or held for approval) with it and, when it owns an expert, every
+        contribution to that expert, whose contributors leave with it."""
         with self.transaction():
             placeholders = ", ".join("?" * len(expected))
             if self._run(f"UPDATE members SET state = ?, reason = ? WHERE name = ? AND state IN ({placeholders})",
@@ -306,6 +307,7 @@ class Ledger:
                 raise StateChanged(f"member {name!r} is not in state {' or '.join(expected)}")
             if state in ("left", "revoked"):
                 self._run("DELETE FROM contributions WHERE node = ? OR expert = ?", name, name)
+                self._run("DELETE FROM pending_contributions WHERE node = ? OR expert = ?", name, name)
                 # An owner's contributors have nothing left to feed: their membership ends with its expert.
                 self._run("UPDATE members SET state = 'left', reason = ? WHERE expert = ? AND name != ? "
                           "AND state IN ('enrolled', 'active')", f"its expert {name} is {state}", name, name)
@@ -370,6 +372,17 @@ class Ledger:
                           "ORDER BY expert, node, dataset")
         return [(self._contribution(row[:-1]), row[-1]) for row in rows]
 
+    def pending_contribution(self, node: str, dataset: str) -> tuple[Contribution, str] | None:
+        """The contribution of ``node``'s ``dataset`` held for approval, with why (None when none is held)."""
+        rows = self._rows(f"SELECT {self._CONTRIBUTION_COLUMNS}, reason FROM pending_contributions "
+                          "WHERE node = ? AND dataset = ?", node, dataset)
+        return (self._contribution(rows[0][:-1]), rows[0][-1]) if rows else None
+
+    def datasets(self, node: str) -> set[str]:
+        """The names of ``node``'s datasets recorded or held for approval: what its dataset limit counts."""
+        return {row[0] for row in self._rows("SELECT dataset FROM contributions WHERE node = ? UNION "
+                                             "SELECT dataset FROM pending_contributions WHERE node = ?", node, node)}
+
     def take_pending(self, node: str, dataset: str) -> Contribution | None:
         """Removes a held contribution and returns it (None when there is none)."""
         with self.transaction():
@@ -386,9 +399,12 @@ class Ledger:
             self._db.execute("INSERT OR REPLACE INTO removed_datasets VALUES (?, ?, ?)", (node, dataset, time.time()))
 
     def remove_dataset(self, node: str, dataset: str) -> None:
-        """Takes one dataset's contribution out and remembers that it was (raises StateChanged when there is none)."""
+        """Takes one dataset's contribution out, recorded or held for approval, and remembers that it was (raises
+        StateChanged when there is none)."""
         with self.transaction():
-            if self._run("DELETE FROM contributions WHERE node = ? AND dataset = ?", node, dataset) != 1:
+            removed = self._run("DELETE FROM contributions WHERE node = ? AND dataset = ?", node, dataset)
+            removed += self._run("DELETE FROM pending_contributions WHERE node = ? AND dataset = ?", node, dataset)
+            if not removed:
                 raise StateChanged(f"node {node!r} has no dataset {dataset!r} in the federation")
             self._db.execute("INSERT OR REPLACE INTO removed_datasets VALUES (?, ?, ?)", (node, dataset, time.time()))
 

@@ -131,7 +131,8 @@ class FederationService(rpc.FederationServicer):
 
     @refusals_abort
     def CommitUpload(self, request: pb.CommitRequest, context: grpc.ServicerContext) -> pb.CommitResponse:
-        return pb.CommitResponse(basis_hash=self.c.commit_upload(peer_identity(context), request.upload_id))
+        basis_hash, held = self.c.commit_upload(peer_identity(context), request.upload_id)
+        return pb.CommitResponse(basis_hash=basis_hash, held=held)
 
     @refusals_abort
     def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.Event]:

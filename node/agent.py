@@ -201,6 +201,7 @@ class Agent:
         self.give_up_after = give_up_after
         self.stall_seconds = stall_seconds  # a transfer moving nothing this long is cancelled and resumed
         self.checkpoint_every = checkpoint_every  # seconds of statistics a kill may cost at most
+        self.held: dict[str, str] = {}  # dataset -> why the coordinator holds its statistics for approval
 
     # -- uploads --------------------------------------------------------------------------------------------------
     def upload(self, upload: Upload) -> pb.CommitResponse:
@@ -314,7 +315,13 @@ class Agent:
             token_count=tokens, sequence_length=int(basis.sequence_length), dataset=dataset, expert_hash=weights)
         plan = pb.UploadPlan(kind=pb.UPLOAD_KIND_STATISTICS, manifest=tensors_pb2.TensorManifest(tensors=entries),
                              statistics=header)
-        self.upload(Upload(plan, sources, "statistics", dataset))
+        held = self.upload(Upload(plan, sources, "statistics", dataset)).held
+        if held:
+            self.held[dataset] = held
+            say(f"the coordinator holds the statistics of {dataset} for its operator's approval ({held}); they "
+                "count once `dume-coordinator approve` records them")
+        else:
+            self.held.pop(dataset, None)
         uploaded = {**self.state.get("uploaded", {}), dataset: [basis.basis_hash, weights]}
         self.state = self.workdir.update(uploaded=uploaded)
 

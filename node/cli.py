@@ -39,6 +39,7 @@ from dume.shared.trust.join_token import JoinToken
 from dume.v1 import federation_pb2_grpc as rpc
 
 if TYPE_CHECKING:
+    from dume.node.agent import Agent
     from dume.shared.method.placement import Placement
 
 
@@ -115,7 +116,7 @@ def _contribute(args: argparse.Namespace, workdir: Workdir, datasets: dict[str, 
                   args.checkpoint_every)
     agent.run(once=args.once)
     if args.once:
-        say("contribution complete; statistics are current")
+        say(completion("contribution", agent))
 
 
 def check_role(contributor: bool, expert: str, model: Path | None) -> None:
@@ -213,7 +214,7 @@ def _update(args: argparse.Namespace) -> None:
         agent.contribute_model(args.model)
         say(f"uploaded the new weights of expert {state['expert']}; recomputing the statistics of every dataset")
         agent.run(once=True)
-    say("update complete; statistics are current")
+    say(completion("update", agent))
 
 
 def run_leave(args: argparse.Namespace) -> None:
@@ -305,6 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     training.set_defaults(run=run_train)
     add_config_command(commands, parser)
     return parser
+
+
+def completion(what: str, agent: Agent) -> str:
+    """The last line of a `join --once` or an `update`: complete only when no statistics wait for approval."""
+    if agent.held:
+        return (f"{what} uploaded; the statistics of {', '.join(sorted(agent.held))} wait for the operator's "
+                "approval (`dume-coordinator status` shows them)")
+    return f"{what} complete; statistics are current"
 
 
 def add_checkpoint_every(parser: argparse.ArgumentParser) -> None:

@@ -122,3 +122,46 @@ def test_statistics_far_above_the_other_experts_wait_for_the_operators_approval(
                                                                                    "refuse"]
     finally:
         coordinator.close()
+
+
+def test_held_statistics_are_bounded_reported_and_leave_with_their_node(expert_factory, tmp_path):
+    """A held contribution counts toward the node's dataset limit (approving cannot pass it either), its node is
+    told and `status` does not call it current; the node can forget it, and leaving (or re-enrolling) takes it
+    away, so it never comes back from an earlier membership."""
+    experts = expert_factory("llama")
+    coordinator = make_coordinator(tmp_path / "coordinator", approve_tokens_above_ratio=3, datasets_per_node=2)
+    try:
+        identities = {name: enrolled(coordinator, name) for name in sorted(experts)}
+        for name, spec in sorted(experts.items()):
+            coordinator.commit_upload(identities[name], staged_model(coordinator, name, spec.model_dir))
+        coordinator.publisher.wait(coordinator.publisher.request())
+        repeated = tmp_path / "code-x10.txt"
+        repeated.write_text(experts["code"].data_path.read_text() * 10)
+        for name in ("math", "prose"):
+            assert statistics_committed(coordinator, experts[name], identities[name], tmp_path) == ""
+        code, spec = identities["code"], experts["code"]
+        for dataset in ("first", "second"):
+            held = statistics_committed(coordinator, spec, code, tmp_path, dataset, data=repeated)
+            assert "above limits.approve_tokens_above_ratio = 3" in held
+        assert not next(m for m in coordinator.status().members if m.name == "code").stats_current
+        with pytest.raises(Refused, match="already contributes 2 datasets"):  # held ones count
+            statistics_committed(coordinator, spec, code, tmp_path, "third", data=repeated)
+
+        # The same statistics again (their answer lost) are not held twice.
+        statistics_committed(coordinator, spec, code, tmp_path, "first", data=repeated)
+        assert [e.kind for e in coordinator.ledger.audit_entries()].count("hold") == 2
+
+        # Forgetting a dataset that is only held works, and its name is not taken back.
+        assert coordinator.forget(code, "second").publication_error == ""
+        assert [c.label for c, _ in coordinator.ledger.pending_contributions()] == ["code/first"]
+
+        # Leaving takes the held contribution away; re-enrolling under the name does not bring it back.
+        coordinator.leave(code)
+        assert coordinator.ledger.pending_contributions() == []
+        enrolled(coordinator, "code")
+        with pytest.raises(Refused, match="code/first is not held for approval"):
+            coordinator.approve("code", "first")
+        assert [c.label for c in coordinator.ledger.contributions()] == ["math/default", "prose/default"]
+    finally:
+        coordinator.close()
+

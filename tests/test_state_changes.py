@@ -54,9 +54,10 @@ def contributed(coordinator: Coordinator, spec, tmp_path) -> pki.Identity:
 
 
 def statistics_committed(coordinator: Coordinator, spec, identity: pki.Identity, tmp_path, dataset: str = "default",
-                         data=None) -> pki.Identity:
+                         data=None) -> str:
     """Statistics of ``data`` (default: the expert's own) as dataset ``dataset`` of the node ``identity`` names, for
-    the expert of ``spec``, under the current basis and computed as a node computes them, committed."""
+    the expert of ``spec``, under the current basis and computed as a node computes them, committed; returns why
+    the coordinator holds them for approval ("" when recorded)."""
     basis = coordinator.basis("")
     tensors = {entry.name: tensor_from_bytes(entry, coordinator.blobs.read_bytes(entry.sha256))
                for entry in basis.manifest.tensors}
@@ -71,9 +72,10 @@ def statistics_committed(coordinator: Coordinator, spec, identity: pki.Identity,
                                           expert_hash=coordinator.ledger.expert_hashes()[spec.name])
     plan = pb.UploadPlan(kind=pb.UPLOAD_KIND_STATISTICS, manifest=tensors_pb2.TensorManifest(tensors=entries),
                          statistics=header)
-    coordinator.commit_upload(identity, staged(coordinator, identity.name, Upload(plan, sources, "statistics")))
+    _, held = coordinator.commit_upload(identity, staged(coordinator, identity.name, Upload(plan, sources,
+                                                                                          "statistics")))
     coordinator.publisher.wait(coordinator.publisher.request())
-    return identity
+    return held
 
 
 def test_a_revocation_is_reported_done_only_when_the_latest_version_is_without_the_member(

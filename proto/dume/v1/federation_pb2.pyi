@@ -92,10 +92,12 @@ class CommitRequest(_message.Message):
     def __init__(self, upload_id: _Optional[str] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
-    __slots__ = ("basis_hash",)
+    __slots__ = ("basis_hash", "held")
     BASIS_HASH_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     basis_hash: str
-    def __init__(self, basis_hash: _Optional[str] = ...) -> None: ...
+    held: str
+    def __init__(self, basis_hash: _Optional[str] = ..., held: _Optional[str] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ()
