@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 import dume
 from dume.coordinator.publication import StoredMember, manifest_into
 from dume.coordinator.records import Member
+from dume.shared.errors import DumeError
 from dume.shared.method import averaging
 from dume.shared.method.averaging import compute_basis
 from dume.shared.method.data import load_tokenizer, pack_documents, read_documents
@@ -148,6 +149,20 @@ def test_weight_averaging_baseline_averages_every_parameter(expert_factory):
     name = "model.layers.0.mlp.up_proj.weight"
     expected = torch.stack([experts[member].tensor(name) for member in sorted(experts)]).double().mean(0).float()
     torch.testing.assert_close(averaged.get_parameter(name).detach(), expected)
+
+
+def test_a_shared_weight_stored_as_integers_is_refused_by_name(expert_factory, tmp_path):
+    """Weights the merge cannot average (here an integer tensor) are named with their dtype, not reported as a
+    tensor missing from the model."""
+    source = ExpertDirectory(expert_factory("llama")["code"].model_dir)
+    tensors = {key: source.tensor(key) for key in source.parameter_names}
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int64)
+    folder = tmp_path / "integers"
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_bytes((source.path / "config.json").read_bytes())
+    with pytest.raises(DumeError, match="model.norm.weight of expert 'integers' is stored as I64"):
+        ExpertDirectory(folder, "integers").tensor_shape("model.norm.weight")
 
 
 def test_shared_weights_are_averaged_a_block_of_rows_at_a_time_with_the_bytes_of_whole_tensors(

@@ -20,9 +20,7 @@ from dume.shared.errors import DumeError
 from dume.shared.method.families import Family, detect_family, read_config
 from dume.shared.method.lazy_tensors import LazyTensors
 from dume.shared.method.placement import CPU, Placement
-
-FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
+from dume.shared.transport.wire import DTYPES
 
 class DenseWeights(ABC):
     """A member's dense model as the method reads it, tensor by tensor: an ``ExpertDirectory`` on a member's disk,
@@ -113,7 +111,11 @@ class ExpertDirectory(DenseWeights):
         return path.read_bytes() if path.is_file() else None
 
     def tensor_shape(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        return self._read_slice(name, lambda sliced: (tuple(sliced.get_shape()), FILE_DTYPES[sliced.get_dtype()]))
+        shape, dtype = self._read_slice(name, lambda sliced: (tuple(sliced.get_shape()), sliced.get_dtype()))
+        if dtype not in DTYPES:
+            raise DumeError(f"{name} of expert {self.name!r} is stored as {dtype}: the merge reads floating-point "
+                            f"weights ({', '.join(DTYPES)}) only; save the model in one of them")
+        return shape, DTYPES[dtype]
 
     def tensor_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._read_slice(name, lambda sliced: sliced[start:stop] if sliced.get_shape() else sliced[...])

@@ -27,12 +27,6 @@ class RoutingShares:
     per_layer: list[list[float]]  # layer -> one share per expert, in ``experts`` order; each row sums to 1
     tokens: int
 
-    @property
-    def mean(self) -> dict[str, float]:
-        """Each expert's share averaged over layers."""
-        layers = len(self.per_layer)
-        return {name: sum(row[index] for row in self.per_layer) / layers for index, name in enumerate(self.experts)}
-
 
 def merged_family(config: dict) -> Family:
     """The family whose MoE class (stock or with a router bias) a merged checkpoint's config names."""
