@@ -142,6 +142,7 @@ def test_statistics_of_different_depths_are_refused_in_one_line():
         solve_for_checkpoint({"a": None}, MergeSettings(), "")
 
 
+@pytest.mark.scenario("router capture")
 def test_equal_expert_weighting_gives_a_member_nothing_for_repeating_its_data():
     """With ``expert_weighting="equal"`` every expert weighs as one token budget: statistics of the same data
     declared ten times over (G scaled by 10, consistent in every check) route exactly as the honest ones, up to

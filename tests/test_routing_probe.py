@@ -16,6 +16,8 @@ from conftest import DOMAINS
 from in_process import enrolled, make_coordinator
 from test_state_changes import staged_model, statistics_committed
 
+pytestmark = pytest.mark.scenario("router capture")
+
 
 def probe_text(path, documents: int = 20):
     """Held-out documents of every domain in equal numbers (offset past the members' data)."""
