@@ -13,12 +13,13 @@ import signal
 import subprocess
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dume.shared.errors import DumeError
 from dume.shared.lab.harness import (
@@ -30,9 +31,14 @@ from dume.shared.lab.harness import (
     wait_until,
 )
 from dume.shared.lab.tiny import synthetic_documents
-from dume.shared.method.averaging import compute_basis
+from dume.shared.method.averaging import compute_basis, lazy_basis
 from dume.shared.method.data import DocumentStream, load_tokenizer, pack_documents
-from dume.shared.method.distributed_statistics import StatisticsTask, packed_statistics, packed_statistics_of
+from dume.shared.method.distributed_statistics import (
+    StatisticsTask,
+    packed_statistics,
+    packed_statistics_of,
+    write_basis,
+)
 from dume.shared.method.expert import ExpertDirectory, load_decoder
 from dume.shared.method.families import detect_family
 from dume.shared.method.merge import merge
@@ -40,6 +46,8 @@ from dume.shared.method.ridge import solve_routers
 from dume.shared.method.settings import MergeSettings
 from dume.shared.method.statistics import from_upper_triangle, layer_name, token_count
 from dume.shared.method.statistics_checkpoint import StatisticsCheckpoint
+from dume.shared.transport.blobs import BlobStore
+from dume.shared.transport.wire import stored_tensors, tensor_bytes, tensor_entry
 
 SEQUENCE = 64
 # `dume merge`'s library call as each rank of `torchrun --nproc-per-node 2` runs it (the CLI takes two experts).
@@ -234,3 +242,44 @@ def test_a_worker_error_comes_back_as_one_line_naming_the_worker(experts, tmp_pa
     assert re.match(f"statistics worker [01] of 2 failed: {re.escape(str(binary))} line 1 holds a NUL byte",
                     str(error.value))  # both fail alike: whichever the command saw first
     assert "\n" not in str(error.value)
+
+
+class CountedExpert(ExpertDirectory):
+    """A real expert directory that counts each tensor's reads (averaging reads every member's rows)."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        super().__init__(path, name)
+        self.reads: Counter[str] = Counter()
+
+    def tensor_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        self.reads[name] += 1
+        return super().tensor_rows(name, start, stop)
+
+
+class CountedBlobs(BlobStore):
+    """A real blob store that counts the blobs it reads."""
+
+    reads = 0
+
+    def read_range_into(self, sha256: str, start: int, buffer: memoryview) -> None:
+        self.reads += 1
+        super().read_range_into(sha256, start, buffer)
+
+
+def test_the_basis_file_reads_each_tensor_once_averaged_or_from_its_blob(experts, tmp_path):
+    """``write_basis`` (dume merge's spilled basis; a node's workers' copy of its blobs) takes its header from the
+    tensors' shapes and dtypes, not their data: each shared tensor is averaged once (one read of each member's
+    rows, the tiny tensors being one block), each blob read once, and the file holds safetensors' bytes."""
+    counted = {name: CountedExpert(spec.model_dir, name) for name, spec in experts.items()}
+    basis = compute_basis({name: ExpertDirectory(spec.model_dir, name) for name, spec in experts.items()})
+    save_file(basis, str(tmp_path / "expected.safetensors"))
+    write_basis(lazy_basis(counted), tmp_path / "averaged.safetensors")
+    for expert in counted.values():
+        assert expert.reads == Counter(expert.shared_names), expert.name
+    blobs = CountedBlobs(tmp_path / "blobs")
+    entries = [tensor_entry(name, tensor, blobs.put_bytes(tensor_bytes(tensor))) for name, tensor in basis.items()]
+    write_basis(stored_tensors(entries, blobs), tmp_path / "stored.safetensors")
+    assert blobs.reads == len(entries)
+    expected = (tmp_path / "expected.safetensors").read_bytes()
+    assert (tmp_path / "averaged.safetensors").read_bytes() == expected
+    assert (tmp_path / "stored.safetensors").read_bytes() == expected

@@ -23,6 +23,7 @@ same N; the checkpoints are removed only once the reduced result is written.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -43,7 +44,7 @@ from dume.shared.errors import DumeError
 from dume.shared.files import atomic_path
 from dume.shared.method.data import DocumentStream, load_tokenizer
 from dume.shared.method.expert import ExpertDirectory
-from dume.shared.method.lazy_tensors import LazyTensors
+from dume.shared.method.lazy_tensors import LazyTensors, describe
 from dume.shared.method.placement import CPU, Placement
 from dume.shared.method.shard_layout import ShardTensor, shard_header, shard_order
 from dume.shared.method.statistics import (
@@ -238,18 +239,20 @@ def _checkpoint_fields(checkpoint: StatisticsCheckpoint | None) -> dict[str, obj
 
 
 def write_basis(basis: Mapping[str, torch.Tensor], path: Path) -> None:
-    """The basis as a safetensors file, a tensor at a time (a lazy basis is never whole in memory)."""
-    names = sorted(basis)
+    """The basis as a safetensors file, a tensor at a time (a lazy basis is never whole in memory). The header
+    comes from each tensor's description, not its data, so each tensor is read (averaged, or read from its blob)
+    once: for the bytes."""
     layout = []
-    for name in names:
-        tensor = basis[name]
-        layout.append(ShardTensor(name, SAFETENSORS_DTYPES[tensor.dtype], tuple(tensor.shape),
-                                  tensor.numel() * tensor.element_size()))
-        del tensor
+    for name in sorted(basis):
+        shape, dtype = describe(basis, name)
+        layout.append(ShardTensor(name, SAFETENSORS_DTYPES[dtype], shape, math.prod(shape) * dtype.itemsize))
     with open(path, "wb") as handle:
         handle.write(shard_header(layout))
         for entry in shard_order(layout):
             tensor = basis[entry.name].contiguous()
+            if (SAFETENSORS_DTYPES[tensor.dtype], tuple(tensor.shape)) != (entry.dtype, entry.shape):
+                raise ValueError(f"basis tensor {entry.name} is {tensor.dtype} {tuple(tensor.shape)}, not the "
+                                 f"{entry.dtype} {entry.shape} its description gave")
             handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
             del tensor
 

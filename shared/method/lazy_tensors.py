@@ -11,17 +11,23 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
+Description = tuple[tuple[int, ...], torch.dtype]  # a tensor's shape and dtype
+
 
 class LazyTensors(Mapping[str, torch.Tensor]):
     """``read(name)`` gives a fresh tensor at each lookup; the optional ``read_into(name, out)`` fills ``out`` in
-    place and returns whether it could (same dtype and shape, contiguous, on the CPU)."""
+    place and returns whether it could (same dtype and shape, contiguous, on the CPU); the optional
+    ``describe(name)`` gives a tensor's shape and dtype from the source's metadata, without reading (or averaging)
+    its data."""
 
     def __init__(self, names: Iterable[str], read: Callable[[str], torch.Tensor],
-                 read_into: Callable[[str, torch.Tensor], bool] | None = None) -> None:
+                 read_into: Callable[[str, torch.Tensor], bool] | None = None,
+                 describe: Callable[[str], Description] | None = None) -> None:
         self._names = list(dict.fromkeys(names))
         self._known = set(self._names)
         self._read = read
         self._read_into = read_into
+        self._describe = describe
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._known:
@@ -42,3 +48,22 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         if self._read_into is None or out.device.type != "cpu" or not out.is_contiguous():
             return False
         return self._read_into(name, out)
+
+    def describe(self, name: str) -> Description:
+        """The named tensor's shape and dtype: from the source's metadata where it has them, else from the tensor
+        read once for them."""
+        if name not in self._known:
+            raise KeyError(name)
+        if self._describe is not None:
+            return self._describe(name)
+        tensor = self._read(name)
+        return tuple(tensor.shape), tensor.dtype
+
+
+def describe(tensors: Mapping[str, torch.Tensor], name: str) -> Description:
+    """A tensor's shape and dtype without reading it where ``tensors`` is lazy (a tensor in memory describes
+    itself)."""
+    if isinstance(tensors, LazyTensors):
+        return tensors.describe(name)
+    tensor = tensors[name]
+    return tuple(tensor.shape), tensor.dtype
