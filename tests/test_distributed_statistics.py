@@ -7,6 +7,7 @@ federation; a worker that dies ends the command with one line.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -41,7 +43,7 @@ from dume.shared.method.distributed_statistics import (
 )
 from dume.shared.method.expert import ExpertDirectory, load_decoder
 from dume.shared.method.families import detect_family
-from dume.shared.method.merge import merge
+from dume.shared.method.merge import merge, spilled_basis
 from dume.shared.method.ridge import solve_routers
 from dume.shared.method.settings import MergeSettings
 from dume.shared.method.statistics import from_upper_triangle, layer_name, token_count
@@ -54,7 +56,7 @@ SEQUENCE = 64
 TORCHRUN_MERGE = """
 import sys
 from pathlib import Path
-from dume.shared.method.merge import merge
+from dume.shared.method.merge import merge, spilled_basis
 from dume.shared.method.settings import ExpertSpec, MergeSettings
 model, data, out, sequence = sys.argv[1:]
 merge([ExpertSpec("code", Path(model), Path(data))], Path(out), MergeSettings(sequence_length=int(sequence)))
@@ -283,3 +285,19 @@ def test_the_basis_file_reads_each_tensor_once_averaged_or_from_its_blob(experts
     expected = (tmp_path / "expected.safetensors").read_bytes()
     assert (tmp_path / "averaged.safetensors").read_bytes() == expected
     assert (tmp_path / "stored.safetensors").read_bytes() == expected
+
+
+def test_merge_workers_read_the_spilled_basis_rather_than_a_copy(experts, tmp_path):
+    """``dume merge --nproc 2`` spills the basis once: its workers are given that file to read, and their folder
+    (job, results) holds no second copy of it."""
+    expert = ExpertDirectory(experts["code"].model_dir, "code")
+    data = DocumentStream(experts["code"].data_path, load_tokenizer(expert.path), SEQUENCE)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    with spilled_basis({"code": expert}, spill) as basis, \
+            closing(packed_statistics_of([StatisticsTask(expert, data)], basis, 4, nproc=2, scratch=spill)) as results:
+        packed = next(results)  # the workers' folder stays until the generator is closed
+        [folder] = spill.glob("dume-statistics-*")
+        assert json.loads((folder / "job.json").read_text())["basis_file"] == str(spill / "basis.safetensors")
+        assert sorted(path.name for path in folder.iterdir()) == ["job.json", "rank1.log", "result-0.safetensors"]
+    assert token_count(packed) > 0

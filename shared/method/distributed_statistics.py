@@ -44,7 +44,7 @@ from dume.shared.errors import DumeError
 from dume.shared.files import atomic_path
 from dume.shared.method.data import DocumentStream, load_tokenizer
 from dume.shared.method.expert import ExpertDirectory
-from dume.shared.method.lazy_tensors import LazyTensors, describe
+from dume.shared.method.lazy_tensors import LazyTensors, describe, file_tensors
 from dume.shared.method.placement import CPU, Placement
 from dume.shared.method.shard_layout import ShardTensor, shard_header, shard_order
 from dume.shared.method.statistics import (
@@ -62,7 +62,7 @@ from dume.shared.method.statistics_checkpoint import StatisticsCheckpoint
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 WATCH_SECONDS = 0.2  # how often the command looks at its workers
 STOP_SECONDS = 10.0  # how long a stopped worker gets before SIGKILL
-SCRATCH_PREFIX = "dume-statistics-"  # the workers' folder (basis, job, results), removed after each run
+SCRATCH_PREFIX = "dume-statistics-"  # the workers' folder (job, results, basis copy), removed after each run
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
@@ -168,9 +168,10 @@ def packed_statistics_of(tasks: Sequence[StatisticsTask], basis: Mapping[str, to
                          scratch: Path | None = None) -> Iterator[torch.Tensor | None]:
     """Each task's packed statistics under ``basis``, in order: in this process when ``nproc`` is 1 (each computed
     as it is asked for), else by ``nproc`` workers started once for all of them (each read back from rank 0's file
-    as it is asked for). The workers' basis file and results go under ``scratch`` (default: the system's temporary
-    folder). In a process torchrun started, this rank takes its share and the statistics are reduced to rank 0:
-    there they are given, and None on the other ranks."""
+    as it is asked for). The workers read a basis that is one safetensors file already (``LazyTensors.file``:
+    ``dume merge``'s spilled basis) from that file, any other from a copy written under ``scratch`` (default: the
+    system's temporary folder), where their results go too. In a process torchrun started, this rank takes its
+    share and the statistics are reduced to rank 0: there they are given, and None on the other ranks."""
     if launched_by_torchrun():
         check_processes(nproc, placement)
         yield from _statistics_as_torchrun_rank(tasks, basis, batch_size, placement)
@@ -184,12 +185,15 @@ def packed_statistics_of(tasks: Sequence[StatisticsTask], basis: Mapping[str, to
         scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=scratch) as folder:
         folder = Path(folder)
-        write_basis(basis, folder / "basis.safetensors")
+        basis_file = basis.file if isinstance(basis, LazyTensors) else None
+        if basis_file is None:
+            basis_file = folder / "basis.safetensors"
+            write_basis(basis, basis_file)
         runs = [WorkerRun(str(task.expert.path), task.expert.name, str(task.data.path), task.data.sequence_length,
                           task.data.max_tokens, str(folder / f"result-{index}.safetensors"),
                           **_checkpoint_fields(task.checkpoint))
                 for index, task in enumerate(tasks)]
-        job = WorkerJob(str(folder / "basis.safetensors"), batch_size, placement.device, placement.dtype,
+        job = WorkerJob(str(basis_file), batch_size, placement.device, placement.dtype,
                         max(1, torch.get_num_threads() // nproc), runs)
         (folder / "job.json").write_text(json.dumps(asdict(job)))
         run_workers(folder / "job.json", nproc)
@@ -374,15 +378,13 @@ def reduce_to_rank_zero(packed: torch.Tensor, device: torch.device) -> torch.Ten
 def run_worker(job: WorkerJob, shard: Shard, local_rank: int) -> None:
     """One rank: its share of each run's statistics, then the run's reduction; rank 0 writes each result."""
     import torch.distributed as dist
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     torch.set_num_threads(job.threads)
     placement = rank_placement(Placement(job.device, job.dtype), local_rank)
     init_process_group(placement)
     try:
-        with safe_open(job.basis_file, framework="pt") as handle:
-            basis = LazyTensors(handle.keys(), handle.get_tensor)
+        with file_tensors(Path(job.basis_file)) as basis:
             for run in job.runs:
                 expert = ExpertDirectory(Path(run.expert_dir), run.expert_name)
                 data = DocumentStream(Path(run.data_path), load_tokenizer(expert.path), run.sequence_length,

@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from dume.shared.errors import DumeError
 from dume.shared.files import check_free, staged_directory
@@ -36,7 +35,7 @@ from dume.shared.method.distributed_statistics import (
 )
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.families import check_same_architecture
-from dume.shared.method.lazy_tensors import LazyTensors
+from dume.shared.method.lazy_tensors import LazyTensors, file_tensors
 from dume.shared.method.placement import CPU, Placement
 from dume.shared.method.routers import ExpertStatistics, packed_contribution, solve_for_checkpoint, sum_contributions
 from dume.shared.method.settings import ExpertSpec, MergeSettings, check_name
@@ -107,11 +106,12 @@ def spill_directory(out_dir: Path) -> Iterator[Path]:
 @contextmanager
 def spilled_basis(experts: dict[str, ExpertDirectory], spill: Path) -> Iterator[LazyTensors]:
     """The basis averaged into the spill folder a tensor at a time, then read from there a tensor at a time: merge
-    never holds it whole (an 8B model's shared weights are 4.7 GB) and averages it once for every expert."""
+    never holds it whole (an 8B model's shared weights are 4.7 GB) and averages it once for every expert. The
+    mapping names its file, so ``--nproc`` workers read this one too rather than a second copy."""
     path = spill / "basis.safetensors"
     write_basis(lazy_basis(experts), path)
-    with safe_open(path, framework="pt") as handle:
-        yield LazyTensors(handle.keys(), handle.get_tensor)
+    with file_tensors(path) as basis:
+        yield basis
 
 
 def member_statistics(specs: list[ExpertSpec], experts: dict[str, ExpertDirectory], basis: Mapping[str, torch.Tensor],
