@@ -52,14 +52,24 @@ from dume.shared.transport.blobs import BlobStore
 from dume.shared.transport.wire import stored_tensors, tensor_bytes, tensor_entry
 
 SEQUENCE = 64
-# `dume merge`'s library call as each rank of `torchrun --nproc-per-node 2` runs it (the CLI takes two experts).
+# `dume merge`'s library call as each rank of `torchrun --nproc-per-node 2` runs it (the CLI takes two experts),
+# counting how many averaged basis tensors the rank held at once (each is tracked until it is freed).
 TORCHRUN_MERGE = """
-import sys
+import os, sys, weakref
 from pathlib import Path
-from dume.shared.method.merge import merge, spilled_basis
+from dume.shared.method import averaging
+from dume.shared.method.merge import merge
 from dume.shared.method.settings import ExpertSpec, MergeSettings
 model, data, out, sequence = sys.argv[1:]
+alive, most = weakref.WeakSet(), [0]
+def tracked_mean(experts, name, mean=averaging.canonical_mean):
+    tensor = mean(experts, name)
+    alive.add(tensor)
+    most[0] = max(most[0], len(alive))
+    return tensor
+averaging.canonical_mean = tracked_mean
 merge([ExpertSpec("code", Path(model), Path(data))], Path(out), MergeSettings(sequence_length=int(sequence)))
+print(f"rank {os.environ['RANK']} held at most {most[0]} averaged basis tensors")
 """
 DUME = [sys.executable, "-c", "import sys; from dume.shared.cli import main; sys.exit(main())"]  # `dume`
 
@@ -100,7 +110,7 @@ def test_a_member_with_two_gloo_workers_matches_one_process_and_merge_with_two_w
     """One federation member joins with ``--nproc 2``: its uploaded statistics equal one process's within float64
     rounding (token counts exactly), the routers solved from them route held-out tokens as one process's do, and
     the exact version is byte-identical to ``dume merge --nproc 2`` and to ``dume merge`` under ``torchrun
-    --nproc-per-node 2`` (three independent N=2 runs, the same bytes).
+    --nproc-per-node 2`` (three independent N=2 runs, the same bytes), where no rank holds the whole basis.
     One member keeps it short: its statistics are computed once (a second member would move the basis)."""
     fed = Federation(tmp_path / "federation", threads=FEDERATION_THREADS)
     try:
@@ -125,6 +135,8 @@ def test_a_member_with_two_gloo_workers_matches_one_process_and_merge_with_two_w
                            env=environment(FEDERATION_THREADS), capture_output=True, text=True, timeout=300)
     assert ranks.returncode == 0, ranks.stderr[-3000:]
     assert not differing_files(merged, tmp_path / "torchrun")
+    for rank in (0, 1):  # neither rank holds the whole basis: rank 0 spills it, rank 1 averages as its model loads
+        assert f"rank {rank} held at most 1 averaged basis tensors" in ranks.stdout, ranks.stdout
 
     # The node's statistics (reduced from its two workers) against one process's, under the same basis.
     [uploaded] = (fed.workdir("code") / "statistics").glob("*.safetensors")

@@ -24,7 +24,7 @@ import torch
 
 from dume.shared.errors import DumeError
 from dume.shared.files import check_free, staged_directory
-from dume.shared.method.averaging import compute_basis, lazy_basis, tensors_hash
+from dume.shared.method.averaging import lazy_basis, tensors_hash
 from dume.shared.method.data import DocumentStream, check_documents, load_tokenizer
 from dume.shared.method.distributed_statistics import (
     StatisticsTask,
@@ -84,7 +84,9 @@ def merge(specs: Sequence[ExpertSpec], out_dir: str | Path, settings: MergeSetti
     check_processes(nproc, placement)
     if not writes_output():  # a torchrun rank other than 0: its share of the statistics, then rank 0 writes
         experts = open_experts(specs)
-        member_statistics(specs, experts, compute_basis(experts), settings, placement, max_tokens)
+        # Averaged a tensor at a time as each model loads it (the bytes of rank 0's spilled basis): no copy on this
+        # host's disk, never whole in memory; averaged again for each dataset, a small cost beside its forward.
+        member_statistics(specs, experts, lazy_basis(experts), settings, placement, max_tokens)
         return out_dir
     check_free(out_dir)
     experts = open_experts(specs)
