@@ -35,17 +35,13 @@ from dume.shared.lab.harness import (
 from dume.shared.lab.tiny import synthetic_documents
 from dume.shared.method.averaging import compute_basis, lazy_basis
 from dume.shared.method.data import DocumentStream, load_tokenizer, pack_documents
-from dume.shared.method.distributed_statistics import (
-    StatisticsTask,
-    packed_statistics,
-    packed_statistics_of,
-    write_basis,
-)
+from dume.shared.method.distributed_statistics import StatisticsTask, packed_statistics, packed_statistics_of
 from dume.shared.method.expert import ExpertDirectory, load_decoder
 from dume.shared.method.families import detect_family
 from dume.shared.method.merge import merge, spilled_basis
 from dume.shared.method.ridge import solve_routers
 from dume.shared.method.settings import MergeSettings
+from dume.shared.method.shard_layout import write_tensors
 from dume.shared.method.statistics import from_upper_triangle, layer_name, token_count
 from dume.shared.method.statistics_checkpoint import StatisticsCheckpoint
 from dume.shared.transport.blobs import BlobStore
@@ -281,18 +277,18 @@ class CountedBlobs(BlobStore):
 
 
 def test_the_basis_file_reads_each_tensor_once_averaged_or_from_its_blob(experts, tmp_path):
-    """``write_basis`` (dume merge's spilled basis; a node's workers' copy of its blobs) takes its header from the
+    """``write_tensors`` (dume merge's spilled basis; a node's workers' copy of its blobs) takes its header from the
     tensors' shapes and dtypes, not their data: each shared tensor is averaged once (one read of each member's
     rows, the tiny tensors being one block), each blob read once, and the file holds safetensors' bytes."""
     counted = {name: CountedExpert(spec.model_dir, name) for name, spec in experts.items()}
     basis = compute_basis({name: ExpertDirectory(spec.model_dir, name) for name, spec in experts.items()})
     save_file(basis, str(tmp_path / "expected.safetensors"))
-    write_basis(lazy_basis(counted), tmp_path / "averaged.safetensors")
+    write_tensors(lazy_basis(counted), tmp_path / "averaged.safetensors")
     for expert in counted.values():
         assert expert.reads == Counter(expert.shared_names), expert.name
     blobs = CountedBlobs(tmp_path / "blobs")
     entries = [tensor_entry(name, tensor, blobs.put_bytes(tensor_bytes(tensor))) for name, tensor in basis.items()]
-    write_basis(stored_tensors(entries, blobs), tmp_path / "stored.safetensors")
+    write_tensors(stored_tensors(entries, blobs), tmp_path / "stored.safetensors")
     assert blobs.reads == len(entries)
     expected = (tmp_path / "expected.safetensors").read_bytes()
     assert (tmp_path / "averaged.safetensors").read_bytes() == expected

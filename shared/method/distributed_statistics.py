@@ -22,8 +22,8 @@ same N; the checkpoints are removed only once the reduced result is written.
 
 from __future__ import annotations
 
+import errno
 import json
-import math
 import os
 import signal
 import socket
@@ -41,12 +41,12 @@ from pathlib import Path
 import torch
 
 from dume.shared.errors import DumeError
-from dume.shared.files import atomic_path
+from dume.shared.files import FULL, atomic_path
 from dume.shared.method.data import DocumentStream, load_tokenizer
 from dume.shared.method.expert import ExpertDirectory
-from dume.shared.method.lazy_tensors import LazyTensors, describe, file_tensors
+from dume.shared.method.lazy_tensors import LazyTensors, file_tensors
 from dume.shared.method.placement import CPU, Placement
-from dume.shared.method.shard_layout import ShardTensor, shard_header, shard_order
+from dume.shared.method.shard_layout import write_tensors
 from dume.shared.method.statistics import (
     Shard,
     layer_name,
@@ -62,8 +62,8 @@ from dume.shared.method.statistics_checkpoint import StatisticsCheckpoint
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 WATCH_SECONDS = 0.2  # how often the command looks at its workers
 STOP_SECONDS = 10.0  # how long a stopped worker gets before SIGKILL
+DISK_FULL_EXIT = 28  # a worker's exit code for a full disk (ENOSPC's number): no error file can be written then
 SCRATCH_PREFIX = "dume-statistics-"  # the workers' folder (job, results, basis copy), removed after each run
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ def packed_statistics_of(tasks: Sequence[StatisticsTask], basis: Mapping[str, to
         basis_file = basis.file if isinstance(basis, LazyTensors) else None
         if basis_file is None:
             basis_file = folder / "basis.safetensors"
-            write_basis(basis, basis_file)
+            write_tensors(basis, basis_file)
         runs = [WorkerRun(str(task.expert.path), task.expert.name, str(task.data.path), task.data.sequence_length,
                           task.data.max_tokens, str(folder / f"result-{index}.safetensors"),
                           **_checkpoint_fields(task.checkpoint))
@@ -242,25 +242,6 @@ def _checkpoint_fields(checkpoint: StatisticsCheckpoint | None) -> dict[str, obj
             "checkpoint_every_batches": checkpoint.every_batches}
 
 
-def write_basis(basis: Mapping[str, torch.Tensor], path: Path) -> None:
-    """The basis as a safetensors file, a tensor at a time (a lazy basis is never whole in memory). The header
-    comes from each tensor's description, not its data, so each tensor is read (averaged, or read from its blob)
-    once: for the bytes."""
-    layout = []
-    for name in sorted(basis):
-        shape, dtype = describe(basis, name)
-        layout.append(ShardTensor(name, SAFETENSORS_DTYPES[dtype], shape, math.prod(shape) * dtype.itemsize))
-    with open(path, "wb") as handle:
-        handle.write(shard_header(layout))
-        for entry in shard_order(layout):
-            tensor = basis[entry.name].contiguous()
-            if (SAFETENSORS_DTYPES[tensor.dtype], tuple(tensor.shape)) != (entry.dtype, entry.shape):
-                raise ValueError(f"basis tensor {entry.name} is {tensor.dtype} {tuple(tensor.shape)}, not the "
-                                 f"{entry.dtype} {entry.shape} its description gave")
-            handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-            del tensor
-
-
 def read_result(path: Path) -> torch.Tensor:
     from safetensors.torch import load_file
 
@@ -299,6 +280,8 @@ def _wait_for(workers: list[subprocess.Popen], folder: Path) -> None:
     while True:
         codes = [worker.poll() for worker in workers]
         for rank, code in enumerate(codes):
+            if code == DISK_FULL_EXIT:  # the command turns it into its one line (what to do, where)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
             if code not in (None, 0):
                 raise DumeError(_failure(rank, len(workers), code, folder))
         if all(code == 0 for code in codes):
@@ -378,7 +361,6 @@ def reduce_to_rank_zero(packed: torch.Tensor, device: torch.device) -> torch.Ten
 def run_worker(job: WorkerJob, shard: Shard, local_rank: int) -> None:
     """One rank: its share of each run's statistics, then the run's reduction; rank 0 writes each result."""
     import torch.distributed as dist
-    from safetensors.torch import save_file
 
     torch.set_num_threads(job.threads)
     placement = rank_placement(Placement(job.device, job.dtype), local_rank)
@@ -394,7 +376,7 @@ def run_worker(job: WorkerJob, shard: Shard, local_rank: int) -> None:
                 total = reduce_to_rank_zero(packed, placement.torch_device())
                 if total is not None:
                     with atomic_path(Path(run.result_file)) as partial:
-                        save_file(statistics_tensors(total), str(partial))
+                        write_tensors(statistics_tensors(total), partial)  # a full disk: an OSError (ENOSPC)
                 del packed, total
     finally:
         dist.destroy_process_group()
@@ -425,7 +407,8 @@ def _stop_on_sigterm(_signum: int, _frame: object) -> None:
 
 def main(argv: list[str]) -> int:
     """The worker's entry point: ``python -m dume.shared.method.distributed_statistics JOB``. An error becomes one
-    line in ``rank<r>.error`` beside the job, for the command to report."""
+    line in ``rank<r>.error`` beside the job, for the command to report; a full disk, where that file could not be
+    written either, becomes the exit code ``DISK_FULL_EXIT``."""
     job_file = Path(argv[0])
     shard, local_rank = shard_from_environment()
     if "DUME_PARENT_PID" in os.environ:
@@ -436,6 +419,8 @@ def main(argv: list[str]) -> int:
     except _Stopped:  # the command stops this worker: another failed, or the command itself was stopped
         return 128 + signal.SIGTERM
     except BaseException as error:  # one line for the command; it stops the other workers
+        if isinstance(error, OSError) and error.errno in FULL:
+            return DISK_FULL_EXIT
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         text = message if isinstance(error, DumeError) else f"{type(error).__name__}: {message}".rstrip(": ")
         (job_file.parent / f"rank{shard.rank}.error").write_text(text + "\n")

@@ -23,14 +23,13 @@ from pathlib import Path
 import torch
 
 from dume.shared.errors import DumeError
-from dume.shared.files import check_free, staged_directory
+from dume.shared.files import check_free, disk_full_is_one_line, staged_directory
 from dume.shared.method.averaging import lazy_basis, tensors_hash
 from dume.shared.method.data import DocumentStream, check_documents, load_tokenizer
 from dume.shared.method.distributed_statistics import (
     StatisticsTask,
     check_processes,
     packed_statistics_of,
-    write_basis,
     writes_output,
 )
 from dume.shared.method.expert import ExpertDirectory
@@ -39,9 +38,13 @@ from dume.shared.method.lazy_tensors import LazyTensors, file_tensors
 from dume.shared.method.placement import CPU, Placement
 from dume.shared.method.routers import ExpertStatistics, packed_contribution, solve_for_checkpoint, sum_contributions
 from dume.shared.method.settings import ExpertSpec, MergeSettings, check_name
+from dume.shared.method.shard_layout import write_tensors
 from dume.shared.method.statistics import check_enough_tokens
 from dume.shared.method.statistics_spill import spill_contribution
 from dume.shared.method.writer import write_moe_checkpoint
+
+# What to do about a full disk beside --out, where the merge writes its spill (basis, statistics) and its output.
+MERGE_DISK_FULL = "free space there, or choose an --out on a disk with room, and run the merge again"
 
 
 def check_member_name(name: str) -> str:
@@ -75,7 +78,8 @@ def merge(specs: Sequence[ExpertSpec], out_dir: str | Path, settings: MergeSetti
     """Build the DUME checkpoint for ``specs`` into ``out_dir`` (which must not exist or be empty); the statistics'
     forward passes run where ``placement`` says, over at most ``max_tokens`` of each expert's data, in ``nproc``
     worker processes (see ``distributed_statistics``: the bytes depend on ``nproc``). Started by torchrun, every
-    rank runs this and collects its share of the statistics; only rank 0 writes ``out_dir``."""
+    rank runs this and collects its share of the statistics; only rank 0 writes ``out_dir``. A full disk beside
+    ``out_dir`` (the spill, the output) is one DumeError naming the folder, with nothing left there."""
     specs, out_dir = list(specs), Path(out_dir)
     if not specs:
         raise DumeError("no experts given: pass --expert NAME=MODEL_DIR:DATA[,DATA...] at least once")
@@ -90,7 +94,7 @@ def merge(specs: Sequence[ExpertSpec], out_dir: str | Path, settings: MergeSetti
         return out_dir
     check_free(out_dir)
     experts = open_experts(specs)
-    with staged_directory(out_dir) as staging:
+    with disk_full_is_one_line(out_dir.parent, MERGE_DISK_FULL), staged_directory(out_dir) as staging:
         with spill_directory(out_dir) as spill, spilled_basis(experts, spill) as basis:
             statistics = member_statistics(specs, experts, basis, settings, placement, max_tokens, spill, nproc)
             solved = solve_for_checkpoint(statistics, settings, tensors_hash(basis))
@@ -111,7 +115,7 @@ def spilled_basis(experts: dict[str, ExpertDirectory], spill: Path) -> Iterator[
     never holds it whole (an 8B model's shared weights are 4.7 GB) and averages it once for every expert. The
     mapping names its file, so ``--nproc`` workers read this one too rather than a second copy."""
     path = spill / "basis.safetensors"
-    write_basis(lazy_basis(experts), path)
+    write_tensors(lazy_basis(experts), path)
     with file_tensors(path) as basis:
         yield basis
 
