@@ -183,8 +183,48 @@ def test_a_worker_killed_ends_the_merge_with_one_line_and_stops_the_other(expert
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert "Traceback" not in stderr
     assert lines[-1].startswith("dume: error: statistics worker 1 of 2 was killed by SIGKILL"), stderr[-2000:]
+    assert "checkpoints" not in lines[-1]  # dume merge has none to resume from
     assert not Path(f"/proc/{workers[0]}").exists() or "zombie" in Path(f"/proc/{workers[0]}/status").read_text()
     assert not (tmp_path / "merged").exists()
+
+
+def ended(pid: int) -> bool:
+    """Whether the process has exited (a zombie until its parent collects it)."""
+    status = Path(f"/proc/{pid}/status")
+    return not status.exists() or "\nState:\tZ" in status.read_text()
+
+
+def test_the_worker_killed_is_named_rather_than_its_peer_that_failed_in_turn(experts, tmp_path):
+    """Rank 1 is killed by a signal Python has no name for, and rank 0 fails in turn (its collective's connection
+    to rank 1 closed) before the command, stopped meanwhile, looks at either: the line names rank 1 and the signal
+    (no traceback, no rank 0 error), and promises no checkpoints to resume from (dume merge has none)."""
+    expert_args = [arg for name in ("code", "math")
+                   for arg in ("--expert", f"{name}={experts[name].model_dir}:{experts[name].data_path}")]
+    with open(tmp_path / "stderr", "w+") as stderr:  # a file: rank 0 writes to it while the command is stopped
+        command = subprocess.Popen([*DUME, "merge", *expert_args, "--nproc", "2", "--out", str(tmp_path / "merged")],
+                                   env=environment(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=stderr)
+        try:
+            workers = wait_until(lambda: len(found := children_of(command.pid)) == 2 and found, 60, "two workers")
+            wait_until(lambda: "basis.safetensors" in Path(f"/proc/{workers[1]}/maps").read_text(), 120,
+                       "rank 1 past the rendezvous (reading the basis)", every=0.01)
+            os.kill(command.pid, signal.SIGSTOP)
+            os.kill(workers[1], signal.SIGRTMIN + 6)
+            wait_until(lambda: ended(workers[0]), 120, "rank 0 failing in turn")
+            os.kill(command.pid, signal.SIGCONT)
+            command.wait(timeout=120)
+        finally:
+            if command.poll() is None:  # the test failed midway: the command may still be stopped
+                os.kill(command.pid, signal.SIGCONT)
+                command.kill()
+                command.wait()
+        stderr.seek(0)
+        said = stderr.read()
+    assert command.returncode == 2, said[-2000:]
+    lines = [line for line in said.splitlines() if line.strip()]
+    number = int(signal.SIGRTMIN) + 6
+    assert lines[-1] == f"dume: error: statistics worker 1 of 2 was killed by signal {number}: run again", said[-2000:]
+    assert "Traceback" not in lines[-1] and not (tmp_path / "merged").exists()
 
 
 def saved_batches(path: Path) -> int:

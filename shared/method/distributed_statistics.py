@@ -259,9 +259,11 @@ def free_port() -> int:
 def run_workers(job_file: Path, nproc: int) -> None:
     """Starts ``nproc`` workers on ``job_file`` and waits for them; the first to fail stops the rest and raises.
     Rank 0 shares this process's stderr (its progress bar); the others' output goes to files beside the job."""
-    folder, threads = job_file.parent, json.loads(job_file.read_text())["threads"]
+    folder, job = job_file.parent, json.loads(job_file.read_text())
     common = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
-              "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": str(threads), "DUME_PARENT_PID": str(os.getpid())}
+              "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": str(job["threads"]),
+              "DUME_PARENT_PID": str(os.getpid())}
+    resumable = any(run.get("checkpoint_path") for run in job["runs"])
     workers: list[subprocess.Popen] = []
     try:
         for rank in range(nproc):
@@ -271,33 +273,60 @@ def run_workers(job_file: Path, nproc: int) -> None:
                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log))
             if log is not None:
                 log.close()
-        _wait_for(workers, folder)
+        _wait_for(workers, folder, resumable)
     finally:
         _stop(workers)
 
 
-def _wait_for(workers: list[subprocess.Popen], folder: Path) -> None:
+def _wait_for(workers: list[subprocess.Popen], folder: Path, resumable: bool) -> None:
+    """Returns when every worker succeeded; raises at the first failure, naming its cause (``_cause``). A full disk
+    is an OSError (ENOSPC) on the workers' folder, which the command turns into its own one line."""
     while True:
-        codes = [worker.poll() for worker in workers]
-        for rank, code in enumerate(codes):
-            if code == DISK_FULL_EXIT:  # the command turns it into its one line (what to do, where)
+        failed = _failed(workers)
+        if failed:
+            time.sleep(WATCH_SECONDS)  # a worker killed at the same moment as another failed is then seen too
+            failed = _failed(workers)
+            rank = _cause(failed)
+            if failed[rank] == DISK_FULL_EXIT:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
-            if code not in (None, 0):
-                raise DumeError(_failure(rank, len(workers), code, folder))
-        if all(code == 0 for code in codes):
+            raise DumeError(_failure(rank, len(workers), failed[rank], folder, resumable))
+        if all(worker.poll() == 0 for worker in workers):
             return
         time.sleep(WATCH_SECONDS)
 
 
-def _failure(rank: int, world: int, code: int, folder: Path) -> str:
-    """One line for a failed worker: its own error line, or the signal that killed it."""
+def _failed(workers: list[subprocess.Popen]) -> dict[int, int]:
+    """Rank -> exit code of each worker that has ended with an error (negative: killed by that signal)."""
+    codes = {rank: worker.poll() for rank, worker in enumerate(workers)}
+    return {rank: code for rank, code in codes.items() if code not in (None, 0)}
+
+
+def _cause(failed: dict[int, int]) -> int:
+    """The failed worker to name: one killed by a signal, then one whose disk filled, then the lowest rank. When a
+    worker dies its peers fail in turn (the collective's connection to it closed), so the lowest rank may well be
+    a consequence; a signal or a full disk never is."""
+    return min(failed, key=lambda rank: (failed[rank] >= 0, failed[rank] != DISK_FULL_EXIT, rank))
+
+
+def _failure(rank: int, world: int, code: int, folder: Path, resumable: bool) -> str:
+    """One line for a failed worker: its own error line, or the signal that killed it, and running again resumes
+    only where the run has checkpoints (``dume merge`` has none)."""
     if code < 0:
-        name = signal.Signals(-code).name
-        return (f"statistics worker {rank} of {world} was killed by {name} (out of memory? see the kernel log): "
-                f"run again; the statistics resume from the workers' checkpoints")
+        name = signal_name(-code)
+        cause = " (out of memory? see the kernel log)" if -code == signal.SIGKILL else ""
+        resume = "; the statistics resume from the workers' checkpoints" if resumable else ""
+        return f"statistics worker {rank} of {world} was killed by {name}{cause}: run again{resume}"
     error = folder / f"rank{rank}.error"
-    message = error.read_text().strip() if error.is_file() else f"it exited with code {code}"
-    return f"statistics worker {rank} of {world} failed: {message}"
+    message = error.read_text().strip() if error.is_file() else ""
+    return f"statistics worker {rank} of {world} failed: {message or f'it exited with code {code}'}"
+
+
+def signal_name(number: int) -> str:
+    """SIGKILL for 9; ``signal 40`` for a number Python has no name for (a real-time signal)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _stop(workers: list[subprocess.Popen]) -> None:
