@@ -7,12 +7,12 @@ import sqlite3
 from typing import Literal
 
 from dume.shared.errors import DumeError
+from dume.shared.files import FULL
 
 # "stale": the upload was overtaken (its expert's weights moved, or its dataset was taken out): the node does not
 # send it again, it acts on what the federation now says.
 RefusalKind = Literal["unauthenticated", "permission", "invalid", "precondition", "not_found", "exhausted",
                       "unavailable", "stale"]
-FULL = {errno.ENOSPC, errno.EDQUOT}
 MESSAGE_CHARACTERS = 2000  # a refusal's message travels in a gRPC trailer (metadata is capped at 8-16 KiB)
 NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from dume.node.lifecycle import StopRequested, stop_on_signals
 from dume.node.status import describe_status, node_status
-from dume.node.workdir import Workdir, disk_full_is_one_line
+from dume.node.workdir import NODE_DISK_FULL, Workdir
 from dume.shared.commandline import (
     add_json,
     add_nproc,
@@ -30,6 +30,7 @@ from dume.shared.commandline import (
 )
 from dume.shared.config import add_config_command, join_token
 from dume.shared.errors import DumeError
+from dume.shared.files import disk_full_is_one_line
 from dume.shared.logs import add_log_format, configure_logging
 from dume.shared.method.settings import TRAINABLE, TrainSettings, check_unique_datasets, parse_dataset
 from dume.shared.method.statistics_checkpoint import DEFAULT_EVERY_SECONDS
@@ -74,7 +75,7 @@ def _join(args: argparse.Namespace) -> None:
         check_documents(path)
     chosen = placement(args)
     check_workers(args, chosen, "dume-node join")
-    with disk_full_is_one_line(args.workdir):
+    with disk_full_is_one_line(args.workdir, NODE_DISK_FULL):
         _contribute(args, workdir, datasets, chosen)
 
 
@@ -155,7 +156,7 @@ def run_fetch(args: argparse.Namespace) -> None:
     workdir = Workdir(args.workdir)
     stub = rpc.FederationStub(workdir.channel())
     retry = Reconnect(workdir.state()["coordinator"], args.deadline)
-    with disk_full_is_one_line(args.out):
+    with disk_full_is_one_line(args.out, NODE_DISK_FULL):
         version, count, total = fetch_version(stub, args.version, workdir.blobs(), args.out, workdir.own_blob,
                                               retry, args.stall_timeout)
     report(args, {"version": version.version, "exact": version.exact, "out": str(args.out),
@@ -208,7 +209,7 @@ def _update(args: argparse.Namespace) -> None:
         raise DumeError(f"{args.model} cannot replace the expert: {error}") from None
     chosen = placement(args)
     check_workers(args, chosen, "dume-node update")
-    with disk_full_is_one_line(args.workdir):
+    with disk_full_is_one_line(args.workdir, NODE_DISK_FULL):
         agent = Agent(workdir, placement=chosen, max_tokens=args.max_tokens, give_up_after=args.deadline,
                       nproc=args.nproc, checkpoint_every=args.checkpoint_every)
         agent.contribute_model(args.model)

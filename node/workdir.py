@@ -12,10 +12,7 @@
 
 from __future__ import annotations
 
-import errno
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,18 +26,10 @@ from dume.shared.transport.blobs import BlobStore
 from dume.shared.transport.channels import mutual_tls_channel
 from dume.shared.trust import pki
 
-
-@contextmanager
-def disk_full_is_one_line(where: Path) -> Iterator[None]:
-    """A full disk while the node writes (its working directory, a fetched version) becomes the one line a person
-    acts on instead of a traceback; everything the node writes is atomic or resumable, so running again goes on."""
-    try:
-        yield
-    except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise DumeError(f"the disk is full (writing {error.filename or where}): free space there, or use a "
-                        "--workdir on another disk, and run the command again; it resumes where it stopped") from None
+# What a node does about a full disk (``disk_full_is_one_line``): everything it writes (its working directory, a
+# fetched version) is atomic or resumable, so running again goes on.
+NODE_DISK_FULL = ("free space there, or use a --workdir on another disk, and run the command again; it resumes where "
+                  "it stopped")
 
 
 def upgraded(state: dict[str, Any]) -> dict[str, Any]:

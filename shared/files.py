@@ -93,6 +93,21 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
             handle.write(data)
 
 
+FULL = frozenset({errno.ENOSPC, errno.EDQUOT})  # a full disk, or the user's quota on it
+
+
+@contextmanager
+def disk_full_is_one_line(where: Path, remedy: str) -> Iterator[None]:
+    """A full disk while a command writes (its output, its working directory) becomes the one line a person acts on
+    instead of a traceback: where it was writing (the file, else ``where``) and ``remedy``, what to do about it."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in FULL:
+            raise
+        raise DumeError(f"the disk is full (writing {error.filename or where}): {remedy}") from None
+
+
 def check_free(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise DumeError(f"output {out_dir} already exists: remove it or choose another --out")

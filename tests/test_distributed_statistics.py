@@ -7,18 +7,21 @@ federation; a worker that dies ends the command with one line.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import threading
+from collections import Counter
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dume.shared.errors import DumeError
 from dume.shared.lab.harness import (
@@ -30,26 +33,39 @@ from dume.shared.lab.harness import (
     wait_until,
 )
 from dume.shared.lab.tiny import synthetic_documents
-from dume.shared.method.averaging import compute_basis
+from dume.shared.method.averaging import compute_basis, lazy_basis
 from dume.shared.method.data import DocumentStream, load_tokenizer, pack_documents
 from dume.shared.method.distributed_statistics import StatisticsTask, packed_statistics, packed_statistics_of
 from dume.shared.method.expert import ExpertDirectory, load_decoder
 from dume.shared.method.families import detect_family
-from dume.shared.method.merge import merge
+from dume.shared.method.merge import merge, spilled_basis
 from dume.shared.method.ridge import solve_routers
 from dume.shared.method.settings import MergeSettings
+from dume.shared.method.shard_layout import write_tensors
 from dume.shared.method.statistics import from_upper_triangle, layer_name, token_count
 from dume.shared.method.statistics_checkpoint import StatisticsCheckpoint
+from dume.shared.transport.blobs import BlobStore
+from dume.shared.transport.wire import stored_tensors, tensor_bytes, tensor_entry
 
 SEQUENCE = 64
-# `dume merge`'s library call as each rank of `torchrun --nproc-per-node 2` runs it (the CLI takes two experts).
+# `dume merge`'s library call as each rank of `torchrun --nproc-per-node 2` runs it (the CLI takes two experts),
+# counting how many averaged basis tensors the rank held at once (each is tracked until it is freed).
 TORCHRUN_MERGE = """
-import sys
+import os, sys, weakref
 from pathlib import Path
+from dume.shared.method import averaging
 from dume.shared.method.merge import merge
 from dume.shared.method.settings import ExpertSpec, MergeSettings
 model, data, out, sequence = sys.argv[1:]
+alive, most = weakref.WeakSet(), [0]
+def tracked_mean(experts, name, mean=averaging.canonical_mean):
+    tensor = mean(experts, name)
+    alive.add(tensor)
+    most[0] = max(most[0], len(alive))
+    return tensor
+averaging.canonical_mean = tracked_mean
 merge([ExpertSpec("code", Path(model), Path(data))], Path(out), MergeSettings(sequence_length=int(sequence)))
+print(f"rank {os.environ['RANK']} held at most {most[0]} averaged basis tensors")
 """
 DUME = [sys.executable, "-c", "import sys; from dume.shared.cli import main; sys.exit(main())"]  # `dume`
 
@@ -90,7 +106,7 @@ def test_a_member_with_two_gloo_workers_matches_one_process_and_merge_with_two_w
     """One federation member joins with ``--nproc 2``: its uploaded statistics equal one process's within float64
     rounding (token counts exactly), the routers solved from them route held-out tokens as one process's do, and
     the exact version is byte-identical to ``dume merge --nproc 2`` and to ``dume merge`` under ``torchrun
-    --nproc-per-node 2`` (three independent N=2 runs, the same bytes).
+    --nproc-per-node 2`` (three independent N=2 runs, the same bytes), where no rank holds the whole basis.
     One member keeps it short: its statistics are computed once (a second member would move the basis)."""
     fed = Federation(tmp_path / "federation", threads=FEDERATION_THREADS)
     try:
@@ -115,6 +131,8 @@ def test_a_member_with_two_gloo_workers_matches_one_process_and_merge_with_two_w
                            env=environment(FEDERATION_THREADS), capture_output=True, text=True, timeout=300)
     assert ranks.returncode == 0, ranks.stderr[-3000:]
     assert not differing_files(merged, tmp_path / "torchrun")
+    for rank in (0, 1):  # neither rank holds the whole basis: rank 0 spills it, rank 1 averages as its model loads
+        assert f"rank {rank} held at most 1 averaged basis tensors" in ranks.stdout, ranks.stdout
 
     # The node's statistics (reduced from its two workers) against one process's, under the same basis.
     [uploaded] = (fed.workdir("code") / "statistics").glob("*.safetensors")
@@ -165,8 +183,48 @@ def test_a_worker_killed_ends_the_merge_with_one_line_and_stops_the_other(expert
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert "Traceback" not in stderr
     assert lines[-1].startswith("dume: error: statistics worker 1 of 2 was killed by SIGKILL"), stderr[-2000:]
+    assert "checkpoints" not in lines[-1]  # dume merge has none to resume from
     assert not Path(f"/proc/{workers[0]}").exists() or "zombie" in Path(f"/proc/{workers[0]}/status").read_text()
     assert not (tmp_path / "merged").exists()
+
+
+def ended(pid: int) -> bool:
+    """Whether the process has exited (a zombie until its parent collects it)."""
+    status = Path(f"/proc/{pid}/status")
+    return not status.exists() or "\nState:\tZ" in status.read_text()
+
+
+def test_the_worker_killed_is_named_rather_than_its_peer_that_failed_in_turn(experts, tmp_path):
+    """Rank 1 is killed by a signal Python has no name for, and rank 0 fails in turn (its collective's connection
+    to rank 1 closed) before the command, stopped meanwhile, looks at either: the line names rank 1 and the signal
+    (no traceback, no rank 0 error), and promises no checkpoints to resume from (dume merge has none)."""
+    expert_args = [arg for name in ("code", "math")
+                   for arg in ("--expert", f"{name}={experts[name].model_dir}:{experts[name].data_path}")]
+    with open(tmp_path / "stderr", "w+") as stderr:  # a file: rank 0 writes to it while the command is stopped
+        command = subprocess.Popen([*DUME, "merge", *expert_args, "--nproc", "2", "--out", str(tmp_path / "merged")],
+                                   env=environment(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=stderr)
+        try:
+            workers = wait_until(lambda: len(found := children_of(command.pid)) == 2 and found, 60, "two workers")
+            wait_until(lambda: "basis.safetensors" in Path(f"/proc/{workers[1]}/maps").read_text(), 120,
+                       "rank 1 past the rendezvous (reading the basis)", every=0.01)
+            os.kill(command.pid, signal.SIGSTOP)
+            os.kill(workers[1], signal.SIGRTMIN + 6)
+            wait_until(lambda: ended(workers[0]), 120, "rank 0 failing in turn")
+            os.kill(command.pid, signal.SIGCONT)
+            command.wait(timeout=120)
+        finally:
+            if command.poll() is None:  # the test failed midway: the command may still be stopped
+                os.kill(command.pid, signal.SIGCONT)
+                command.kill()
+                command.wait()
+        stderr.seek(0)
+        said = stderr.read()
+    assert command.returncode == 2, said[-2000:]
+    lines = [line for line in said.splitlines() if line.strip()]
+    number = int(signal.SIGRTMIN) + 6
+    assert lines[-1] == f"dume: error: statistics worker 1 of 2 was killed by signal {number}: run again", said[-2000:]
+    assert "Traceback" not in lines[-1] and not (tmp_path / "merged").exists()
 
 
 def saved_batches(path: Path) -> int:
@@ -234,3 +292,60 @@ def test_a_worker_error_comes_back_as_one_line_naming_the_worker(experts, tmp_pa
     assert re.match(f"statistics worker [01] of 2 failed: {re.escape(str(binary))} line 1 holds a NUL byte",
                     str(error.value))  # both fail alike: whichever the command saw first
     assert "\n" not in str(error.value)
+
+
+class CountedExpert(ExpertDirectory):
+    """A real expert directory that counts each tensor's reads (averaging reads every member's rows)."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        super().__init__(path, name)
+        self.reads: Counter[str] = Counter()
+
+    def tensor_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        self.reads[name] += 1
+        return super().tensor_rows(name, start, stop)
+
+
+class CountedBlobs(BlobStore):
+    """A real blob store that counts the blobs it reads."""
+
+    reads = 0
+
+    def read_range_into(self, sha256: str, start: int, buffer: memoryview) -> None:
+        self.reads += 1
+        super().read_range_into(sha256, start, buffer)
+
+
+def test_the_basis_file_reads_each_tensor_once_averaged_or_from_its_blob(experts, tmp_path):
+    """``write_tensors`` (dume merge's spilled basis; a node's workers' copy of its blobs) takes its header from the
+    tensors' shapes and dtypes, not their data: each shared tensor is averaged once (one read of each member's
+    rows, the tiny tensors being one block), each blob read once, and the file holds safetensors' bytes."""
+    counted = {name: CountedExpert(spec.model_dir, name) for name, spec in experts.items()}
+    basis = compute_basis({name: ExpertDirectory(spec.model_dir, name) for name, spec in experts.items()})
+    save_file(basis, str(tmp_path / "expected.safetensors"))
+    write_tensors(lazy_basis(counted), tmp_path / "averaged.safetensors")
+    for expert in counted.values():
+        assert expert.reads == Counter(expert.shared_names), expert.name
+    blobs = CountedBlobs(tmp_path / "blobs")
+    entries = [tensor_entry(name, tensor, blobs.put_bytes(tensor_bytes(tensor))) for name, tensor in basis.items()]
+    write_tensors(stored_tensors(entries, blobs), tmp_path / "stored.safetensors")
+    assert blobs.reads == len(entries)
+    expected = (tmp_path / "expected.safetensors").read_bytes()
+    assert (tmp_path / "averaged.safetensors").read_bytes() == expected
+    assert (tmp_path / "stored.safetensors").read_bytes() == expected
+
+
+def test_merge_workers_read_the_spilled_basis_rather_than_a_copy(experts, tmp_path):
+    """``dume merge --nproc 2`` spills the basis once: its workers are given that file to read, and their folder
+    (job, results) holds no second copy of it."""
+    expert = ExpertDirectory(experts["code"].model_dir, "code")
+    data = DocumentStream(experts["code"].data_path, load_tokenizer(expert.path), SEQUENCE)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    with spilled_basis({"code": expert}, spill) as basis, \
+            closing(packed_statistics_of([StatisticsTask(expert, data)], basis, 4, nproc=2, scratch=spill)) as results:
+        packed = next(results)  # the workers' folder stays until the generator is closed
+        [folder] = spill.glob("dume-statistics-*")
+        assert json.loads((folder / "job.json").read_text())["basis_file"] == str(spill / "basis.safetensors")
+        assert sorted(path.name for path in folder.iterdir()) == ["job.json", "rank1.log", "result-0.safetensors"]
+    assert token_count(packed) > 0

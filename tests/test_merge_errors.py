@@ -7,17 +7,21 @@ experts, with one input broken in a copy under ``tmp_path``; the fixture's own d
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from dume.shared.lab.tiny import build_tiny_model
-from dume.shared.method.merge import ExpertSpec
+from dume.shared.method.averaging import lazy_basis
+from dume.shared.method.merge import ExpertSpec, open_experts
+from dume.shared.method.shard_layout import write_tensors
 
 DUME = [sys.executable, "-c", "import sys; from dume.shared.cli import main; sys.exit(main())"]
 
@@ -276,3 +280,37 @@ def test_output_below_a_file_is_refused(experts, tmp_path):
     blocker.write_text("")
     result = run_merge(blocker / "merged", *spec_args(experts["code"], experts["math"]))
     assert_one_error_line(result, str(blocker))
+
+
+# --- a disk that fills up during the merge ---------------------------------------------------------------------
+
+
+@contextmanager
+def small_disk(mount: Path, pages: int) -> Iterator[Path]:
+    """A real filesystem (tmpfs) of ``pages`` memory pages at ``mount``, where this test may mount one."""
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={pages * mmap.PAGESIZE}", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("fills_at", ["basis", "statistics", "checkpoint", "workers"])
+def test_a_full_disk_beside_the_output_is_one_line_and_leaves_nothing(experts, tmp_path, fills_at: str):
+    """The disk beside --out fills while the merge spills the basis there, spills the statistics after it (two
+    pages each per dataset at this size), writes the checkpoint (larger than both), or, with --nproc 2, while
+    rank 0 writes its first result beside the workers' job: one line naming the folder and what to do, no
+    traceback, and nothing left on the disk."""
+    specs = [experts[name] for name in sorted(experts)]
+    write_tensors(lazy_basis(open_experts(specs)), tmp_path / "basis.safetensors")
+    basis = -(-(tmp_path / "basis.safetensors").stat().st_size // mmap.PAGESIZE)
+    pages = {"basis": basis - 4, "statistics": basis + 2, "checkpoint": 2 * basis, "workers": basis + 1}[fills_at]
+    workers = ["--nproc", "2"] if fills_at == "workers" else []
+    with small_disk(tmp_path / "small-disk", pages) as disk:
+        result = run_merge(disk / "merged", *spec_args(*specs), *workers)
+        assert_one_error_line(result, f"the disk is full (writing {disk}", "choose an --out on a disk with room")
+        assert ("dume-statistics-" in result.stderr) == (fills_at == "workers")  # the workers' folder, if theirs
+        assert not list(disk.iterdir())

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from dume.coordinator.errors import Refused
 from dume.node.agent import model_upload
+from dume.shared.method.shard_layout import SHARD_METADATA
 from dume.shared.method.writer import save_shard
 from dume.shared.transport.blobs import BlobStore, read_range
 from dume.shared.transport.download import write_shard_from_blobs
@@ -37,9 +38,11 @@ def test_a_shard_assembled_from_blobs_is_the_file_safetensors_writes(tmp_path):
     for name, tensor in tensors.items():
         blobs.put_bytes(tensor_bytes(tensor))
         entries.append(tensor_entry(name, tensor))
-    save_shard(tmp_path / "saved.safetensors", tensors)
+    save_file(tensors, str(tmp_path / "saved.safetensors"), metadata=SHARD_METADATA)  # the library's own bytes
+    save_shard(tmp_path / "shard.safetensors", tensors)  # a merge's shards, written a tensor at a time
     write_shard_from_blobs(tmp_path / "assembled.safetensors", tensors_pb2.TensorManifest(tensors=entries), blobs)
     assert (tmp_path / "assembled.safetensors").read_bytes() == (tmp_path / "saved.safetensors").read_bytes()
+    assert (tmp_path / "shard.safetensors").read_bytes() == (tmp_path / "saved.safetensors").read_bytes()
 
 
 def test_a_partial_blob_spoiled_on_disk_is_discarded_on_completion_and_sent_again(coordinator, expert_factory):

@@ -59,7 +59,8 @@ def compute_basis(experts: Mapping[str, DenseWeights]) -> dict[str, torch.Tensor
 def lazy_basis(experts: Mapping[str, DenseWeights]) -> LazyTensors:
     """The basis as a mapping that averages each shared parameter when it is read, so a caller that stores the
     tensors one by one never holds the whole basis (the shared weights of an 8B model are about 4.7 GB)."""
-    return LazyTensors(experts[min(experts)].shared_names, lambda name: canonical_mean(experts, name))
+    first = experts[min(experts)]  # the member whose dtype the mean takes (``canonical_mean``)
+    return LazyTensors(first.shared_names, lambda name: canonical_mean(experts, name), describe=first.tensor_shape)
 
 
 def tensors_hash(tensors: Mapping[str, torch.Tensor]) -> str:

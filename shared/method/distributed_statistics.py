@@ -22,6 +22,7 @@ same N; the checkpoints are removed only once the reduced result is written.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -40,12 +41,12 @@ from pathlib import Path
 import torch
 
 from dume.shared.errors import DumeError
-from dume.shared.files import atomic_path
+from dume.shared.files import FULL, atomic_path
 from dume.shared.method.data import DocumentStream, load_tokenizer
 from dume.shared.method.expert import ExpertDirectory
-from dume.shared.method.lazy_tensors import LazyTensors
+from dume.shared.method.lazy_tensors import LazyTensors, file_tensors
 from dume.shared.method.placement import CPU, Placement
-from dume.shared.method.shard_layout import ShardTensor, shard_header, shard_order
+from dume.shared.method.shard_layout import write_tensors
 from dume.shared.method.statistics import (
     Shard,
     layer_name,
@@ -61,8 +62,8 @@ from dume.shared.method.statistics_checkpoint import StatisticsCheckpoint
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 WATCH_SECONDS = 0.2  # how often the command looks at its workers
 STOP_SECONDS = 10.0  # how long a stopped worker gets before SIGKILL
-SCRATCH_PREFIX = "dume-statistics-"  # the workers' folder (basis, job, results), removed after each run
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+DISK_FULL_EXIT = 28  # a worker's exit code for a full disk (ENOSPC's number): no error file can be written then
+SCRATCH_PREFIX = "dume-statistics-"  # the workers' folder (job, results, basis copy), removed after each run
 
 
 @dataclass(frozen=True)
@@ -167,9 +168,10 @@ def packed_statistics_of(tasks: Sequence[StatisticsTask], basis: Mapping[str, to
                          scratch: Path | None = None) -> Iterator[torch.Tensor | None]:
     """Each task's packed statistics under ``basis``, in order: in this process when ``nproc`` is 1 (each computed
     as it is asked for), else by ``nproc`` workers started once for all of them (each read back from rank 0's file
-    as it is asked for). The workers' basis file and results go under ``scratch`` (default: the system's temporary
-    folder). In a process torchrun started, this rank takes its share and the statistics are reduced to rank 0:
-    there they are given, and None on the other ranks."""
+    as it is asked for). The workers read a basis that is one safetensors file already (``LazyTensors.file``:
+    ``dume merge``'s spilled basis) from that file, any other from a copy written under ``scratch`` (default: the
+    system's temporary folder), where their results go too. In a process torchrun started, this rank takes its
+    share and the statistics are reduced to rank 0: there they are given, and None on the other ranks."""
     if launched_by_torchrun():
         check_processes(nproc, placement)
         yield from _statistics_as_torchrun_rank(tasks, basis, batch_size, placement)
@@ -183,12 +185,15 @@ def packed_statistics_of(tasks: Sequence[StatisticsTask], basis: Mapping[str, to
         scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=scratch) as folder:
         folder = Path(folder)
-        write_basis(basis, folder / "basis.safetensors")
+        basis_file = basis.file if isinstance(basis, LazyTensors) else None
+        if basis_file is None:
+            basis_file = folder / "basis.safetensors"
+            write_tensors(basis, basis_file)
         runs = [WorkerRun(str(task.expert.path), task.expert.name, str(task.data.path), task.data.sequence_length,
                           task.data.max_tokens, str(folder / f"result-{index}.safetensors"),
                           **_checkpoint_fields(task.checkpoint))
                 for index, task in enumerate(tasks)]
-        job = WorkerJob(str(folder / "basis.safetensors"), batch_size, placement.device, placement.dtype,
+        job = WorkerJob(str(basis_file), batch_size, placement.device, placement.dtype,
                         max(1, torch.get_num_threads() // nproc), runs)
         (folder / "job.json").write_text(json.dumps(asdict(job)))
         run_workers(folder / "job.json", nproc)
@@ -237,23 +242,6 @@ def _checkpoint_fields(checkpoint: StatisticsCheckpoint | None) -> dict[str, obj
             "checkpoint_every_batches": checkpoint.every_batches}
 
 
-def write_basis(basis: Mapping[str, torch.Tensor], path: Path) -> None:
-    """The basis as a safetensors file, a tensor at a time (a lazy basis is never whole in memory)."""
-    names = sorted(basis)
-    layout = []
-    for name in names:
-        tensor = basis[name]
-        layout.append(ShardTensor(name, SAFETENSORS_DTYPES[tensor.dtype], tuple(tensor.shape),
-                                  tensor.numel() * tensor.element_size()))
-        del tensor
-    with open(path, "wb") as handle:
-        handle.write(shard_header(layout))
-        for entry in shard_order(layout):
-            tensor = basis[entry.name].contiguous()
-            handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-            del tensor
-
-
 def read_result(path: Path) -> torch.Tensor:
     from safetensors.torch import load_file
 
@@ -271,9 +259,11 @@ def free_port() -> int:
 def run_workers(job_file: Path, nproc: int) -> None:
     """Starts ``nproc`` workers on ``job_file`` and waits for them; the first to fail stops the rest and raises.
     Rank 0 shares this process's stderr (its progress bar); the others' output goes to files beside the job."""
-    folder, threads = job_file.parent, json.loads(job_file.read_text())["threads"]
+    folder, job = job_file.parent, json.loads(job_file.read_text())
     common = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
-              "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": str(threads), "DUME_PARENT_PID": str(os.getpid())}
+              "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": str(job["threads"]),
+              "DUME_PARENT_PID": str(os.getpid())}
+    resumable = any(run.get("checkpoint_path") for run in job["runs"])
     workers: list[subprocess.Popen] = []
     try:
         for rank in range(nproc):
@@ -283,31 +273,60 @@ def run_workers(job_file: Path, nproc: int) -> None:
                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log))
             if log is not None:
                 log.close()
-        _wait_for(workers, folder)
+        _wait_for(workers, folder, resumable)
     finally:
         _stop(workers)
 
 
-def _wait_for(workers: list[subprocess.Popen], folder: Path) -> None:
+def _wait_for(workers: list[subprocess.Popen], folder: Path, resumable: bool) -> None:
+    """Returns when every worker succeeded; raises at the first failure, naming its cause (``_cause``). A full disk
+    is an OSError (ENOSPC) on the workers' folder, which the command turns into its own one line."""
     while True:
-        codes = [worker.poll() for worker in workers]
-        for rank, code in enumerate(codes):
-            if code not in (None, 0):
-                raise DumeError(_failure(rank, len(workers), code, folder))
-        if all(code == 0 for code in codes):
+        failed = _failed(workers)
+        if failed:
+            time.sleep(WATCH_SECONDS)  # a worker killed at the same moment as another failed is then seen too
+            failed = _failed(workers)
+            rank = _cause(failed)
+            if failed[rank] == DISK_FULL_EXIT:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+            raise DumeError(_failure(rank, len(workers), failed[rank], folder, resumable))
+        if all(worker.poll() == 0 for worker in workers):
             return
         time.sleep(WATCH_SECONDS)
 
 
-def _failure(rank: int, world: int, code: int, folder: Path) -> str:
-    """One line for a failed worker: its own error line, or the signal that killed it."""
+def _failed(workers: list[subprocess.Popen]) -> dict[int, int]:
+    """Rank -> exit code of each worker that has ended with an error (negative: killed by that signal)."""
+    codes = {rank: worker.poll() for rank, worker in enumerate(workers)}
+    return {rank: code for rank, code in codes.items() if code not in (None, 0)}
+
+
+def _cause(failed: dict[int, int]) -> int:
+    """The failed worker to name: one killed by a signal, then one whose disk filled, then the lowest rank. When a
+    worker dies its peers fail in turn (the collective's connection to it closed), so the lowest rank may well be
+    a consequence; a signal or a full disk never is."""
+    return min(failed, key=lambda rank: (failed[rank] >= 0, failed[rank] != DISK_FULL_EXIT, rank))
+
+
+def _failure(rank: int, world: int, code: int, folder: Path, resumable: bool) -> str:
+    """One line for a failed worker: its own error line, or the signal that killed it, and running again resumes
+    only where the run has checkpoints (``dume merge`` has none)."""
     if code < 0:
-        name = signal.Signals(-code).name
-        return (f"statistics worker {rank} of {world} was killed by {name} (out of memory? see the kernel log): "
-                f"run again; the statistics resume from the workers' checkpoints")
+        name = signal_name(-code)
+        cause = " (out of memory? see the kernel log)" if -code == signal.SIGKILL else ""
+        resume = "; the statistics resume from the workers' checkpoints" if resumable else ""
+        return f"statistics worker {rank} of {world} was killed by {name}{cause}: run again{resume}"
     error = folder / f"rank{rank}.error"
-    message = error.read_text().strip() if error.is_file() else f"it exited with code {code}"
-    return f"statistics worker {rank} of {world} failed: {message}"
+    message = error.read_text().strip() if error.is_file() else ""
+    return f"statistics worker {rank} of {world} failed: {message or f'it exited with code {code}'}"
+
+
+def signal_name(number: int) -> str:
+    """SIGKILL for 9; ``signal 40`` for a number Python has no name for (a real-time signal)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _stop(workers: list[subprocess.Popen]) -> None:
@@ -371,15 +390,12 @@ def reduce_to_rank_zero(packed: torch.Tensor, device: torch.device) -> torch.Ten
 def run_worker(job: WorkerJob, shard: Shard, local_rank: int) -> None:
     """One rank: its share of each run's statistics, then the run's reduction; rank 0 writes each result."""
     import torch.distributed as dist
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     torch.set_num_threads(job.threads)
     placement = rank_placement(Placement(job.device, job.dtype), local_rank)
     init_process_group(placement)
     try:
-        with safe_open(job.basis_file, framework="pt") as handle:
-            basis = LazyTensors(handle.keys(), handle.get_tensor)
+        with file_tensors(Path(job.basis_file)) as basis:
             for run in job.runs:
                 expert = ExpertDirectory(Path(run.expert_dir), run.expert_name)
                 data = DocumentStream(Path(run.data_path), load_tokenizer(expert.path), run.sequence_length,
@@ -389,7 +405,7 @@ def run_worker(job: WorkerJob, shard: Shard, local_rank: int) -> None:
                 total = reduce_to_rank_zero(packed, placement.torch_device())
                 if total is not None:
                     with atomic_path(Path(run.result_file)) as partial:
-                        save_file(statistics_tensors(total), str(partial))
+                        write_tensors(statistics_tensors(total), partial)  # a full disk: an OSError (ENOSPC)
                 del packed, total
     finally:
         dist.destroy_process_group()
@@ -420,7 +436,8 @@ def _stop_on_sigterm(_signum: int, _frame: object) -> None:
 
 def main(argv: list[str]) -> int:
     """The worker's entry point: ``python -m dume.shared.method.distributed_statistics JOB``. An error becomes one
-    line in ``rank<r>.error`` beside the job, for the command to report."""
+    line in ``rank<r>.error`` beside the job, for the command to report; a full disk, where that file could not be
+    written either, becomes the exit code ``DISK_FULL_EXIT``."""
     job_file = Path(argv[0])
     shard, local_rank = shard_from_environment()
     if "DUME_PARENT_PID" in os.environ:
@@ -431,6 +448,8 @@ def main(argv: list[str]) -> int:
     except _Stopped:  # the command stops this worker: another failed, or the command itself was stopped
         return 128 + signal.SIGTERM
     except BaseException as error:  # one line for the command; it stops the other workers
+        if isinstance(error, OSError) and error.errno in FULL:
+            return DISK_FULL_EXIT
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         text = message if isinstance(error, DumeError) else f"{type(error).__name__}: {message}".rstrip(": ")
         (job_file.parent / f"rank{shard.rank}.error").write_text(text + "\n")

@@ -21,28 +21,30 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from dume.shared.errors import DumeError
-from dume.shared.files import check_free, staged_directory
-from dume.shared.method.averaging import compute_basis, lazy_basis, tensors_hash
+from dume.shared.files import check_free, disk_full_is_one_line, staged_directory
+from dume.shared.method.averaging import lazy_basis, tensors_hash
 from dume.shared.method.data import DocumentStream, check_documents, load_tokenizer
 from dume.shared.method.distributed_statistics import (
     StatisticsTask,
     check_processes,
     packed_statistics_of,
-    write_basis,
     writes_output,
 )
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.families import check_same_architecture
-from dume.shared.method.lazy_tensors import LazyTensors
+from dume.shared.method.lazy_tensors import LazyTensors, file_tensors
 from dume.shared.method.placement import CPU, Placement
 from dume.shared.method.routers import ExpertStatistics, packed_contribution, solve_for_checkpoint, sum_contributions
 from dume.shared.method.settings import ExpertSpec, MergeSettings, check_name
+from dume.shared.method.shard_layout import write_tensors
 from dume.shared.method.statistics import check_enough_tokens
 from dume.shared.method.statistics_spill import spill_contribution
 from dume.shared.method.writer import write_moe_checkpoint
+
+# What to do about a full disk beside --out, where the merge writes its spill (basis, statistics) and its output.
+MERGE_DISK_FULL = "free space there, or choose an --out on a disk with room, and run the merge again"
 
 
 def check_member_name(name: str) -> str:
@@ -76,7 +78,8 @@ def merge(specs: Sequence[ExpertSpec], out_dir: str | Path, settings: MergeSetti
     """Build the DUME checkpoint for ``specs`` into ``out_dir`` (which must not exist or be empty); the statistics'
     forward passes run where ``placement`` says, over at most ``max_tokens`` of each expert's data, in ``nproc``
     worker processes (see ``distributed_statistics``: the bytes depend on ``nproc``). Started by torchrun, every
-    rank runs this and collects its share of the statistics; only rank 0 writes ``out_dir``."""
+    rank runs this and collects its share of the statistics; only rank 0 writes ``out_dir``. A full disk beside
+    ``out_dir`` (the spill, the output) is one DumeError naming the folder, with nothing left there."""
     specs, out_dir = list(specs), Path(out_dir)
     if not specs:
         raise DumeError("no experts given: pass --expert NAME=MODEL_DIR:DATA[,DATA...] at least once")
@@ -85,11 +88,13 @@ def merge(specs: Sequence[ExpertSpec], out_dir: str | Path, settings: MergeSetti
     check_processes(nproc, placement)
     if not writes_output():  # a torchrun rank other than 0: its share of the statistics, then rank 0 writes
         experts = open_experts(specs)
-        member_statistics(specs, experts, compute_basis(experts), settings, placement, max_tokens)
+        # Averaged a tensor at a time as each model loads it (the bytes of rank 0's spilled basis): no copy on this
+        # host's disk, never whole in memory; averaged again for each dataset, a small cost beside its forward.
+        member_statistics(specs, experts, lazy_basis(experts), settings, placement, max_tokens)
         return out_dir
     check_free(out_dir)
     experts = open_experts(specs)
-    with staged_directory(out_dir) as staging:
+    with disk_full_is_one_line(out_dir.parent, MERGE_DISK_FULL), staged_directory(out_dir) as staging:
         with spill_directory(out_dir) as spill, spilled_basis(experts, spill) as basis:
             statistics = member_statistics(specs, experts, basis, settings, placement, max_tokens, spill, nproc)
             solved = solve_for_checkpoint(statistics, settings, tensors_hash(basis))
@@ -107,11 +112,12 @@ def spill_directory(out_dir: Path) -> Iterator[Path]:
 @contextmanager
 def spilled_basis(experts: dict[str, ExpertDirectory], spill: Path) -> Iterator[LazyTensors]:
     """The basis averaged into the spill folder a tensor at a time, then read from there a tensor at a time: merge
-    never holds it whole (an 8B model's shared weights are 4.7 GB) and averages it once for every expert."""
+    never holds it whole (an 8B model's shared weights are 4.7 GB) and averages it once for every expert. The
+    mapping names its file, so ``--nproc`` workers read this one too rather than a second copy."""
     path = spill / "basis.safetensors"
-    write_basis(lazy_basis(experts), path)
-    with safe_open(path, framework="pt") as handle:
-        yield LazyTensors(handle.keys(), handle.get_tensor)
+    write_tensors(lazy_basis(experts), path)
+    with file_tensors(path) as basis:
+        yield basis
 
 
 def member_statistics(specs: list[ExpertSpec], experts: dict[str, ExpertDirectory], basis: Mapping[str, torch.Tensor],

@@ -20,8 +20,9 @@ def spill_contribution(directory: Path, node: str, dataset: str, packed: torch.T
     and returns the contribution that reads it back, one layer per read."""
     folder = directory / f"{len(list(directory.iterdir())):05d}"
     folder.mkdir()
-    for layer in range(len(packed)):
-        packed[layer].numpy().tofile(folder / f"{layer}.f64")
+    for layer in range(len(packed)):  # Python's file I/O: a full disk is an OSError (ENOSPC), numpy's has no errno
+        with open(folder / f"{layer}.f64", "wb") as file:
+            file.write(memoryview(packed[layer].contiguous().numpy()).cast("B"))
 
     def read_layer_into(layer: int, out: torch.Tensor) -> None:
         with open(folder / f"{layer}.f64", "rb", buffering=0) as file:

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import save_file
 
 from dume.shared.method.averaging import canonical_mean
 from dume.shared.method.expert import DenseWeights
 from dume.shared.method.ridge import LayerRouter
 from dume.shared.method.serving_fields import portable_tokenizer_config
-from dume.shared.method.shard_layout import SHARD_METADATA
+from dume.shared.method.shard_layout import SHARD_METADATA, write_tensors
 from dume.shared.progress import progress
 
 TOKENIZER_FILES = (
@@ -68,8 +67,8 @@ class DirectorySink:
 
 
 def save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """One safetensors shard; the same tensors always give the same bytes (safetensors orders them itself)."""
-    save_file(tensors, str(path), metadata=SHARD_METADATA)
+    """One safetensors shard; the same tensors always give the same bytes (``save_file``'s)."""
+    write_tensors(tensors, path, SHARD_METADATA)
 
 
 def _layer_of(name: str) -> int | None:

@@ -59,7 +59,8 @@ def tensor_entry(name: str, tensor: torch.Tensor, sha256: str | None = None) -> 
 
 def stored_tensors(entries: Iterable[tensors_pb2.TensorEntry], store: BlobStore) -> LazyTensors:
     """The tensors of ``entries`` as a mapping that reads each from its blob only when used (a basis is never
-    whole in memory), and straight into a tensor of the same dtype and shape where asked (``read_into``)."""
+    whole in memory), and straight into a tensor of the same dtype and shape where asked (``read_into``); each is
+    described (shape, dtype) from its entry, not its blob."""
     by_name = {entry.name: entry for entry in entries}
 
     def read(name: str) -> torch.Tensor:
@@ -72,7 +73,10 @@ def stored_tensors(entries: Iterable[tensors_pb2.TensorEntry], store: BlobStore)
         store.read_into(entry.sha256, memoryview(out.detach().reshape(-1).view(torch.uint8).numpy()))
         return True
 
-    return LazyTensors(by_name, read, read_into)
+    def describe(name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        return tuple(by_name[name].shape), DTYPES[by_name[name].dtype]
+
+    return LazyTensors(by_name, read, read_into, describe)
 
 
 def tensor_from_bytes(entry: tensors_pb2.TensorEntry, data: bytes | bytearray) -> torch.Tensor:
