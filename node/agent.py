@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from dume.node.lifecycle import Reconnect
@@ -37,6 +37,7 @@ from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.expert_weights import expert_hash, expert_manifest
 from dume.shared.method.families import detect_family
 from dume.shared.method.placement import CPU, Placement
+from dume.shared.method.shard_layout import write_tensors
 from dume.shared.method.statistics import (
     check_enough_tokens,
     layout_token_count,
@@ -384,7 +385,7 @@ class Agent:
         self.workdir.record_transfer("statistics", basis=basis.basis_hash, dataset=dataset, tokens=tokens,
                                      seconds=seconds)
         with atomic_path(path) as partial:
-            save_file(statistics_tensors(gram), str(partial))
+            write_tensors(statistics_tensors(gram), partial)  # a full disk: an OSError, which join names
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self, once: bool = False) -> None:

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from dume.shared.method.lazy_tensors import describe
+from dume.shared.transport.wire import DTYPE_NAMES
 
 SHARD_METADATA = {"format": "pt"}  # what every shard this project writes carries (transformers reads it)
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 # safetensors orders tensors by dtype, widest first (its dtype enumeration, descending), then by name.
 DTYPE_ORDER = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3}
 
@@ -61,12 +61,12 @@ def write_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Map
     layout = []
     for name in sorted(tensors):
         shape, dtype = describe(tensors, name)
-        layout.append(ShardTensor(name, SAFETENSORS_DTYPES[dtype], shape, math.prod(shape) * dtype.itemsize))
+        layout.append(ShardTensor(name, DTYPE_NAMES[dtype], shape, math.prod(shape) * dtype.itemsize))
     with open(path, "wb") as handle:
         handle.write(shard_header(layout, metadata))
         for entry in shard_order(layout):
             tensor = tensors[entry.name].detach().cpu().contiguous()
-            if (SAFETENSORS_DTYPES[tensor.dtype], tuple(tensor.shape)) != (entry.dtype, entry.shape):
+            if (DTYPE_NAMES[tensor.dtype], tuple(tensor.shape)) != (entry.dtype, entry.shape):
                 raise ValueError(f"tensor {entry.name} is {tensor.dtype} {tuple(tensor.shape)}, not the "
                                  f"{entry.dtype} {entry.shape} its description gave")
             handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
