@@ -37,14 +37,15 @@ from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.expert_weights import expert_hash, expert_manifest
 from dume.shared.method.families import detect_family
 from dume.shared.method.placement import CPU, Placement
-from dume.shared.method.shard_layout import write_tensors
+from dume.shared.method.settings import CHECKPOINT_EVERY_SECONDS
 from dume.shared.method.statistics import (
     check_enough_tokens,
     layout_token_count,
     statistics_tensors,
     token_count,
 )
-from dume.shared.method.statistics_checkpoint import DEFAULT_EVERY_SECONDS, StatisticsCheckpoint
+from dume.shared.method.statistics_checkpoint import StatisticsCheckpoint
+from dume.shared.method.tensor_file import write_tensors
 from dume.shared.method.writer import TOKENIZER_FILES
 from dume.shared.progress import byte_progress
 from dume.shared.transport.blobs import read_range, sha256_file
@@ -190,7 +191,7 @@ class Agent:
     def __init__(self, workdir: Workdir, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_rate: float = 0.0,
                  placement: Placement = CPU, max_tokens: int | None = None,
                  give_up_after: float | None = None, stall_seconds: float = STALL_SECONDS, nproc: int = 1,
-                 checkpoint_every: float = DEFAULT_EVERY_SECONDS) -> None:
+                 checkpoint_every: float = CHECKPOINT_EVERY_SECONDS) -> None:
         self.workdir = workdir
         self.state = workdir.state()
         self.stub = rpc.FederationStub(workdir.channel())

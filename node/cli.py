@@ -32,8 +32,13 @@ from dume.shared.config import add_config_command, join_token
 from dume.shared.errors import DumeError
 from dume.shared.files import disk_full_is_one_line
 from dume.shared.logs import add_log_format, configure_logging
-from dume.shared.method.settings import TRAINABLE, TrainSettings, check_unique_datasets, parse_dataset
-from dume.shared.method.statistics_checkpoint import DEFAULT_EVERY_SECONDS
+from dume.shared.method.settings import (
+    CHECKPOINT_EVERY_SECONDS,
+    TRAINABLE,
+    TrainSettings,
+    check_unique_datasets,
+    parse_dataset,
+)
 from dume.shared.transport.channels import DEFAULT_CHUNK_BYTES
 from dume.shared.transport.stall import STALL_SECONDS
 from dume.shared.trust.join_token import JoinToken
@@ -318,7 +323,7 @@ def completion(what: str, agent: Agent) -> str:
 
 
 def add_checkpoint_every(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint-every", type=duration, default=DEFAULT_EVERY_SECONDS,
+    parser.add_argument("--checkpoint-every", type=duration, default=CHECKPOINT_EVERY_SECONDS,
                         help="save a statistics run's partial sums this often, so that a node killed mid-run resumes "
                              "there, e.g. 2m (default 10m)")
 

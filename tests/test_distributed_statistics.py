@@ -41,9 +41,9 @@ from dume.shared.method.families import detect_family
 from dume.shared.method.merge import merge, spilled_basis
 from dume.shared.method.ridge import solve_routers
 from dume.shared.method.settings import MergeSettings
-from dume.shared.method.shard_layout import write_tensors
 from dume.shared.method.statistics import from_upper_triangle, layer_name, token_count
 from dume.shared.method.statistics_checkpoint import StatisticsCheckpoint
+from dume.shared.method.tensor_file import write_tensors
 from dume.shared.transport.blobs import BlobStore
 from dume.shared.transport.wire import stored_tensors, tensor_bytes, tensor_entry
 

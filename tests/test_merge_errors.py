@@ -21,7 +21,7 @@ import pytest
 from dume.shared.lab.tiny import build_tiny_model
 from dume.shared.method.averaging import lazy_basis
 from dume.shared.method.merge import ExpertSpec, open_experts
-from dume.shared.method.shard_layout import write_tensors
+from dume.shared.method.tensor_file import write_tensors
 
 DUME = [sys.executable, "-c", "import sys; from dume.shared.cli import main; sys.exit(main())"]
 

@@ -37,7 +37,6 @@ from dume.shared.transport.blobs import BlobStore
 from dume.shared.transport.wire import stored_tensors, tensor_bytes, tensor_entry
 
 
-
 @pytest.fixture(scope="module")
 def member(tmp_path_factory):
     """A tiny Llama expert, its data, and the basis it shares with a second expert, saved as a basis file."""

@@ -46,7 +46,7 @@ from dume.shared.method.data import DocumentStream, load_tokenizer
 from dume.shared.method.expert import ExpertDirectory
 from dume.shared.method.lazy_tensors import LazyTensors, file_tensors
 from dume.shared.method.placement import CPU, Placement
-from dume.shared.method.shard_layout import write_tensors
+from dume.shared.method.settings import CHECKPOINT_EVERY_SECONDS
 from dume.shared.method.statistics import (
     Shard,
     layer_name,
@@ -55,6 +55,7 @@ from dume.shared.method.statistics import (
     token_count,
 )
 from dume.shared.method.statistics_checkpoint import StatisticsCheckpoint
+from dume.shared.method.tensor_file import write_tensors
 
 # How long a rank waits for the others at the rendezvous and the reduction. Ranks finish within about one batch
 # of each other (more after an uneven resume: up to a checkpoint interval); a dead worker is caught sooner by the
@@ -87,7 +88,7 @@ class WorkerRun:
     result_file: str
     checkpoint_path: str | None = None
     checkpoint_inputs: str = ""
-    checkpoint_every_seconds: float = 600.0
+    checkpoint_every_seconds: float = CHECKPOINT_EVERY_SECONDS
     checkpoint_every_batches: int | None = None
 
     def checkpoint(self, shard: Shard) -> StatisticsCheckpoint | None:

@@ -22,6 +22,7 @@ from dume.shared.method.lazy_tensors import LazyTensors
 from dume.shared.method.placement import CPU, Placement
 from dume.shared.transport.wire import DTYPES
 
+
 class DenseWeights(ABC):
     """A member's dense model as the method reads it, tensor by tensor: an ``ExpertDirectory`` on a member's disk,
     or the coordinator's copy of a member's upload. Subclasses set ``config``, ``family`` and ``parameter_names``

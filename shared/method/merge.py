@@ -38,9 +38,9 @@ from dume.shared.method.lazy_tensors import LazyTensors, file_tensors
 from dume.shared.method.placement import CPU, Placement
 from dume.shared.method.routers import ExpertStatistics, packed_contribution, solve_for_checkpoint, sum_contributions
 from dume.shared.method.settings import ExpertSpec, MergeSettings, check_name
-from dume.shared.method.shard_layout import write_tensors
 from dume.shared.method.statistics import check_enough_tokens
 from dume.shared.method.statistics_spill import spill_contribution
+from dume.shared.method.tensor_file import write_tensors
 from dume.shared.method.writer import write_moe_checkpoint
 
 # What to do about a full disk beside --out, where the merge writes its spill (basis, statistics) and its output.

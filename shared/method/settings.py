@@ -28,6 +28,7 @@ LEGACY_EXPERT_WEIGHTING = "tokens"
 
 # The name of a dataset given without one (``--data PATH``): a node or expert with one dataset needs no names.
 DEFAULT_DATASET = "default"
+CHECKPOINT_EVERY_SECONDS = 600.0  # a statistics run saves its sums this often: at most that much work lost to a kill
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

@@ -23,12 +23,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from dume.shared.files import atomic_path
+from dume.shared.method.settings import CHECKPOINT_EVERY_SECONDS
 from dume.shared.method.shard_layout import ShardTensor, shard_header, shard_order
 
 log = logging.getLogger("dume.statistics")
 
 FORMAT = "dume-statistics-checkpoint-1"
-DEFAULT_EVERY_SECONDS = 600.0  # at most ten minutes of forward passes lost to a kill
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class StatisticsCheckpoint:
 
     path: Path
     inputs: str
-    every_seconds: float = DEFAULT_EVERY_SECONDS
+    every_seconds: float = CHECKPOINT_EVERY_SECONDS
     every_batches: int | None = None
     _last_save: float = field(default_factory=time.monotonic, init=False, repr=False)
 

@@ -20,7 +20,8 @@ from dume.shared.method.averaging import canonical_mean
 from dume.shared.method.expert import DenseWeights
 from dume.shared.method.ridge import LayerRouter
 from dume.shared.method.serving_fields import portable_tokenizer_config
-from dume.shared.method.shard_layout import SHARD_METADATA, write_tensors
+from dume.shared.method.shard_layout import SHARD_METADATA
+from dume.shared.method.tensor_file import write_tensors
 from dume.shared.progress import progress
 
 TOKENIZER_FILES = (
