@@ -50,7 +50,8 @@ def contributed(coordinator: Coordinator, spec, tmp_path) -> pki.Identity:
     identity = enrolled(coordinator, spec.name)
     coordinator.commit_upload(identity, staged_model(coordinator, spec.name, spec.model_dir))
     coordinator.publisher.wait(coordinator.publisher.request())
-    return statistics_committed(coordinator, spec, identity, tmp_path)
+    statistics_committed(coordinator, spec, identity, tmp_path)
+    return identity
 
 
 def statistics_committed(coordinator: Coordinator, spec, identity: pki.Identity, tmp_path, dataset: str = "default",

@@ -20,7 +20,7 @@ from dume.shared.errors import DumeError
 from dume.shared.method.families import Family, detect_family, read_config
 from dume.shared.method.lazy_tensors import LazyTensors
 from dume.shared.method.placement import CPU, Placement
-from dume.shared.transport.wire import DTYPES
+from dume.shared.method.tensor_file import DTYPES
 
 
 class DenseWeights(ABC):

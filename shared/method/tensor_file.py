@@ -1,4 +1,5 @@
-"""Writing tensors as a safetensors file a tensor at a time, with the bytes ``safetensors.torch.save_file`` writes.
+"""The tensor dtypes the project stores (by their safetensors names), and writing tensors as a safetensors file a
+tensor at a time, with the bytes ``safetensors.torch.save_file`` writes.
 
 Kept apart from ``shard_layout``, which must not import torch: the commands import it for ``--help``.
 """
@@ -13,7 +14,14 @@ import torch
 
 from dume.shared.method.lazy_tensors import describe
 from dume.shared.method.shard_layout import ShardTensor, shard_header, shard_order
-from dume.shared.transport.wire import DTYPE_NAMES
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def write_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:

@@ -18,18 +18,12 @@ import numpy
 import torch
 
 from dume.shared.method.lazy_tensors import LazyTensors
+from dume.shared.method.tensor_file import DTYPE_NAMES, DTYPES
 from dume.v1 import tensors_pb2
 
 if TYPE_CHECKING:
     from dume.shared.transport.blobs import BlobStore
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-}
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # Where each dtype keeps its exponent: a value is NaN or infinite exactly when all its exponent bits are set.
 EXPONENT_BITS: dict[str, tuple[type[numpy.unsignedinteger], int]] = {
     "F64": (numpy.uint64, 0x7FF0_0000_0000_0000),
