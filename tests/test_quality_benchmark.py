@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+
+pytestmark = pytest.mark.slow  # about 5 minutes on 2 cores: its own group (README, .ci/run)
 
 
 def test_tiny_quality_benchmark_writes_consistent_results(tmp_path):
