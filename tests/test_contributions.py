@@ -173,6 +173,7 @@ def test_an_experts_weights_are_read_by_its_group_only_until_published(coordinat
     math = experts["math"]
     owner = enrolled(coordinator, "math")
     coordinator.commit_upload(owner, staged_model(coordinator, "math", math.model_dir))
+    coordinator.publisher.wait(coordinator.publisher.request())  # the basis with math in it (no version yet)
     contributor, stranger = enrolled(coordinator, "math2", "math"), enrolled(coordinator, "code")
     weights_hash, weights = coordinator.expert(contributor.name)
     assert coordinator.ledger.expert_hashes() == {"math": weights_hash}
