@@ -82,20 +82,27 @@ def test_status_shows_each_experts_routing_share_and_flags_a_member_that_repeats
 
 
 
+def honest_math_and_prose(coordinator, experts, tmp_path):
+    """Every expert's model in, then math's and prose's own statistics (recorded, not held); returns the identities
+    and a file of code's data repeated ten times, the outlier the tests send."""
+    identities = {name: enrolled(coordinator, name) for name in sorted(experts)}
+    for name, spec in sorted(experts.items()):
+        coordinator.commit_upload(identities[name], staged_model(coordinator, name, spec.model_dir))
+    coordinator.publisher.wait(coordinator.publisher.request())
+    repeated = tmp_path / "code-x10.txt"
+    repeated.write_text(experts["code"].data_path.read_text() * 10)
+    for name in ("math", "prose"):
+        assert statistics_committed(coordinator, experts[name], identities[name], tmp_path) == ""
+    return identities, repeated
+
+
 def test_statistics_far_above_the_other_experts_wait_for_the_operators_approval(expert_factory, tmp_path):
     """With limits.approve_tokens_above_ratio, a contribution that would give its expert more than that multiple of
     the median of the other experts' tokens is held: in no version, shown in status, until approved or refused."""
     experts = expert_factory("llama")
     coordinator = make_coordinator(tmp_path / "coordinator", approve_tokens_above_ratio=3)
     try:
-        identities = {name: enrolled(coordinator, name) for name in sorted(experts)}
-        for name, spec in sorted(experts.items()):
-            coordinator.commit_upload(identities[name], staged_model(coordinator, name, spec.model_dir))
-        coordinator.publisher.wait(coordinator.publisher.request())
-        repeated = tmp_path / "code-x10.txt"
-        repeated.write_text(experts["code"].data_path.read_text() * 10)
-        for name in ("math", "prose"):
-            statistics_committed(coordinator, experts[name], identities[name], tmp_path)
+        identities, repeated = honest_math_and_prose(coordinator, experts, tmp_path)
         statistics_committed(coordinator, experts["code"], identities["code"], tmp_path, data=repeated)
 
         assert [c.label for c in coordinator.ledger.contributions()] == ["math/default", "prose/default"]
@@ -133,14 +140,7 @@ def test_held_statistics_are_bounded_reported_and_leave_with_their_node(expert_f
     experts = expert_factory("llama")
     coordinator = make_coordinator(tmp_path / "coordinator", approve_tokens_above_ratio=3, datasets_per_node=2)
     try:
-        identities = {name: enrolled(coordinator, name) for name in sorted(experts)}
-        for name, spec in sorted(experts.items()):
-            coordinator.commit_upload(identities[name], staged_model(coordinator, name, spec.model_dir))
-        coordinator.publisher.wait(coordinator.publisher.request())
-        repeated = tmp_path / "code-x10.txt"
-        repeated.write_text(experts["code"].data_path.read_text() * 10)
-        for name in ("math", "prose"):
-            assert statistics_committed(coordinator, experts[name], identities[name], tmp_path) == ""
+        identities, repeated = honest_math_and_prose(coordinator, experts, tmp_path)
         code, spec = identities["code"], experts["code"]
         for dataset in ("first", "second"):
             held = statistics_committed(coordinator, spec, code, tmp_path, dataset, data=repeated)
